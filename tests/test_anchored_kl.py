@@ -1,0 +1,292 @@
+"""anchored_kl and anchor_diagnostics on one process, against float64 full-vocabulary math.
+
+Every case runs on both backends; "fused" is the C++ extension, which `make test` builds.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+from nemo_anchored.ops import anchor_diagnostics, anchored_kl, fused_available
+from tests.reference import (anchor_log_probs, anchored_kl_reference, kl,
+                             max_row_relative_error, relative_error)
+
+BACKENDS = ["torch", "fused"]
+
+
+def test_extension_is_built():
+    # The fused cases below would silently exercise nothing if the extension were missing.
+    assert fused_available("cpu"), "nemo_anchored._C is not built: run `make build`"
+
+
+def logits(shape, dtype=torch.float32, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def run(policy, reference, current=None, weights=None, **kwargs):
+    """(loss, d(sum(weights * loss)) / d policy) from the operator."""
+    z = policy.clone().requires_grad_()
+    loss = anchored_kl(z, reference, current_logits=current, **kwargs)
+    weights = torch.ones_like(loss) if weights is None else weights
+    (grad,) = torch.autograd.grad((loss * weights).sum(), z)
+    return loss.detach(), grad
+
+
+CASES = list(itertools.product(["logit", "prob"], ["live", "snapshot"], [1.0, 0.7]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("interpolation,mode,temperature", CASES)
+def test_matches_float64_reference_fp32(backend, interpolation, mode, temperature):
+    shape = (3, 5, 1003)  # a vocabulary that is no power of two
+    z, r = logits(shape, seed=1), logits(shape, seed=2)
+    c = logits(shape, seed=3) if mode == "snapshot" else None
+    weights = torch.rand(shape[:-1], generator=torch.Generator().manual_seed(4))
+    loss, grad = run(z, r, c, weights, alpha=0.3, interpolation=interpolation,
+                     temperature=temperature, backend=backend)
+    ref_loss, ref_grad = anchored_kl_reference(z, r, c, 0.3, interpolation, temperature)
+    assert loss.dtype == torch.float32 and loss.shape == shape[:-1]
+    assert grad.dtype == torch.float32
+    assert max_row_relative_error(loss, ref_loss) <= 1e-5
+    assert relative_error(grad, ref_grad * weights[..., None].double()) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("interpolation,mode", [("logit", "live"), ("logit", "snapshot"),
+                                                ("prob", "live"), ("prob", "snapshot")])
+@pytest.mark.parametrize("alpha", [0.5, 0.01])
+def test_matches_float64_reference_bf16(backend, interpolation, mode, alpha):
+    # alpha = 0.01 puts q within about 1% of p: p - q is a small difference of close numbers,
+    # which only survives bf16 inputs when it is formed in fp32 and rounded once.
+    shape = (64, 2000)
+    z, r = logits(shape, torch.bfloat16, seed=5), logits(shape, torch.bfloat16, seed=6)
+    c = logits(shape, torch.bfloat16, seed=7) if mode == "snapshot" else None
+    loss, grad = run(z, r, c, alpha=alpha, interpolation=interpolation, temperature=1.3,
+                     backend=backend)
+    ref_loss, ref_grad = anchored_kl_reference(z, r, c, alpha, interpolation, 1.3)
+    assert grad.dtype == torch.bfloat16
+    assert max_row_relative_error(loss, ref_loss) <= 1e-3
+    assert relative_error(grad, ref_grad) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_other_dtypes(dtype):
+    z, r = logits((4, 777), dtype, seed=8), logits((4, 777), dtype, seed=9)
+    ref_loss, ref_grad = anchored_kl_reference(z, r, None, 0.5, "logit")
+    backends = ["torch"] if dtype == torch.float64 else BACKENDS
+    for backend in backends:
+        loss, grad = run(z, r, alpha=0.5, backend=backend)
+        tol = 1e-12 if dtype == torch.float64 else 1e-3
+        assert max_row_relative_error(loss, ref_loss) <= tol
+        assert relative_error(grad, ref_grad) <= (1e-12 if dtype == torch.float64 else 2e-3)
+
+
+def test_gradient_is_the_derivative_of_the_loss():
+    # Independent of the p - q formula: float64 autograd through the definition, with the
+    # anchor built from a detached copy (live mode) and from a separate tensor (snapshot).
+    z, r, c = logits((6, 301), seed=10), logits((6, 301), seed=11), logits((6, 301), seed=12)
+    for interpolation, current in itertools.product(["logit", "prob"], [None, c]):
+        z64 = z.double().requires_grad_()
+        cur = z64.detach() if current is None else current
+        log_q = anchor_log_probs(cur, r, 0.4, interpolation, 0.8)
+        expected = kl(log_q, torch.log_softmax(z64 / 0.8, -1))
+        (expected_grad,) = torch.autograd.grad(expected.sum(), z64)
+        for backend in BACKENDS:
+            _, grad = run(z, r, current, alpha=0.4, interpolation=interpolation,
+                          temperature=0.8, backend=backend)
+            assert relative_error(grad, expected_grad) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha_one_is_forward_kl_distillation(backend):
+    z, r, c = logits((8, 500), seed=13), logits((8, 500), seed=14), logits((8, 500), seed=15)
+    distill = kl(torch.log_softmax(r.double(), -1), torch.log_softmax(z.double(), -1))
+    target_grad = torch.softmax(z.double(), -1) - torch.softmax(r.double(), -1)
+    for interpolation, current in itertools.product(["logit", "prob"], [None, c]):
+        loss, grad = run(z, r, current, alpha=1.0, interpolation=interpolation, backend=backend)
+        assert max_row_relative_error(loss, distill) <= 1e-5
+        assert relative_error(grad, target_grad) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("interpolation", ["logit", "prob"])
+def test_small_alpha_drives_loss_to_zero_quadratically(backend, interpolation):
+    # Live mode: q -> p as alpha -> 0 and KL(q || p) = O(alpha^2). Each tenfold smaller alpha
+    # must divide the loss by about 100, down to alpha = 1e-4 in fp32 (KL ~ 1e-8): this fails if
+    # the loss is formed as a difference of O(1) terms, whose rounding alone is ~1e-7. (The
+    # floor that remains is ~1e-12 absolute: half the square of the fp32 LSE rounding.)
+    z, r = logits((16, 4000), scale=1.0, seed=16), logits((16, 4000), scale=1.0, seed=17)
+    alphas = [1e-2, 1e-3, 1e-4]
+    losses = [anchored_kl(z, r, alpha=a, interpolation=interpolation, backend=backend)
+              for a in alphas]
+    refs = [anchored_kl_reference(z, r, None, a, interpolation)[0] for a in alphas]
+    for loss, ref in zip(losses, refs):
+        assert (loss >= 0).all()
+        assert max_row_relative_error(loss, ref) <= 1e-4
+    for big, small in zip(losses, losses[1:]):
+        ratio = big / small
+        assert ((ratio > 80) & (ratio < 120)).all(), ratio
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_and_padded_logits(backend):
+    g = torch.Generator().manual_seed(18)
+    shape = (6, 640)
+    signs = torch.randint(0, 2, shape, generator=g) * 2 - 1
+    z = (signs * 1e4 * torch.rand(shape, generator=g)).float()
+    r = (torch.randint(0, 2, shape, generator=g) * 2e4 - 1e4).float()
+    c = logits(shape, scale=1e3, seed=19)
+    for t in (z, r, c):  # padded vocabulary: the last 40 columns carry no mass in any model
+        t[:, -40:] = -math.inf
+    for interpolation, current, alpha in itertools.product(["logit", "prob"], [None, c],
+                                                           [0.5, 1.0]):
+        loss, grad = run(z, r, current, alpha=alpha, interpolation=interpolation,
+                         backend=backend)
+        ref_loss, ref_grad = anchored_kl_reference(z, r, current, alpha, interpolation)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        # Logits of 1e4 are spaced 1e-3 apart in fp32; differences of such numbers round at
+        # that scale, which sets a floor of ~1e-4 relative for a KL of ~10.
+        assert max_row_relative_error(loss, ref_loss, floor=1e-6) <= 1e-4
+        assert relative_error(grad, ref_grad) <= 1e-5
+        assert (grad[:, -40:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anchor_mass_where_policy_has_none_is_infinite(backend):
+    z, r = logits((2, 50), seed=20), logits((2, 50), seed=21)
+    z[0, 7] = -math.inf  # the policy rules out a token the reference allows
+    loss = anchored_kl(z, r, alpha=0.5, interpolation="prob", backend=backend)
+    assert loss[0] == math.inf
+    assert torch.isfinite(loss[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_input_gives_nan_loss_for_that_row_only(backend, bad):
+    z, r = logits((4, 300), seed=22), logits((4, 300), seed=23)
+    ref_loss, ref_grad = anchored_kl_reference(z, r, None, 0.5, "logit")
+    for target in ("policy", "reference"):
+        zz, rr = z.clone(), r.clone()
+        (zz if target == "policy" else rr)[2, 17] = bad
+        loss, grad = run(zz, rr, alpha=0.5, backend=backend)
+        assert torch.isnan(loss[2]), (target, loss)
+        assert torch.isnan(grad[2]).all()
+        keep = [0, 1, 3]
+        assert max_row_relative_error(loss[keep], ref_loss[keep]) <= 1e-5
+        assert relative_error(grad[keep], ref_grad[keep]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
+def test_lemma_bounds_hold(backend, scale):
+    # Lemma 5.1 (prob): KL(q || p_cur) <= alpha KL(p_ref || p_cur);
+    # Lemma 5.3 (logit): KL(q || p_cur) <= alpha / (1 - alpha) KL(p_cur || p_ref).
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    z, r = logits((256, 500), dtype, scale, 24), logits((256, 500), dtype, scale, 25)
+    c = logits((256, 500), dtype, scale, 26)
+    p_ref = torch.log_softmax(r.double(), -1)
+    for alpha, current in itertools.product([0.05, 0.5, 0.95], [None, c]):
+        p_cur = torch.log_softmax((z if current is None else current).double(), -1)
+        expected_bound = {"prob": alpha * kl(p_ref, p_cur),
+                          "logit": alpha / (1 - alpha) * kl(p_cur, p_ref)}
+        for interpolation in ("logit", "prob"):
+            d = anchor_diagnostics(z, r, current_logits=current, alpha=alpha,
+                                   interpolation=interpolation, backend=backend)
+            step = kl(anchor_log_probs(p_cur, r, alpha, interpolation), p_cur)
+            assert max_row_relative_error(d["anchor_step_kl"], step) <= 1e-4
+            assert max_row_relative_error(d["bound"], expected_bound[interpolation]) <= 1e-4
+            assert max_row_relative_error(d["kl_cur_ref"], kl(p_cur, p_ref)) <= 1e-4
+            assert (d["anchor_step_kl"] <= d["bound"] * (1 + 1e-5) + 1e-7).all()
+            assert (d["anchor_step_kl"] > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_diagnostic(backend):
+    z, r = logits((7, 333), seed=27), logits((7, 333), seed=28)
+    z[:, :5] = -math.inf
+    log_p = torch.log_softmax(z.double() / 2.0, -1)
+    entropy = -torch.where(log_p > -math.inf, log_p.exp() * log_p, 0).sum(-1)
+    d = anchor_diagnostics(z, r, temperature=2.0, backend=backend)
+    assert max_row_relative_error(d["entropy"], entropy) <= 1e-5
+
+
+def test_proposition_5_4_geometric_recursion():
+    # Exact projection in probability space: p_{t+1} = q(t). The anchor is read back from the
+    # operator's own gradient at the snapshot (p - q), so this checks what the trainer optimises.
+    alpha, steps = 0.3, 6
+    base, sft = logits((32, 200), torch.float64, seed=29), logits((32, 200), torch.float64, seed=30)
+    p_base, p_sft = torch.softmax(base, -1), torch.softmax(sft, -1)
+    kl_base = kl(p_base.log(), p_sft.log())
+    z = base.clone()
+    for t in range(1, steps + 1):
+        snapshot = z
+        _, grad = run(snapshot, sft, snapshot, alpha=alpha, interpolation="prob", backend="torch")
+        q = torch.softmax(snapshot, -1) - grad
+        z = q.log()  # the exact minimiser of KL(q || p_theta): loss and gradient vanish there
+        at_minimum, grad_at_minimum = run(z, sft, snapshot, alpha=alpha, interpolation="prob",
+                                          backend="torch")
+        assert at_minimum.abs().max() < 1e-14 and grad_at_minimum.abs().max() < 1e-14
+        closed_form = (1 - alpha) ** t * p_base + (1 - (1 - alpha) ** t) * p_sft
+        assert relative_error(q, closed_form) <= 1e-12
+        assert (kl(q.log(), p_sft.log()) <= (1 - alpha) ** t * kl_base + 1e-15).all()
+
+
+def test_loss_is_usable_with_a_token_mask():
+    z, r = logits((2, 6, 100), seed=31), logits((2, 6, 100), seed=32)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    zz = z.clone().requires_grad_()
+    loss = anchored_kl(zz, r)
+    ((loss * mask).sum() / mask.sum()).backward()
+    assert (zz.grad[mask == 0] == 0).all()
+    _, ref_grad = anchored_kl_reference(z, r)
+    assert relative_error(zz.grad, ref_grad * (mask / mask.sum())[..., None]) <= 1e-5
+
+
+def test_second_backward_is_refused():
+    z = logits((3, 40)).requires_grad_()
+    loss = anchored_kl(z, logits((3, 40), seed=33)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_no_gradient_needed():
+    z, r = logits((3, 40)), logits((3, 40), seed=34)
+    with torch.no_grad():
+        loss = anchored_kl(z.clone().requires_grad_(), r)
+    assert not loss.requires_grad
+    assert max_row_relative_error(loss, anchored_kl_reference(z, r)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(reference=torch.zeros(3, 9)), "reference_logits has shape"),
+    (dict(current=torch.zeros(3, 9)), "current_logits has shape"),
+    (dict(reference=torch.zeros(3, 10, dtype=torch.float64)), "reference_logits has dtype"),
+    (dict(current=torch.zeros(3, 10, dtype=torch.bfloat16)), "current_logits has dtype"),
+    (dict(reference=torch.zeros(3, 10, device="meta")), "reference_logits is on meta"),
+    (dict(alpha=0.0), "alpha must be"),
+    (dict(alpha=1.5), "alpha must be"),
+    (dict(alpha=-0.1), "alpha must be"),
+    (dict(alpha=math.nan), "alpha must be"),
+    (dict(alpha=True), "alpha must be"),
+    (dict(temperature=0.0), "temperature must be"),
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(temperature=math.inf), "temperature must be"),
+    (dict(interpolation="geometric"), "interpolation must be"),
+    (dict(backend="cuda"), "backend must be"),
+    (dict(policy=torch.zeros(3, 10, dtype=torch.int64)), "policy_logits must be"),
+    (dict(policy=torch.zeros(3, 0)), "policy_logits must have"),
+    (dict(policy=torch.zeros(3, 10, dtype=torch.float64), backend="fused"), "backend='fused'"),
+])
+@pytest.mark.parametrize("fn", [anchored_kl, anchor_diagnostics])
+def test_bad_arguments_raise_value_error(fn, kwargs, pattern):
+    args = dict(policy=torch.zeros(3, 10), reference=torch.zeros(3, 10), current=None,
+                alpha=0.5, interpolation="logit", temperature=1.0, backend="auto")
+    args.update(kwargs)
+    if "reference" not in kwargs:
+        args["reference"] = torch.zeros_like(args["policy"])
+    with pytest.raises(ValueError, match=pattern.replace("(", r"\(")):
+        fn(args.pop("policy"), args.pop("reference"), current_logits=args.pop("current"),
+           **args)
