@@ -31,7 +31,7 @@ $(ENV_STAMP): setup.py requirements.txt
 	touch $@
 
 # The extension, rebuilt when the C++/CUDA sources change (ninja recompiles only what changed).
-$(EXT_STAMP): $(ENV_STAMP) $(wildcard csrc/*)
+$(EXT_STAMP): $(ENV_STAMP) setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

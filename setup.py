@@ -16,7 +16,8 @@ CSRC = "csrc"
 
 def extension():
     sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/anchored_kl_cpu.cpp"]
-    cxx = ["-O3", "-std=c++20"]
+    # -fno-trapping-math: no FP traps are relied on, and it lets GCC vectorize the selects.
+    cxx = ["-O3", "-std=c++20", "-fno-trapping-math"]
     with_cuda = cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
     if os.environ.get("NEMO_ANCHORED_NO_CUDA") == "1":
         with_cuda = False

@@ -3,7 +3,7 @@
 //
 // Each row is walked in blocks of kBlock columns converted to fp32 on the stack (the
 // temperature folded in), so the hot loops run over plain float arrays that the compiler
-// vectorizes, and no [rows x V] temporary exists besides the gradient. Block results go into
+// vectorizes (with -fno-trapping-math, which lets it turn the selects into blends), and no [rows x V] temporary exists besides the gradient. Block results go into
 // double row accumulators, so summing 1e5+ columns costs no precision. Rows are split over
 // threads with at::parallel_for.
 #include "anchored_kl.h"
@@ -19,6 +19,14 @@
 
 namespace anchored_kl {
 namespace {
+
+// The per-row functions are compiled for AVX-512 and AVX2 too and picked at load time by the
+// CPU (GCC function multiversioning), so one build is fast on any x86-64 machine.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AKL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AKL_CPU_CLONES
+#endif
 
 constexpr int64_t kBlock = 512;
 constexpr int kLanes = 16;  // independent partial sums: lets the reductions vectorize
@@ -61,12 +69,24 @@ struct CpuMath {
   }
 };
 
+// Sum of n <= kBlock floats in kLanes independent partial sums (a reduction that vectorizes).
+inline float lane_sum(const float* x, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += x[j + k];
+  float total = 0.f;
+  for (; j < n; ++j) total += x[j];
+  for (int k = 0; k < kLanes; ++k) total += acc[k];
+  return total;
+}
+
 // Running (max, sum of exp(x - max)) of one stream over a row.
 struct RowSoftmax {
   float max = -std::numeric_limits<float>::infinity();
   double sum = 0.0;
 
-  // Merge n values. A NaN or +inf input makes the sum NaN, so the row's loss is NaN.
+  // Merge n <= kBlock values. A NaN or +inf input makes the sum NaN, so the row's loss is NaN.
   void add(const float* x, int64_t n) {
     float lane[kLanes];
     for (int k = 0; k < kLanes; ++k) lane[k] = -std::numeric_limits<float>::infinity();
@@ -79,14 +99,9 @@ struct RowSoftmax {
     const float new_max = block_max > max ? block_max : max;
     if (new_max == -std::numeric_limits<float>::infinity()) return;  // nothing but -inf so far
 
-    float acc[kLanes] = {};
-    j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int k = 0; k < kLanes; ++k) acc[k] += CpuMath::exp(x[j + k] - new_max);
-    float block_sum = 0.f;
-    for (; j < n; ++j) block_sum += CpuMath::exp(x[j] - new_max);
-    for (int k = 0; k < kLanes; ++k) block_sum += acc[k];
-    sum = sum * std::exp(static_cast<double>(max) - new_max) + block_sum;
+    float e[kBlock];
+    for (int64_t k = 0; k < n; ++k) e[k] = CpuMath::exp(x[k] - new_max);
+    sum = sum * std::exp(static_cast<double>(max) - new_max) + lane_sum(e, n);
     max = new_max;
   }
 };
@@ -115,7 +130,8 @@ Params make_params(double alpha, double inv_tau, bool live) {
 }
 
 template <typename T, Interp Mode>
-void row_stats(const RowPtrs<T>& row, int64_t cols, const Params& prm, float* out) {
+AKL_CPU_CLONES void row_stats(const RowPtrs<T>& row, int64_t cols, const Params& prm,
+                              float* out) {
   float zb[kBlock], cb[kBlock], rb[kBlock], ab[kBlock];
   RowSoftmax s[3];
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
@@ -146,9 +162,9 @@ void row_stats(const RowPtrs<T>& row, int64_t cols, const Params& prm, float* ou
 // Writes grad = (p - q) / tau for the row (when grad != nullptr) and returns its partial KL.
 // lse: the row's global (max, log_sum) per stream.
 template <typename T, Interp Mode>
-double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Params& prm, const float* lse,
-                   T* grad) {
-  float zb[kBlock], cb[kBlock], rb[kBlock], gb[kBlock];
+AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Params& prm,
+                                  const float* lse, T* grad) {
+  float zb[kBlock], cb[kBlock], rb[kBlock], gb[kBlock], kb[kBlock];
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
@@ -159,19 +175,13 @@ double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Params& prm, const
       load_scaled(row.c + j0, n, prm.inv_tau, cb);
       cur = cb;
     }
-    float acc[kLanes] = {};
-    auto column = [&](int64_t j) {
+    for (int64_t j = 0; j < n; ++j) {
       const Element e = column_element<CpuMath, Mode>(zb[j], cur[j], rb[j], prm.alpha, lse,
                                                       prm.log_one_minus_alpha, prm.log_alpha);
       gb[j] = e.p_minus_q * prm.inv_tau;
-      return e.kl_term;
-    };
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int k = 0; k < kLanes; ++k) acc[k] += column(j + k);
-    float block_kl = 0.f;
-    for (; j < n; ++j) block_kl += column(j);
-    for (int k = 0; k < kLanes; ++k) block_kl += acc[k];
+      kb[j] = e.kl_term;
+    }
+    const float block_kl = lane_sum(kb, n);
     kl += block_kl;
     if (grad != nullptr)
       for (int64_t jj = 0; jj < n; ++jj) grad[j0 + jj] = static_cast<T>(gb[jj]);
