@@ -91,6 +91,18 @@ def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
 # z, c, r are 2-D [rows, V_local]; c is None in live mode (current = policy).
 
 
+def softmax_stats(*streams: torch.Tensor) -> torch.Tensor:
+    """Local (max, sum of exp(x - max)) per row of each [rows, V_local] stream: [rows, n, 2],
+    in float32 (float64 for float64 streams). A row of -inf gives (-inf, 0)."""
+    stats = []
+    for x in streams:
+        top = x.amax(dim=-1, keepdim=True)  # propagates NaN
+        top_safe = torch.where(top == -math.inf, torch.zeros_like(top), top)
+        stats.append(torch.cat([top, torch.exp(x - top_safe).sum(-1, keepdim=True)], -1))
+    out = torch.stack(stats, dim=1)
+    return out if out.dtype == torch.float64 else out.float()
+
+
 class TorchKernels:
     """Plain PyTorch. Computes in float32, or float64 for float64 inputs (the reference)."""
 
@@ -109,13 +121,7 @@ class TorchKernels:
         z = self._scaled(z, inv_tau)
         c = z if c is None else self._scaled(c, inv_tau)
         r = self._scaled(r, inv_tau)
-        streams = [z, self._anchor(c, r, alpha)] if mode == 0 else [z, c, r]
-        stats = []
-        for x in streams:
-            top = x.amax(dim=-1, keepdim=True)
-            top_safe = torch.where(top == -math.inf, torch.zeros_like(top), top)
-            stats.append(torch.cat([top, torch.exp(x - top_safe).sum(-1, keepdim=True)], -1))
-        return torch.stack(stats, dim=1).float() if z.dtype != torch.float64 else torch.stack(stats, 1)
+        return softmax_stats(*([z, self._anchor(c, r, alpha)] if mode == 0 else [z, c, r]))
 
     def kl_grad(self, z_in, c, r, lse, alpha, inv_tau, mode, need_grad):
         # Mirrors column_element in csrc/anchored_kl_math.h, whose comments explain the forms.
@@ -395,14 +401,13 @@ def anchor_diagnostics(policy_logits: torch.Tensor, reference_logits: torch.Tens
     else:
         bound = call.alpha * kl_rows(c, c, 1.0, logit)
     return {"anchor_step_kl": step, "bound": bound, "kl_cur_ref": kl_cur_ref,
-            "entropy": _entropy(z, call.inv_tau, tp_group, call.kernels).view(shape)}
+            "entropy": _entropy(z, call.inv_tau, tp_group).view(shape)}
 
 
-def _entropy(z, inv_tau, tp_group, kernels):
+def _entropy(z, inv_tau, tp_group):
     """H(p) = LSE(z) - sum_v p_v z_v, with the LSE over the full vocabulary."""
-    stats = kernels.row_stats(z, None, z, 1.0, inv_tau, INTERPOLATIONS["logit"])[:, :1]
-    top, log_sum = combine_softmax_stats(stats.contiguous(), tp_group).unbind(-1)
     zs = z.float() * inv_tau
+    top, log_sum = combine_softmax_stats(softmax_stats(zs), tp_group).unbind(-1)
     p = torch.exp((zs - top) - log_sum)
     partial = torch.where(p > 0, p * (zs - top), torch.zeros_like(p)).sum(-1)
     if _group_size(tp_group) > 1:

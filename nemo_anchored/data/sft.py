@@ -1,0 +1,316 @@
+"""Supervised fine-tuning data: JSONL prompt/response pairs as padded tensors with a loss mask,
+and the deterministic, resumable, data-parallel order in which training visits them.
+
+Nothing is dropped silently: every line read ends up kept, skipped (bad data, with its line
+number and reason) or dropped for length, and ``DataReport.summary()`` says which.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from nemo_anchored.data.tokenizer import Tokenizer
+
+ON_ERROR = ("raise", "skip")
+OVERLONG = ("truncate", "drop", "raise")
+
+# How many line numbers / skip reasons summary() spells out before "and N more".
+_SUMMARY_LIMIT = 10
+
+
+class DataError(ValueError):
+    """Unusable training data; per-line problems read "FILE:LINE: reason"."""
+
+
+class _BadLine(Exception):
+    """A line that is not a usable example; handled per data.on_error."""
+
+
+class _BlankLine(_BadLine):
+    """A line with no content: reported as skipped, but never an error (a trailing blank line
+    is common and harmless)."""
+
+
+@dataclass
+class DataReport:
+    """What became of every line of the file: lines_read equals examples_kept + len(skipped)
+    + len(dropped_overlong) + len(dropped_no_response). Line numbers are 1-based."""
+
+    path: str
+    seq_length: int
+    lines_read: int = 0
+    examples_kept: int = 0
+    skipped: List[Tuple[int, str]] = field(default_factory=list)  # (line, reason): bad data
+    truncated: List[int] = field(default_factory=list)  # kept, cut to seq_length
+    dropped_overlong: List[int] = field(default_factory=list)  # data.overlong=drop
+    # No response token within seq_length to learn from (the prompt fills the window).
+    dropped_no_response: List[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few lines for the trainer's log."""
+        parts = [f"{self.path}: {self.lines_read} lines read, {self.examples_kept} examples "
+                 f"kept (seq_length {self.seq_length})"]
+        if self.truncated:
+            # Truncation always cuts off the eos: these examples do not teach the model to stop.
+            parts.append(f"{len(self.truncated)} truncated to seq_length, losing their eos "
+                         f"({_line_list(self.truncated)})")
+        if self.dropped_overlong:
+            parts.append(f"{len(self.dropped_overlong)} dropped as longer than seq_length "
+                         f"({_line_list(self.dropped_overlong)})")
+        if self.dropped_no_response:
+            parts.append(f"{len(self.dropped_no_response)} dropped: no response token within "
+                         f"seq_length ({_line_list(self.dropped_no_response)})")
+        if self.skipped:
+            reasons = [f"line {line}: {reason}" for line, reason in
+                       self.skipped[:_SUMMARY_LIMIT]]
+            if len(self.skipped) > _SUMMARY_LIMIT:
+                reasons.append(f"and {len(self.skipped) - _SUMMARY_LIMIT} more")
+            parts.append(f"{len(self.skipped)} lines skipped ({'; '.join(reasons)})")
+        return "\n  ".join(parts)
+
+
+def _line_list(lines: List[int]) -> str:
+    shown = ", ".join(map(str, lines[:_SUMMARY_LIMIT]))
+    more = len(lines) - _SUMMARY_LIMIT
+    return ("line " if len(lines) == 1 else "lines ") + shown + (
+        f" and {more} more" if more > 0 else "")
+
+
+@dataclass
+class SFTDataset:
+    """Examples as rows of ``[N, seq_length]`` tensors.
+
+    ``tokens`` are the model inputs and ``labels`` the next tokens (the example shifted by
+    one); ``loss_mask`` is 1.0 where the label is a response token or the final eos and 0.0 on
+    prompt and padding positions. Padding is pad_id in both tokens and labels.
+    """
+
+    tokens: torch.Tensor  # int64
+    labels: torch.Tensor  # int64
+    loss_mask: torch.Tensor  # float32
+    report: DataReport
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_length(self) -> int:
+        return self.tokens.shape[1]
+
+    def batch(self, index: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """The examples ``index`` as a batch: ``tokens``, ``position_ids``, ``labels`` (int64
+        ``[b, s]``), ``loss_mask`` (float32 ``[b, s]``) and ``index`` (int64 ``[b]``, the
+        example numbers, for per-example data such as a baseline's token masks)."""
+        index = torch.as_tensor(index, dtype=torch.int64)
+        return {
+            "tokens": self.tokens[index],
+            "position_ids": torch.arange(self.seq_length).repeat(len(index), 1),
+            "labels": self.labels[index],
+            "loss_mask": self.loss_mask[index],
+            "index": index,
+        }
+
+
+def load_sft_dataset(path: Union[str, Path], tokenizer: Tokenizer, seq_length: int,
+                     on_error: str = "raise", overlong: str = "truncate") -> SFTDataset:
+    """Read a JSONL file of ``{"prompt": str, "response": str}`` lines into an SFTDataset.
+
+    An example is ``[bos] + encode(prompt) + encode(response) + [eos]``; it needs
+    ``len - 1`` training positions. Bad lines (malformed JSON, not an object, missing or
+    non-string prompt/response, empty response, invalid UTF-8) raise DataError
+    "FILE:LINE: reason" with on_error="raise", or are skipped and reported with "skip". Blank
+    lines carry no example, so they are skipped and reported under either setting. Examples
+    over seq_length positions are truncated to the first seq_length positions, dropped, or
+    raise DataError, per ``overlong``; one left with no response token in the window (the
+    prompt fills it) cannot train anything and is dropped and reported. Raises DataError when
+    no example is left.
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"data.on_error: {on_error!r} is not one of {', '.join(ON_ERROR)}")
+    if overlong not in OVERLONG:
+        raise ValueError(f"data.overlong: {overlong!r} is not one of {', '.join(OVERLONG)}")
+    if seq_length < 1:
+        raise ValueError(f"data.seq_length: {seq_length} must be >= 1")
+
+    report = DataReport(path=str(path), seq_length=seq_length)
+    examples: List[Tuple[List[int], int]] = []  # (token ids within the window, prompt length)
+    # Binary mode splits on b"\n" only; text mode would also split inside a JSON string at
+    # characters such as U+2028, shifting every later line number.
+    with open(path, "rb") as stream:
+        for line, raw in enumerate(stream, start=1):
+            report.lines_read = line
+            try:
+                prompt, response = _parse_line(raw, first=line == 1)
+            except _BadLine as bad:
+                if on_error == "raise" and not isinstance(bad, _BlankLine):
+                    raise DataError(f"{path}:{line}: {bad}") from None
+                report.skipped.append((line, str(bad)))
+                continue
+            prompt_ids = tokenizer.encode(prompt)
+            response_ids = tokenizer.encode(response)
+            ids = [tokenizer.bos_id, *prompt_ids, *response_ids, tokenizer.eos_id]
+            truncated = len(ids) - 1 > seq_length
+            if truncated:
+                if overlong == "raise":
+                    raise DataError(
+                        f"{path}:{line}: the example needs {len(ids) - 1} positions (bos + "
+                        f"{len(prompt_ids)} prompt + {len(response_ids)} response tokens), "
+                        f"over data.seq_length={seq_length} (data.overlong=raise)")
+                if overlong == "drop":
+                    report.dropped_overlong.append(line)
+                    continue
+                ids = ids[:seq_length + 1]
+            # Labels are ids[1:]: label j is a response token for j in [P, P + R), so the
+            # window holds min(len(ids) - 1, P + R) - P of them.
+            prompt_len = len(prompt_ids)
+            if min(len(ids) - 1, prompt_len + len(response_ids)) <= prompt_len:
+                report.dropped_no_response.append(line)
+                continue
+            if truncated:
+                report.truncated.append(line)
+            examples.append((ids, prompt_len))
+
+    report.examples_kept = len(examples)
+    if not examples:
+        raise DataError(f"{report.summary()}\n  no training examples left")
+
+    shape = (len(examples), seq_length)
+    tokens = torch.full(shape, tokenizer.pad_id, dtype=torch.int64)
+    labels = torch.full(shape, tokenizer.pad_id, dtype=torch.int64)
+    loss_mask = torch.zeros(shape, dtype=torch.float32)
+    for row, (ids, prompt_len) in enumerate(examples):
+        ids = torch.tensor(ids, dtype=torch.int64)
+        length = ids.numel() - 1
+        tokens[row, :length] = ids[:-1]
+        labels[row, :length] = ids[1:]
+        # Label j predicts ids[j + 1]; ids[1 + P] is the first response token (P prompt tokens
+        # after bos), so labels from position P on are response tokens and the eos.
+        loss_mask[row, prompt_len:length] = 1.0
+    return SFTDataset(tokens=tokens, labels=labels, loss_mask=loss_mask, report=report)
+
+
+def _parse_line(raw: bytes, first: bool) -> Tuple[str, str]:
+    """(prompt, response) of one JSONL line, or _BadLine with the reason."""
+    try:
+        # A UTF-8 byte-order mark, which some editors write, may start the file.
+        text = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as error:
+        raise _BadLine(f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    if not text.strip():
+        raise _BlankLine("blank line")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _BadLine(f"malformed JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise _BadLine(f"not a JSON object (got {type(record).__name__})")
+    fields = []
+    for key in ("prompt", "response"):
+        if key not in record:
+            raise _BadLine(f"missing {key!r}")
+        value = record[key]
+        if not isinstance(value, str):
+            raise _BadLine(f"{key!r} is not a string (got {type(value).__name__})")
+        try:
+            # JSON escapes can spell lone surrogates, which have no UTF-8 bytes.
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _BadLine(f"{key!r} contains a lone surrogate (invalid Unicode)") from None
+        fields.append(value)
+    prompt, response = fields
+    if not response:
+        raise _BadLine("'response' is empty")
+    return prompt, response
+
+
+class BatchOrder:
+    """Which examples each data-parallel rank trains on at each step: pure index arithmetic
+    on (seed, epoch, step), so every rank agrees without communicating and a run resumes
+    exactly from a saved (epoch, step).
+
+    Each epoch is a permutation of the data set (identity when ``shuffle`` is False) cut into
+    ``steps_per_epoch`` global batches of ``global_batch_size`` examples; the last
+    ``unused_per_epoch`` examples of the permutation are not visited that epoch (with shuffling,
+    a different subset each epoch). Rank r takes the r-th contiguous slice of a global batch,
+    split into micro-batches in order, so concatenating the ranks' micro-batches gives the
+    global batch back.
+    """
+
+    def __init__(self, num_examples: int, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int, shuffle: bool = True):
+        if micro_batch_size < 1 or dp_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size} and dp_size={dp_size} must "
+                             f"be >= 1")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
+        per_step = micro_batch_size * dp_size
+        if global_batch_size < per_step or global_batch_size % per_step:
+            raise ValueError(f"global_batch_size={global_batch_size} must be a multiple of "
+                             f"micro_batch_size x data-parallel size = {micro_batch_size} x "
+                             f"{dp_size}")
+        if num_examples < global_batch_size:
+            raise ValueError(f"the data set has {num_examples} examples, fewer than one "
+                             f"global batch (global_batch_size={global_batch_size})")
+        self.num_examples = num_examples
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.steps_per_epoch = num_examples // global_batch_size
+        self.unused_per_epoch = num_examples % global_batch_size
+        self.num_micro_batches = global_batch_size // per_step  # per rank and step
+        self._cached: Optional[Tuple[int, torch.Tensor]] = None  # the last epoch's order
+
+    def epoch_and_step(self, global_step: int) -> Tuple[int, int]:
+        """(epoch, step within the epoch) of the ``global_step``-th optimizer step (0-based)."""
+        if global_step < 0:
+            raise ValueError(f"global step {global_step} must be >= 0")
+        return divmod(global_step, self.steps_per_epoch)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of all examples in ``epoch``, identical on every rank."""
+        return self._permutation(epoch).clone()
+
+    def indices(self, epoch: int, step: int) -> List[torch.Tensor]:
+        """This rank's micro-batches of example indices (int64) for ``step`` of ``epoch``."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise ValueError(f"step {step} is outside [0, steps_per_epoch="
+                             f"{self.steps_per_epoch})")
+        per_rank = self.global_batch_size // self.dp_size
+        start = step * self.global_batch_size + self.dp_rank * per_rank
+        mine = self._permutation(epoch)[start:start + per_rank]
+        return [chunk.clone() for chunk in mine.split(self.micro_batch_size)]
+
+    def micro_batches(self, dataset: SFTDataset, epoch: int,
+                      step: int) -> List[Dict[str, torch.Tensor]]:
+        """This rank's micro-batches for ``step`` of ``epoch`` (see ``SFTDataset.batch``)."""
+        if len(dataset) != self.num_examples:
+            raise ValueError(f"the data set has {len(dataset)} examples; this BatchOrder was "
+                             f"built for {self.num_examples}")
+        return [dataset.batch(index) for index in self.indices(epoch, step)]
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch < 0:
+            raise ValueError(f"epoch {epoch} must be >= 0")
+        if self._cached is None or self._cached[0] != epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+                order = torch.randperm(self.num_examples, generator=generator)
+            else:
+                order = torch.arange(self.num_examples)
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A 64-bit generator seed from (seed, epoch). Hashing, not seed + epoch, so that runs with
+    neighbouring seeds do not replay each other's epochs one epoch apart."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
