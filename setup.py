@@ -7,6 +7,7 @@ compiles against the torch already installed:  pip install --no-build-isolation 
 import os
 from pathlib import Path
 
+import torch
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
@@ -18,18 +19,24 @@ def extension():
     sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/anchored_kl_cpu.cpp"]
     # -fno-trapping-math: no FP traps are relied on, and it lets GCC vectorize the selects.
     cxx = ["-O3", "-std=c++20", "-fno-trapping-math"]
-    with_cuda = cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
-    if os.environ.get("NEMO_ANCHORED_NO_CUDA") == "1":
-        with_cuda = False
+    # cpp_extension finds CUDA_HOME only for a torch built with CUDA, and may fall back to
+    # /usr/local/cuda whether or not nvcc is there: check for nvcc itself.
+    cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = (torch.version.cuda is not None and cuda_home is not None
+                 and (Path(cuda_home) / "bin" / "nvcc").is_file()
+                 and os.environ.get("NEMO_ANCHORED_NO_CUDA") != "1")
     if not with_cuda:
         return cpp_extension.CppExtension(
             "nemo_anchored._C", sources, include_dirs=[str(ROOT / CSRC)],
             extra_compile_args={"cxx": cxx})
+    # Target GPUs come from TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"), else the visible GPU's.
+    # No fast-math flags: the kernels rely on accurate expf/log1pf and IEEE inf/NaN handling.
     nvcc = ["-O3", "-std=c++20", "-lineinfo"]
+    # define_macros reach both compilers.
     return cpp_extension.CUDAExtension(
         "nemo_anchored._C", sources + [f"{CSRC}/anchored_kl_cuda.cu"],
         include_dirs=[str(ROOT / CSRC)], define_macros=[("WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc + ["-DWITH_CUDA"]})
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 
 
 setup(
@@ -40,7 +47,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["nemo_anchored", "nemo_anchored.*"]),
-    install_requires=["torch>=2.4", "numpy>=1.26"],
+    install_requires=["torch>=2.4", "numpy>=1.26", "megatron-core>=0.16.1,<0.20",
+                      "omegaconf>=2.3", "tqdm>=4.66", "tensorboard>=2.15"],
+    entry_points={"console_scripts": ["nemo-anchored=nemo_anchored.cli.main:main"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
