@@ -23,9 +23,10 @@ build: $(EXT_STAMP)
 bench: $(EXT_STAMP)
 	$(PY) bench/bench_anchored_kl.py
 
-# The venv: an existing torch is kept (GPU images ship their own); otherwise the CPU wheel.
+# The venv sees the system's packages, so a torch that is already installed (GPU images ship
+# their own CUDA build) is used as it is; otherwise the CPU wheel goes into the venv.
 $(ENV_STAMP): setup.py requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@

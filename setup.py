@@ -48,7 +48,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["nemo_anchored", "nemo_anchored.*"]),
     install_requires=["torch>=2.4", "numpy>=1.26", "megatron-core>=0.16.1,<0.20",
-                      "omegaconf>=2.3", "tqdm>=4.66", "tensorboard>=2.15"],
+                      "omegaconf>=2.3", "tqdm>=4.66", "tensorboard>=2.15", "psutil>=5.9"],
     entry_points={"console_scripts": ["nemo-anchored=nemo_anchored.cli.main:main"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

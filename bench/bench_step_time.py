@@ -1,0 +1,99 @@
+"""Step time and peak memory of Anchored Learning (live, snapshot) against SFT, as ratios.
+
+    python bench/bench_step_time.py                      # CPU defaults: a small GPT, vocab 32000
+    python bench/bench_step_time.py --hidden 2048 --layers 16 --vocab 152064 --seq 2048
+
+Each method trains the same model on the same batches through the real command line
+(`python -m nemo_anchored ...`, one process), from the same base and reference. Step times are
+the medians of the logged `step_time_s` after --warmup steps; peak memory is the run's logged
+`peak_memory_mib` (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident set,
+which includes the Python runtime). Goal on GPU: live <= 1.35x and snapshot <= 1.7x of SFT.
+
+Writes JSON with the device description to bench/results/.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_anchored_kl import RESULTS, device_description  # noqa: E402
+
+METHODS = {"sft": ("sft", []),
+           "anchored_live": ("anchor", ["anchor.mode=live"]),
+           "anchored_snapshot": ("anchor", ["anchor.mode=snapshot"])}
+
+
+def train(command, overrides, run_dir):
+    cmd = [sys.executable, "-m", "nemo_anchored", command, "--config",
+           str(ROOT / "recipes/tiny_cpu.yaml"), *overrides, f"logging.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text()
+            .splitlines() if '"event"' not in line]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    model = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
+             f"model.num_attention_heads={args.heads}", f"model.num_query_groups={args.heads}",
+             f"model.ffn_hidden_size={4 * args.hidden}", f"model.vocab_size={args.vocab}",
+             f"model.max_seq_len={args.seq}", f"data.seq_length={args.seq}",
+             f"model.dtype={args.dtype}", f"trainer.device={args.device}",
+             f"trainer.micro_batch_size={args.micro_batch}",
+             f"trainer.global_batch_size={2 * args.micro_batch}",
+             "logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=none",
+             "logging.diagnostics_every=0"]
+    steps = [f"trainer.max_steps={args.steps}", "anchor.outer_iterations=1",
+             f"anchor.inner_steps={args.steps}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        train("sft", [*model, "trainer.max_steps=1"], tmp / "reference")  # base + reference
+        start = [f"model.base_checkpoint={tmp / 'reference/base'}",
+                 f"model.reference_checkpoint={tmp / 'reference/final'}"]
+        results = {}
+        for name, (command, extra) in METHODS.items():
+            records = train(command, [*model, *steps, *start, *extra], tmp / name)
+            times = [r["step_time_s"] for r in records[args.warmup:]]
+            results[name] = {"median_step_s": statistics.median(times), "step_times_s": times,
+                             "peak_memory_mib": max(r["peak_memory_mib"] for r in records)}
+
+    device = device_description("cuda" if "cuda" in args.device else "cpu")
+    sft = results["sft"]
+    print(f"device: {device['name']} ({device['kind']}); model: {args.layers} layers x "
+          f"{args.hidden} hidden, vocab {args.vocab}, {args.micro_batch} x {args.seq} tokens "
+          f"per micro-batch, {args.dtype}; median over {args.steps - args.warmup} steps")
+    print(f"{'method':>18} | {'step s':>8} {'x SFT':>6} | {'peak MiB':>9} {'x SFT':>6}")
+    for name, r in results.items():
+        r["time_ratio"] = r["median_step_s"] / sft["median_step_s"]
+        r["memory_ratio"] = r["peak_memory_mib"] / sft["peak_memory_mib"]
+        print(f"{name:>18} | {r['median_step_s']:8.4f} {r['time_ratio']:5.2f}x | "
+              f"{r['peak_memory_mib']:9.0f} {r['memory_ratio']:5.2f}x")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"step_time_{device['kind']}_{args.dtype}.json"
+    out.write_text(json.dumps({"device": device, "args": vars(args), "results": results},
+                              indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The `nemo-anchored` command line."""

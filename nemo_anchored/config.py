@@ -1,0 +1,282 @@
+"""Run configuration: NeMo-shaped YAML recipes, command-line overrides, validation.
+
+A recipe has the sections trainer, model, parallelism, data, optim, anchor, baselines,
+logging and checkpoint (see recipes/tiny_cpu.yaml). ``load_config`` merges a recipe with
+``key=value`` overrides onto the typed schema below and validates it, all before any process
+group starts, so a mistake costs one clear message naming the key, not a cluster allocation.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+METHODS = ("sft", "low_sft", "kl_sft", "dft", "stm", "anchored")
+SFT_METHODS = METHODS[:-1]  # run by `nemo-anchored sft`; `anchored` by `nemo-anchored anchor`
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 1234
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 2  # sequences per forward pass on one rank
+    epochs: int = 1  # SFT-stage methods: passes over the data set
+    max_steps: Optional[int] = None  # SFT-stage methods: stop after this many steps instead
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+
+
+@dataclass
+class ModelConfig:
+    """Architecture (nemo_anchored.models.gpt.GPTConfig) and where the weights come from."""
+
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    vocab_size: int = MISSING
+    max_seq_len: int = MISSING
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    kv_channels: Optional[int] = None
+    tie_embeddings: bool = True
+    add_qkv_bias: bool = False
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    make_vocab_size_divisible_by: int = 128
+    # A nemo-anchored checkpoint directory with the base weights (p_base); None: initialise
+    # from trainer.seed (tiny recipes only).
+    base_checkpoint: Optional[str] = None
+    # The frozen SFT reference for kl_sft and anchored: the final checkpoint of an sft run.
+    reference_checkpoint: Optional[str] = None
+
+
+@dataclass
+class ParallelismConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+    sequence_parallel: bool = False  # needs Transformer Engine (GPU machines)
+
+
+@dataclass
+class DataConfig:
+    train_path: str = MISSING  # JSONL: {"prompt": ..., "response": ...}
+    tokenizer: str = "byte"  # byte: UTF-8 bytes plus special tokens
+    seq_length: int = MISSING  # tokens per training sequence (padded or truncated to it)
+    on_error: str = "raise"  # malformed line: raise | skip (skips are counted and reported)
+    overlong: str = "truncate"  # sequence over seq_length: truncate | drop | raise
+    shuffle: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.0
+    clip_grad: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 0
+    decay_style: str = "constant"  # constant | linear | cosine
+
+
+@dataclass
+class AnchorConfig:
+    alpha: float = 0.5
+    interpolation: str = "logit"  # logit | prob
+    mode: str = "snapshot"  # snapshot (Algorithm 1: three models) | live (two models)
+    outer_iterations: int = 5  # T
+    inner_epochs: int = 5  # K: epochs over the data per outer iteration...
+    inner_steps: Optional[int] = None  # ...or N optimizer steps (overrides inner_epochs)
+    # Each outer iteration is a fresh projection onto a new anchor: new optimizer state and
+    # learning-rate schedule. False keeps both across outer iterations.
+    restart_optimizer: bool = True
+    temperature: float = 1.0
+    backend: str = "auto"  # auto | fused | torch (nemo_anchored.ops.anchored_kl)
+
+
+@dataclass
+class BaselinesConfig:
+    kl_lambda: float = 0.2  # kl_sft: CE + lambda * KL(p_theta || p_ref)
+    stm_threshold: float = 2.5  # stm: drop response tokens whose base perplexity exceeds it
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/${name}"
+    tensorboard: bool = True
+    progress: bool = True  # progress bar with ETA on rank 0
+    diagnostics_every: int = 1  # anchored: trust-region diagnostic every N steps (0: never)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${logging.dir}/checkpoints"
+    save_every: int = 0  # steps; 0: only at outer-iteration ends and at the end
+    resume: str = "auto"  # auto: latest complete checkpoint in dir if any | none | a path
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING
+    method: str = "sft"
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def load_config(recipe: str | os.PathLike, overrides: List[str] = (), *, world_size: int = 1,
+                check_paths: bool = True) -> DictConfig:
+    """Recipe + ``key=value`` overrides -> a validated, resolved, read-only config.
+
+    Unknown keys and wrong types are reported by OmegaConf against the schema; the checks in
+    ``validate`` cover values and their combinations. ``world_size`` is the number of processes
+    that will run (torchrun's WORLD_SIZE), for the parallel-layout checks.
+    """
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"--config: recipe {str(path)!r} does not exist")
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        recipe_cfg = OmegaConf.load(path)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value")
+        cfg = OmegaConf.merge(schema, recipe_cfg, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_omegaconf_message(error, path)) from None
+    if missing:
+        raise ConfigError(f"{path}: required key(s) not set: {', '.join(missing)}")
+    validate(cfg, world_size=world_size, check_paths=check_paths)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _omegaconf_message(error: OmegaConfBaseException, path: Path) -> str:
+    key = getattr(error, "full_key", None)
+    text = str(error).splitlines()[0]
+    return f"{path}: {key}: {text}" if key else f"{path}: {text}"
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: Any, key: str, allowed) -> None:
+    _require(value in allowed, key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) -> None:
+    """Value and consistency checks; raises ConfigError naming the key and what is allowed."""
+    _one_of(cfg.method, "method", METHODS)
+    t, m, p, d, o, a = cfg.trainer, cfg.model, cfg.parallelism, cfg.data, cfg.optim, cfg.anchor
+
+    _one_of(t.device, "trainer.device", ("auto", "cpu", "cuda"))
+    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
+    _require(t.epochs >= 1, "trainer.epochs", "must be >= 1")
+    _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", "must be >= 1 or null")
+
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len"):
+        _require(m[key] >= 1, f"model.{key}", "must be >= 1")
+    _one_of(m.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    groups = m.num_query_groups or m.num_attention_heads
+    _require(m.num_attention_heads % groups == 0, "model.num_query_groups",
+             f"{groups} does not divide num_attention_heads={m.num_attention_heads}")
+    _require(m.kv_channels is not None or m.hidden_size % m.num_attention_heads == 0,
+             "model.hidden_size", f"{m.hidden_size} is not divisible by num_attention_heads="
+             f"{m.num_attention_heads} (or set model.kv_channels)")
+    _require(0 <= m.hidden_dropout < 1, "model.hidden_dropout", "must be in [0, 1)")
+    _require(0 <= m.attention_dropout < 1, "model.attention_dropout", "must be in [0, 1)")
+
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _require(tp >= 1, "parallelism.tensor_model_parallel_size", "must be >= 1")
+    _require(pp >= 1, "parallelism.pipeline_model_parallel_size", "must be >= 1")
+    _require(groups % tp == 0, "parallelism.tensor_model_parallel_size",
+             f"TP={tp} must divide the query groups ({groups}) and heads "
+             f"({m.num_attention_heads})")
+    padded = -(-m.vocab_size // m.make_vocab_size_divisible_by) * m.make_vocab_size_divisible_by
+    _require(padded % tp == 0, "parallelism.tensor_model_parallel_size",
+             f"TP={tp} must divide the padded vocabulary ({padded} = model.vocab_size rounded "
+             f"up to model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by})")
+    _require(m.num_layers % pp == 0, "parallelism.pipeline_model_parallel_size",
+             f"PP={pp} must divide model.num_layers={m.num_layers}")
+    _require(not p.sequence_parallel or tp > 1, "parallelism.sequence_parallel",
+             "needs tensor_model_parallel_size > 1")
+    _require(world_size % (tp * pp) == 0, "parallelism",
+             f"TP={tp} x PP={pp} does not divide the {world_size} processes")
+    dp = world_size // (tp * pp)
+    per_step = t.micro_batch_size * dp
+    _require(t.global_batch_size >= per_step and t.global_batch_size % per_step == 0,
+             "trainer.global_batch_size", f"{t.global_batch_size} must be a multiple of "
+             f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+
+    _one_of(d.tokenizer, "data.tokenizer", ("byte",))
+    _one_of(d.on_error, "data.on_error", ("raise", "skip"))
+    _one_of(d.overlong, "data.overlong", ("truncate", "drop", "raise"))
+    _require(2 <= d.seq_length <= m.max_seq_len, "data.seq_length",
+             f"{d.seq_length} must be in [2, model.max_seq_len={m.max_seq_len}]")
+
+    _one_of(o.name, "optim.name", ("adamw", "sgd"))
+    _require(o.lr > 0, "optim.lr", "must be > 0")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}]")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optim.adam_beta1/adam_beta2",
+             "must be in [0, 1)")
+    _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _one_of(o.decay_style, "optim.decay_style", ("constant", "linear", "cosine"))
+
+    _require(0 < a.alpha <= 1, "anchor.alpha", f"{a.alpha} is outside (0, 1]")
+    _one_of(a.interpolation, "anchor.interpolation", ("logit", "prob"))
+    _one_of(a.mode, "anchor.mode", ("snapshot", "live"))
+    _require(a.outer_iterations >= 1, "anchor.outer_iterations", "must be >= 1")
+    _require(a.inner_epochs >= 1, "anchor.inner_epochs", "must be >= 1")
+    _require(a.inner_steps is None or a.inner_steps >= 1, "anchor.inner_steps",
+             "must be >= 1 or null")
+    _require(a.temperature > 0, "anchor.temperature", "must be > 0")
+    _one_of(a.backend, "anchor.backend", ("auto", "fused", "torch"))
+    _require(cfg.baselines.kl_lambda >= 0, "baselines.kl_lambda", "must be >= 0")
+    _require(cfg.baselines.stm_threshold > 1, "baselines.stm_threshold",
+             "must be > 1 (a perplexity)")
+    _require(cfg.logging.diagnostics_every >= 0, "logging.diagnostics_every", "must be >= 0")
+    _require(cfg.checkpoint.save_every >= 0, "checkpoint.save_every", "must be >= 0")
+
+    needs_reference = cfg.method in ("kl_sft", "anchored")
+    _require(not needs_reference or m.reference_checkpoint is not None,
+             "model.reference_checkpoint", f"method {cfg.method} needs the SFT reference "
+             "(the final checkpoint of an sft run)")
+    if check_paths:
+        _require(Path(d.train_path).is_file(), "data.train_path",
+                 f"{d.train_path!r} does not exist")
+        checkpoints = ["base_checkpoint"] + (["reference_checkpoint"] if needs_reference else [])
+        for key in checkpoints:
+            value = m[key]
+            _require(value is None or Path(value).is_dir(), f"model.{key}",
+                     f"{value!r} is not a checkpoint directory")
+        resume = cfg.checkpoint.resume
+        if resume not in ("auto", "none"):
+            _require(Path(resume).is_dir(), "checkpoint.resume",
+                     f"{resume!r} is not a checkpoint directory (or use auto | none)")

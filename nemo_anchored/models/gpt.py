@@ -1,0 +1,222 @@
+"""Llama-style megatron-core GPT models from a plain config, plus layout-independent weights.
+
+The model keeps megatron-core's tensor-parallel conventions, but the vocabulary is padded to a
+multiple of ``make_vocab_size_divisible_by`` alone (see ``padded_vocab_size``); a forward
+without labels returns
+vocab-sharded logits ``[b, s, V_padded / TP]`` (``parallel_output=True``). The padded columns
+are not part of the vocabulary: ``mask_padded_vocab`` sets their logits to -inf so they carry no
+probability mass (the anchored loss treats -inf columns as absent).
+
+``load_full_state_dict`` fills a model of any TP x PP layout from an unsharded (TP=1, PP=1) state
+dict, driven by the tensor-parallel attributes megatron puts on each parameter, so layouts can be
+compared exactly and unsharded checkpoints (e.g. converted Hugging Face weights) can be loaded.
+"""
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a decoder-only, Llama-style transformer (RoPE, RMSNorm, SwiGLU)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    max_seq_len: int
+    num_query_groups: Optional[int] = None  # None: multi-head attention (one group per head)
+    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
+    kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
+    tie_embeddings: bool = True
+    add_qkv_bias: bool = False
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    dtype: str = "float32"  # "float32", "bfloat16" or "float16"
+    make_vocab_size_divisible_by: int = 128
+    # Needs Transformer Engine's norms (GPU machines): megatron's torch norms refuse it.
+    sequence_parallel: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:
+    """The next multiple of ``divisible_by``, whatever the TP size (which must divide it).
+
+    megatron-core's training scripts pad to a multiple of ``divisible_by * TP`` instead, which
+    gives every TP size its own embedding shape; a layout-independent padding keeps
+    checkpoints loadable at any TP (config validation checks that TP divides it).
+    """
+    return -(-vocab_size // divisible_by) * divisible_by
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_config(cfg: GPTConfig):
+    """The megatron ``TransformerConfig`` for ``cfg`` in the current parallel layout."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = cfg.torch_dtype
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.add_qkv_bias,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # The P2P layer allocates receive buffers in this dtype; megatron requires it under PP.
+        pipeline_dtype=dtype if pp_size > 1 else None,
+        # Free each stage's sent activations right after the send (megatron's training default);
+        # the exchanged tensor here is n_models times the hidden size.
+        deallocate_pipeline_outputs=True,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=pp_size,
+        sequence_parallel=cfg.sequence_parallel,
+    )
+
+
+def build_gpt_model(cfg: GPTConfig, use_transformer_engine: Optional[bool] = None):
+    """Build this rank's part of a megatron-core ``GPTModel`` (its pipeline stage, its TP shard).
+
+    Uses the Transformer Engine layer spec when TE is installed (GPU machines) and the
+    megatron-core local spec otherwise; ``use_transformer_engine`` forces the choice.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
+    if use_transformer_engine:
+        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by)
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if padded_vocab % tp_size:
+        raise ValueError(f"TP={tp_size} does not divide the padded vocabulary {padded_vocab}")
+    model = GPTModel(
+        config=transformer_config(cfg),
+        transformer_layer_spec=layer_spec,
+        vocab_size=padded_vocab,
+        max_sequence_length=cfg.max_seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.rotary_base,
+    )
+    # GPTModel records the true vocabulary nowhere; the padded-column mask needs it.
+    model.unpadded_vocab_size = cfg.vocab_size
+    # megatron's torch norms allocate fp32 weights whatever params_dtype says. Casting here is
+    # what megatron's Float16Module does to the module; that wrapper is not used because it
+    # would also copy every last-stage output (three models' logits) to fp32.
+    return model.to(dtype=cfg.torch_dtype)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set the logits of padded vocabulary columns on this TP rank's shard to -inf, in place.
+
+    ``logits`` is this rank's shard ``[..., V_padded / TP]``; rank r holds the global columns
+    ``[r * V_padded/TP, (r + 1) * V_padded/TP)``. Returns ``logits`` (unchanged when the shard
+    holds no padded column). In place is safe under autograd: the producing ops do not save
+    their outputs, and the masked columns get zero gradient.
+    """
+    from megatron.core import parallel_state
+
+    shard = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    first_padded = vocab_size - start
+    if first_padded < shard:
+        logits[..., max(first_padded, 0) :].fill_(float("-inf"))
+    return logits
+
+
+_LAYER_KEY = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+
+
+def full_state_dict_key(model, local_key: str) -> str:
+    """The TP=1, PP=1 name of a local state-dict key (pipeline stages number layers locally)."""
+    match = _LAYER_KEY.match(local_key)
+    if match is None:
+        if local_key == "output_layer.weight" and model.share_embeddings_and_output_weights:
+            # A last stage without the embedding keeps its own copy of the tied weight.
+            return "embedding.word_embeddings.weight"
+        return local_key
+    layer = model.decoder.layers[int(match.group(2))]
+    return f"{match.group(1)}{layer.layer_number - 1}{match.group(3)}"
+
+
+def _shard(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return full
+    dim = param.partition_dim
+    stride = getattr(param, "partition_stride", 1)
+    # With stride s the full tensor is s interleaved blocks (e.g. SwiGLU's [gate; up]) and each
+    # rank owns the r-th slice of every block: split into s * tp pieces, take pieces r::tp.
+    pieces = torch.chunk(full, stride * tp_size, dim=dim)
+    return torch.cat(pieces[tp_rank::tp_size], dim=dim)
+
+
+def load_full_state_dict(model, full_state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy an unsharded (TP=1, PP=1) state dict into this rank's shard of ``model``.
+
+    Every local parameter and buffer must be found; vocabulary rows are padded with zeros or
+    cut to this layout's padded vocabulary (padded rows never matter: their logits are masked).
+    Keys ending in ``_extra_state`` (Transformer Engine metadata) are not copied.
+    """
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        # keep_vars: the Parameter objects, which carry megatron's tensor-parallel attributes.
+        for key, local in model.state_dict(keep_vars=True).items():
+            if key.endswith("_extra_state"):
+                continue
+            full = full_state_dict[full_state_dict_key(model, key)]
+            if getattr(local, "is_embedding_or_output_parameter", False):
+                full = _resize_vocab_rows(full, model.vocab_size)
+            shard = _shard(full, local, tp_rank, tp_size)
+            if shard.shape != local.shape:
+                raise ValueError(f"{key}: shard {tuple(shard.shape)} != local {tuple(local.shape)}")
+            local.copy_(shard)
+
+
+def _resize_vocab_rows(weight: torch.Tensor, padded_vocab: int) -> torch.Tensor:
+    rows = weight.shape[0]
+    if rows >= padded_vocab:
+        return weight[:padded_vocab]
+    return torch.cat([weight, weight.new_zeros(padded_vocab - rows, *weight.shape[1:])])

@@ -1,0 +1,163 @@
+"""Process-group and model-parallel setup for megatron-core, the same code on CPU and GPU.
+
+Under torchrun the rendezvous comes from its environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT). Without torchrun a single process joins a world of size 1, so scripts
+and tests run the same code path unlaunched. The backend is NCCL when CUDA is available and gloo
+otherwise (with ``cpu_compat`` installed first so megatron-core runs on the CPU).
+"""
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nemo_anchored.parallel.cpu_compat import install_cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits in the global, tensor-, pipeline- and data-parallel groups."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def init_process_group(timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed from torchrun's environment, or as a world of one process."""
+    install_cpu_compat()
+    if dist.is_initialized():
+        return
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
+    if "WORLD_SIZE" in os.environ:
+        if use_cuda:
+            # NCCL binds a communicator to the current device: select it before the rendezvous.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        if use_cuda:
+            torch.cuda.set_device(0)
+        # An in-memory store needs no free port: nothing else ever joins a world of one.
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+
+
+def init_model_parallel(
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    *,
+    seed: Optional[int] = None,
+    timeout_minutes: int = 30,
+) -> ParallelContext:
+    """Initialise torch.distributed (if needed) and megatron's TP x PP x DP process groups.
+
+    The data-parallel size is whatever remains of the world size. With ``seed`` the RNGs are
+    seeded as well (see ``set_seed``).
+    """
+    init_process_group(timeout_minutes)
+    from megatron.core import parallel_state
+
+    world_size = dist.get_world_size()
+    if world_size % (tensor_parallel_size * pipeline_parallel_size) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by TP={tensor_parallel_size} x "
+            f"PP={pipeline_parallel_size}"
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    if seed is not None:
+        set_seed(seed)
+    return current_context()
+
+
+def current_context() -> ParallelContext:
+    """The layout of this process, from megatron's parallel state (which must be initialised)."""
+    from megatron.core import parallel_state as ps
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return ParallelContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        device=device,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron's tensor-parallel RNG tracker.
+
+    Follows megatron's training convention: each pipeline stage offsets the seed by
+    100 * pp_rank so that stages draw different dropout masks, while TP ranks share the default
+    stream and the tracker gives each TP rank its own model-parallel stream.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
+
+
+def destroy_model_parallel() -> None:
+    """Drop megatron's process groups but keep torch.distributed (to re-initialise a layout)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+def shutdown() -> None:
+    """Tear down megatron's groups and the default process group."""
+    if dist.is_initialized():
+        destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def model_parallel(
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    *,
+    seed: Optional[int] = None,
+) -> Iterator[ParallelContext]:
+    """Scope one TP x PP layout; the default process group outlives it (see ``shutdown``)."""
+    context = init_model_parallel(tensor_parallel_size, pipeline_parallel_size, seed=seed)
+    try:
+        yield context
+    finally:
+        destroy_model_parallel()

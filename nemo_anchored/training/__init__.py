@@ -1,0 +1,1 @@
+"""The training stage: trainer, method losses, metrics and checkpoints."""

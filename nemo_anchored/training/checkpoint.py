@@ -1,0 +1,483 @@
+"""Atomic, layout-independent training checkpoints on megatron-core's ``dist_checkpointing``.
+
+Tensors are saved with the ``torch_dist`` backend as global tensors (megatron's sharded state
+dicts describe where each rank's shard sits in them), so a checkpoint written at one TP x PP x DP
+layout loads at another: weights always, optimizer state too (megatron's optimizers map their
+state onto the same global tensors). RNG states and the trainer's per-rank state are restored
+only at the layout they were saved at; elsewhere there is no meaningful mapping for them.
+
+On-disk layout of one checkpoint directory ``<root>/<name>/``::
+
+    complete.json       the completeness marker, written last (by global rank 0): format
+                        version, global step, save time, layout, vocabulary size, which parts
+                        are present, and a JSON copy of rank 0's trainer state
+    metadata.json       dist_checkpointing's backend record (torch_dist)
+    common.pt           rank 0's plain entries: trainer state, lr scheduler state, the
+                        optimizer's param groups
+    .metadata           torch.distributed.checkpoint's index of the global tensors / objects
+    __<rank>_<n>.distcp the data, written in parallel by the ranks (each shard once), holding:
+        <param key>                 the policy's weights, megatron's names, e.g.
+                                    ``decoder.layers.mlp.linear_fc1.weight`` (layers stacked),
+                                    ``embedding.word_embeddings.weight``
+        snapshot.<param key>        the frozen snapshot's weights, when saved
+        optimizer.<...>             the optimizer state, when saved
+        rank_state/shard_<r>_<n>    per global rank r of n: its RNG states (python, numpy,
+                                    torch CPU, torch CUDA, megatron's TP tracker) and trainer
+                                    state
+
+Atomicity: every rank writes into the sibling ``<name>.tmp``; after a barrier, rank 0 writes
+``complete.json`` into it and renames it to ``<name>``. A directory without the marker (a crash
+mid-save) is never loaded. Re-saving to an existing ``<name>`` moves the old one to
+``<name>.old`` for the moment of the swap, then deletes it. ``save_checkpoint`` deletes a
+leftover ``<name>.tmp`` of the same name before writing; ``latest_checkpoint`` only reads and
+never deletes (another job may be writing there), it skips ``*.tmp`` and unmarked directories.
+
+Every rank must see the same filesystem (as dist_checkpointing requires). ``save_checkpoint``,
+``load_checkpoint`` and ``load_model_weights`` are collective: call them on every rank.
+"""
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+# Installs the CPU shims before megatron-core is imported (see nemo_anchored.parallel).
+import nemo_anchored.parallel  # noqa: F401
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+from megatron.core import dist_checkpointing  # noqa: E402
+from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
+from megatron.core.dist_checkpointing.serialization import (  # noqa: E402
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (  # noqa: E402
+    FullyParallelSaveStrategyWrapper,
+)
+from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding  # noqa: E402
+from megatron.core.dist_checkpointing.validation import StrictHandling  # noqa: E402
+from megatron.core.optimizer import distrib_optimizer  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MARKER = "complete.json"
+_TMP_SUFFIX = ".tmp"
+_OLD_SUFFIX = ".old"
+SNAPSHOT_PREFIX = "snapshot."
+_OPTIMIZER_PREFIX = "optimizer."
+_RANK_STATE_KEY = "rank_state"
+# torch.distributed.checkpoint reports every rank's failure as one CheckpointException, raised on
+# all ranks alike; it derives from BaseException, not Exception.
+_CHECKPOINT_FAILURES = (Exception, CheckpointException)
+
+
+# megatron's distributed optimizer with torch's Adam (no Apex or Transformer Engine, as on CPU
+# machines) cannot load its state as shipped: see the two functions below.
+_TORCH_ADAM_DISTRIBUTED_OPTIMIZER = not distrib_optimizer.HAVE_APEX_OR_TE
+
+
+def _give_fresh_distributed_optimizer_state(optimizer) -> None:
+    """Zero adam state for a distributed optimizer that has not stepped yet.
+
+    ``DistributedOptimizer.state_dict`` reads every parameter's torch-Adam ``step``, which torch
+    creates at the first step, so a fresh optimizer cannot describe its state for loading. The
+    load overwrites this state.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer) or opt.init_state_fn is None:
+            continue
+        opt.init_state_fn(opt.optimizer, opt.config)
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                opt.optimizer.state[param].setdefault("step", torch.tensor(0.0))
+
+
+def _install_step_fix_for_distributed_optimizer_load() -> None:
+    """``DistributedOptimizer.load_state_dict`` puts ONE ``step`` tensor into every parameter's
+    torch-Adam state (from the param groups), then copies each parameter's state from the
+    checkpoint, whose per-parameter states have no ``step``: a KeyError. Were it to get past
+    that, Adam would increment the shared tensor once per parameter at each step. Each
+    parameter gets its own copy of the step instead, kept as loaded."""
+    cls = distrib_optimizer.DistributedOptimizer
+    set_states = cls._set_main_param_and_optimizer_states
+
+    def set_states_keeping_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        if "step" in state and "step" not in tensors:
+            state["step"] = state["step"].clone()
+            tensors = {**tensors, "step": state["step"]}
+        set_states(self, model_param, tensors)
+
+    cls._set_main_param_and_optimizer_states = set_states_keeping_step
+
+
+if _TORCH_ADAM_DISTRIBUTED_OPTIMIZER:
+    _install_step_fix_for_distributed_optimizer_load()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, or does not fit what is being loaded."""
+
+
+def _sharding_metadata() -> Dict[str, Any]:
+    # The distributed optimizer's state is saved per parameter in the canonical (unsharded)
+    # form, like the plain optimizer's, so it reshards across TP, PP and DP. megatron adds
+    # process groups to this dict: a fresh one per call.
+    return {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def _layout() -> Dict[str, int]:
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+    }
+
+
+# ------------------------------------------------------------------------------------ RNG
+
+
+def _capture_rng() -> Dict[str, Any]:
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        # megatron's named streams (TP-local dropout, expert parallel ...), copied because the
+        # tracker keeps updating its own.
+        "tracker": {name: state.clone() for name, state in
+                    tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _restore_rng(states: Dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {name: state.clone() for name, state in states["tracker"].items()}
+    )
+    if torch.cuda.is_available() and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _rank_state(data: Optional[Dict[str, Any]]) -> ShardedObject:
+    """This rank's entry of the per-rank object (``data`` None: a slot to load into)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject(_RANK_STATE_KEY, data, (world,), (rank,), replica_id=0)
+
+
+# --------------------------------------------------------------------------- marker / paths
+
+
+def _vocab_size(model) -> Optional[int]:
+    # build_gpt_model records the unpadded vocabulary: megatron loads embeddings of another
+    # padded size (layouts pad differently) without complaint, so a vocabulary that does not
+    # match would go unnoticed without this record.
+    return getattr(model, "unpadded_vocab_size", None)
+
+
+def _check_fits(path: Path, marker: Dict[str, Any], model) -> None:
+    saved, wanted = marker.get("vocab_size"), _vocab_size(model)
+    if saved is not None and wanted is not None and saved != wanted:
+        raise CheckpointError(
+            f"checkpoint {path} has a vocabulary of {saved} tokens, the model {wanted}"
+        )
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + _TMP_SUFFIX)
+
+
+def _global_step(state: Any) -> Optional[int]:
+    """The value of the first ``global_step`` key in ``state``, searched through nested dicts
+    (the trainer keeps it in ``state["position"]``)."""
+    if not isinstance(state, dict):
+        return None
+    if "global_step" in state:
+        return int(state["global_step"])
+    for value in state.values():
+        step = _global_step(value)
+        if step is not None:
+            return step
+    return None
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):  # tensors and numpy values in metric accumulators
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_marker(path: Path) -> Dict[str, Any]:
+    """The marker of a complete checkpoint at ``path``; raises ``CheckpointError`` otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a directory)")
+    marker_path = path / MARKER
+    if not marker_path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: no {MARKER} (the save did not finish)"
+        )
+    try:
+        marker = json.loads(marker_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER}: {err}") from err
+    version = marker.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path}: format version {version}, this code reads {FORMAT_VERSION}"
+        )
+    return marker
+
+
+def latest_checkpoint(root) -> Optional[Path]:
+    """The complete checkpoint directly under ``root`` with the highest global step (newest
+    save time among equals), or None. ``*.tmp`` and unmarked directories are skipped, not
+    deleted. A ``<name>.old`` left by a crash in the middle of re-saving ``<name>`` is complete
+    and counts like any other checkpoint."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    best, best_key = None, None
+    for child in root.iterdir():
+        if not child.is_dir() or child.name.endswith(_TMP_SUFFIX):
+            continue
+        try:
+            marker = read_marker(child)
+        except CheckpointError:
+            continue
+        step = marker.get("global_step")
+        key = (-1 if step is None else step, marker.get("saved_at", 0.0))
+        if best_key is None or key > best_key:
+            best, best_key = child, key
+    return best
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _on_rank0(fn: Callable[[], None], what: str) -> None:
+    """Run ``fn`` on global rank 0; its failure is raised on every rank, so that no rank is
+    left waiting in a collective that rank 0 never joins."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as err:  # reported to every rank below
+            error = f"{what}: {type(err).__name__}: {err}"
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise CheckpointError(box[0])
+
+
+def _describe(err: BaseException) -> str:
+    """The gist of a failure; a CheckpointException's text is every rank's traceback."""
+    if isinstance(err, CheckpointException):
+        causes = sorted({f"{type(exc).__name__}: {exc}" for exc, _ in err.failures.values()})
+        return "; ".join(causes)
+    return f"{type(err).__name__}: {err}"
+
+
+def _all_ranks_keys(keys) -> set:
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(keys))
+    return {key for rank_keys in gathered for key in rank_keys}
+
+
+# -------------------------------------------------------------------------------- save
+
+
+def _sharded_state_dict(model, optimizer, snapshot, *, is_loading: bool) -> Dict[str, Any]:
+    state = {"model": model.sharded_state_dict(metadata=_sharding_metadata())}
+    if snapshot is not None:
+        # Its own global names, the same state-dict keys as the policy.
+        state["snapshot"] = snapshot.sharded_state_dict(metadata=_sharding_metadata())
+        add_prefix_for_sharding(state["snapshot"], SNAPSHOT_PREFIX)
+    if optimizer is not None:
+        if is_loading and _TORCH_ADAM_DISTRIBUTED_OPTIMIZER:
+            _give_fresh_distributed_optimizer_state(optimizer)
+        # Maps the optimizer's state onto the model's global tensors (by parameter identity).
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], is_loading=is_loading, metadata=_sharding_metadata()
+        )
+    return state
+
+
+def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=None,
+                    state: Optional[Dict[str, Any]] = None) -> Path:
+    """Save a checkpoint to ``path`` atomically (collective). Returns ``path``.
+
+    ``model``: the policy (an unwrapped megatron ``GPTModel``, or anything with
+    ``sharded_state_dict``); ``optimizer``: from ``get_megatron_optimizer``; ``scheduler``:
+    megatron's ``OptimizerParamScheduler``; ``snapshot``: the frozen snapshot model; ``state``:
+    the trainer's small plain values (JSON-serialisable on rank 0, which also goes into the
+    marker). Each rank's own ``state`` and RNG states are saved too, captured on entry.
+    """
+    path = Path(path)
+    tmp = _tmp_path(path)
+    state = dict(state or {})
+    rank_state = _rank_state({"rng": _capture_rng(), "trainer_state": state})
+    marker = {
+        "format_version": FORMAT_VERSION,
+        "global_step": _global_step(state),
+        "layout": _layout(),
+        "vocab_size": _vocab_size(model),
+        "contents": [name for name, part in (("model", model), ("snapshot", snapshot),
+                                              ("optimizer", optimizer),
+                                              ("scheduler", scheduler)) if part is not None],
+        "state": state,
+    }
+
+    def prepare():
+        json.dumps(state, default=_json_default)  # fail before any data is written
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
+        tmp.mkdir(parents=True)
+
+    _on_rank0(prepare, f"cannot prepare checkpoint directory {tmp}")
+
+    sharded = _sharded_state_dict(model, optimizer, snapshot, is_loading=False)
+    sharded["trainer_state"] = state  # rank 0's copy, for loads at another layout
+    sharded[_RANK_STATE_KEY] = rank_state
+    if scheduler is not None:
+        sharded["opt_param_scheduler"] = scheduler.state_dict()
+    # Each replicated shard (e.g. across data-parallel ranks) is written by one of its holders,
+    # spread over the data-parallel group instead of all on DP rank 0.
+    strategy = FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+    try:
+        dist_checkpointing.save(
+            sharded, str(tmp), sharded_strategy=strategy,
+            # Ranks legitimately differ in their trainer state (e.g. last-stage metrics).
+            preprocess_common_before_consistancy_check=lambda common: {
+                k: v for k, v in common.items() if k != "trainer_state"
+            },
+        )
+    except _CHECKPOINT_FAILURES as err:
+        raise CheckpointError(f"saving checkpoint {path} failed: {_describe(err)}") from err
+    dist.barrier()  # every rank's files are written
+
+    def finish():
+        marker["saved_at"] = time.time()
+        with open(tmp / MARKER, "w") as f:
+            json.dump(marker, f, indent=1, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        old = path.with_name(path.name + _OLD_SUFFIX)
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+    _on_rank0(finish, f"cannot finalise checkpoint {path}")
+    return path
+
+
+# -------------------------------------------------------------------------------- load
+
+
+def _load(path: Path, sharded: Dict[str, Any], required_prefixes: Sequence[str]):
+    """``dist_checkpointing.load`` with errors that name ``path`` and are raised on every rank.
+
+    A requested tensor absent from the checkpoint, or a checkpoint tensor of the policy (or of
+    another part in ``required_prefixes``) that nothing requested, means the architectures
+    differ. Shape mismatches are raised by torch.distributed.checkpoint on all ranks.
+    """
+    try:
+        loaded, missing, unexpected = dist_checkpointing.load(
+            sharded, str(path), strict=StrictHandling.RETURN_ALL
+        )
+    except _CHECKPOINT_FAILURES as err:
+        raise CheckpointError(
+            f"cannot load checkpoint {path} (does the model architecture match?): "
+            f"{_describe(err)}"
+        ) from err
+    unexpected = _all_ranks_keys(unexpected)  # per rank: make every rank raise alike
+    other = (SNAPSHOT_PREFIX, _OPTIMIZER_PREFIX, _RANK_STATE_KEY)
+    missing = {k for k in missing
+               if k.startswith(tuple(required_prefixes)) or not k.startswith(other)}
+    if unexpected or missing:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model (architecture or parts differ): "
+            f"not in the checkpoint: {sorted(unexpected)[:10]}; "
+            f"in the checkpoint but not in the model: {sorted(missing)[:10]}"
+        )
+    return loaded
+
+
+def load_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=None
+                    ) -> Dict[str, Any]:
+    """Restore what ``save_checkpoint`` saved (collective); returns the trainer state.
+
+    At the layout the checkpoint was saved at, each rank gets back its own trainer state and
+    RNG states (restored last, so the random streams continue exactly). At another layout the
+    weights and optimizer state are resharded, the RNG states are left as they are (a warning
+    says so) and every rank gets rank 0's trainer state.
+    """
+    path = Path(path)
+    marker = read_marker(path)
+    _check_fits(path, marker, model)
+    for name, part in (("snapshot", snapshot), ("optimizer", optimizer),
+                       ("scheduler", scheduler)):
+        if part is not None and name not in marker["contents"]:
+            raise CheckpointError(f"checkpoint {path} holds no {name} state to load")
+    same_layout = marker["layout"] == _layout()
+
+    sharded = _sharded_state_dict(model, optimizer, snapshot, is_loading=True)
+    if same_layout:
+        sharded[_RANK_STATE_KEY] = _rank_state(None)
+    loaded = _load(path, sharded, [SNAPSHOT_PREFIX] if snapshot is not None else [])
+
+    model.load_state_dict(loaded["model"])
+    if snapshot is not None:
+        snapshot.load_state_dict(loaded["snapshot"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if not same_layout:
+        if dist.get_rank() == 0:
+            logger.warning("checkpoint %s was saved at layout %s, this run is %s: RNG states "
+                           "are not restored", path, marker["layout"], _layout())
+        return loaded["trainer_state"]
+    rank_state = loaded[_RANK_STATE_KEY]
+    _restore_rng(rank_state["rng"])
+    return rank_state["trainer_state"]
+
+
+def load_model_weights(path, model) -> None:
+    """Load the policy weights of the checkpoint at ``path`` into ``model`` (collective), at
+    any layout (vocabulary padding may differ: padded rows are zero). Other parts of the
+    checkpoint are ignored. Call it before building an optimizer over ``model`` (a megatron
+    optimizer with fp32 main weights would not see the new weights otherwise; for one that
+    already exists call its ``reload_model_params()``)."""
+    path = Path(path)
+    _check_fits(path, read_marker(path), model)
+    sharded = {"model": model.sharded_state_dict(metadata=_sharding_metadata())}
+    loaded = _load(path, sharded, [])
+    model.load_state_dict(loaded["model"])

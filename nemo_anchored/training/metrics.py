@@ -1,0 +1,82 @@
+"""Per-step metrics: a JSON-lines file, TensorBoard, and a progress bar with ETA (rank 0 only).
+
+Every record carries ``step`` (the global optimizer step); outer-iteration boundaries are
+records with ``"event": "outer_iteration_start"`` / ``"outer_iteration_end"`` (and TensorBoard
+text). After a resume the file is cut back to the checkpoint's step first, so it never holds
+two records of one step.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, total_steps: int, resume_step: int, enabled: bool,
+                 tensorboard: bool, progress: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        self.bar: Optional[tqdm] = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self.file = self.path.open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=resume_step, unit="step",
+                            dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log_step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+        if self.bar is not None:
+            shown = {k: record[k] for k in ("loss", "anchor_step_kl", "lr") if k in record}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            self.bar.update(1)
+
+    def log_event(self, step: int, event: str, **fields) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "event": event, **fields}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            self.writer.add_text("events", json.dumps(record), step)
+        message = f"[step {step}] {event} " + " ".join(f"{k}={v}" for k, v in fields.items())
+        (self.bar.write if self.bar is not None else print)(message)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.file.close()

@@ -1,0 +1,360 @@
+"""The training stage: SFT-stage methods and Anchored Learning on one megatron-core path.
+
+    sft stage (sft, low_sft, kl_sft, dft, stm):  epochs (or max_steps) over the data
+    anchored:  for t in 0..T-1:  [snapshot mode: snapshot <- policy]
+                                 [restart: fresh optimizer and lr schedule]
+                                 K epochs (or N steps) minimising KL(q(t) || p_theta)
+
+Each step: the rank's micro-batches of one global batch go through megatron's schedule (1F1B
+under pipeline parallelism) with the policy and its frozen companions co-resident, the method's
+loss is computed on the vocab-sharded logits at the last stage, megatron's optimizer steps, and
+the step's metrics are reduced over data-parallel ranks and shared with every rank (so a
+non-finite loss stops all ranks together, before anything is saved).
+
+The position in the run (global step, outer iteration, inner step) is one counter, so the data
+order, the lr schedule and checkpoints all derive from it and a resume continues exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from nemo_anchored.config import ConfigError
+from nemo_anchored.data import BatchOrder, build_tokenizer, load_sft_dataset
+from nemo_anchored.models.co_resident import CoResidentModels
+from nemo_anchored.models.gpt import GPTConfig, build_gpt_model
+from nemo_anchored.ops import stm_keep_mask, token_cross_entropy
+from nemo_anchored.parallel.distributed import ParallelContext
+from nemo_anchored.parallel.schedule import forward_backward, wrap_for_training
+from nemo_anchored.training.checkpoint import (latest_checkpoint, load_checkpoint,
+                                               load_model_weights, save_checkpoint)
+from nemo_anchored.training.methods import MethodLoss
+from nemo_anchored.training.metrics import MetricsLogger
+
+from megatron.core import parallel_state  # noqa: E402  (after the CPU shims)
+from megatron.core.distributed import DistributedDataParallelConfig  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
+
+# The per-micro-batch sums reported by MethodLoss, reduced in this order.
+_SUM_KEYS = ("loss", "tokens", "ce", "anchored_kl", "kl_policy_ref", "anchor_step_kl",
+             "anchor_bound", "tokens_over_bound", "diagnostic_tokens", "entropy")
+
+
+@dataclasses.dataclass
+class Position:
+    """Where the run is; everything else (data order, lr, snapshot refresh) follows from it."""
+
+    global_step: int = 0  # optimizer steps taken
+    outer: int = 0  # anchored: outer iteration
+    inner_step: int = 0  # anchored: steps taken in this outer iteration
+
+
+class Trainer:
+    def __init__(self, cfg, ctx: ParallelContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(cfg.logging.dir)
+        self.anchored = cfg.method == "anchored"
+        self._check_device()
+
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+                              f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens")
+        d = cfg.data
+        self.dataset = load_sft_dataset(d.train_path, tokenizer, d.seq_length,
+                                        on_error=d.on_error, overlong=d.overlong)
+        t = cfg.trainer
+        self.order = BatchOrder(len(self.dataset), t.global_batch_size, t.micro_batch_size,
+                                ctx.dp_rank, ctx.dp_size, t.seed, d.shuffle)
+        self.stack = self._build_models()
+        self.model = wrap_for_training(self.stack, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=cfg.parallelism.use_distributed_optimizer))
+        stm_keep = self._stm_keep_mask() if cfg.method == "stm" else None
+        self.loss = MethodLoss(cfg, stm_keep=stm_keep)
+
+        steps_per_epoch = self.order.steps_per_epoch
+        if self.anchored:
+            a = cfg.anchor
+            self.inner_total = a.inner_steps or a.inner_epochs * steps_per_epoch
+            self.total_steps = a.outer_iterations * self.inner_total
+        else:
+            self.total_steps = t.max_steps or t.epochs * steps_per_epoch
+
+    # ---------------------------------------------------------------------------------- setup
+
+    def _check_device(self):
+        wanted, have_cuda = self.cfg.trainer.device, torch.cuda.is_available()
+        if wanted == "cuda" and not have_cuda:
+            raise ConfigError("trainer.device: cuda requested but no GPU is visible")
+        if wanted == "cpu" and have_cuda:
+            raise ConfigError("trainer.device: cpu requested on a GPU machine: hide the GPUs "
+                              "(CUDA_VISIBLE_DEVICES=) or use device=auto")
+
+    def _build_models(self) -> CoResidentModels:
+        cfg, gpt = self.cfg, gpt_config(self.cfg)
+        policy = build_gpt_model(gpt)
+        # Grads are summed over valid tokens and divided by the global batch's count.
+        policy.config.calculate_per_token_loss = True
+        if cfg.model.base_checkpoint:
+            load_model_weights(Path(cfg.model.base_checkpoint), policy)
+        reference = snapshot = None
+        if cfg.method in ("kl_sft", "anchored"):
+            reference = build_gpt_model(gpt)
+            load_model_weights(Path(cfg.model.reference_checkpoint), reference)
+        if self.anchored and cfg.anchor.mode == "snapshot":
+            snapshot = build_gpt_model(gpt)  # filled at each outer iteration's start
+        return CoResidentModels(policy, reference, snapshot)
+
+    def _build_optimizer(self):
+        """megatron's optimizer over the policy, and its lr schedule for one projection (or
+        for the whole run when the optimizer is not restarted)."""
+        o, dtype = self.cfg.optim, self.stack.config.params_dtype
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam" if o.name == "adamw" else "sgd", lr=o.lr, min_lr=o.min_lr,
+            weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad,
+            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+            use_distributed_optimizer=self.cfg.parallelism.use_distributed_optimizer),
+            [self.model])
+        self.stack.config.grad_scale_func = optimizer.scale_loss  # fp16 loss scaling
+        restart = self.anchored and self.cfg.anchor.restart_optimizer
+        horizon = self.inner_total if restart else self.total_steps
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(horizon, o.warmup_steps + 1),
+            lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=max(horizon, 1), wd_incr_style="constant")
+        return optimizer, scheduler
+
+    def _stm_keep_mask(self) -> torch.Tensor:
+        """STM's token filter, once before training: keep a response token when its
+        perplexity under the base model (the policy at this point) is <= the threshold."""
+        n, mbs = len(self.dataset), self.cfg.trainer.micro_batch_size
+        batches = [self.dataset.batch(torch.arange(i, i + mbs).clamp_max(n - 1))
+                   for i in range(0, n, mbs)]
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+
+        def base_ce(policy, reference, snapshot, batch):
+            ce = token_cross_entropy(policy, batch["labels"].to(policy.device),
+                                     tp_group=tp_group)
+            return ce.sum(), torch.tensor(1, dtype=torch.int), {"ce": ce, "index": batch["index"]}
+
+        self.stack.eval()
+        outputs = forward_backward(self.model, iter(batches), base_ce, forward_only=True,
+                                   num_microbatches=len(batches),
+                                   seq_length=self.cfg.data.seq_length, micro_batch_size=mbs)
+        self.stack.train()
+        keep = torch.zeros(n, self.cfg.data.seq_length, dtype=torch.bool)
+        for out in outputs:  # last stage only; other stages never read the mask
+            keep[out["index"]] = stm_keep_mask(out["ce"], self.cfg.baselines.stm_threshold).cpu()
+        response = self.dataset.loss_mask > 0
+        counts = torch.tensor([(keep & response).sum(), response.sum()], dtype=torch.float64,
+                              device=self.ctx.device)
+        dist.broadcast(counts, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        kept, total = counts.tolist()
+        if kept == 0:
+            raise ConfigError(f"baselines.stm_threshold: none of the {int(total)} response "
+                              f"tokens has a base-model perplexity <= "
+                              f"{self.cfg.baselines.stm_threshold}; nothing would be trained")
+        self.stm_summary = f"stm keeps {int(kept)} of {int(total)} response tokens " \
+                           f"({kept / total:.1%}) with base perplexity <= " \
+                           f"{self.cfg.baselines.stm_threshold}"
+        return keep
+
+    # -------------------------------------------------------------------------------- training
+
+    def fit(self) -> Path:
+        """Runs (or resumes) the stage; returns the final weights' checkpoint directory."""
+        cfg, pos = self.cfg, Position()
+        optimizer, scheduler = self._build_optimizer()
+        resume = self._resume_path()
+        if resume is not None:
+            state = load_checkpoint(resume, model=self.stack.policy, optimizer=optimizer,
+                                    scheduler=scheduler, snapshot=self.stack.snapshot)
+            pos = Position(**state["position"])
+        self.log = MetricsLogger(self.run_dir, total_steps=self.total_steps,
+                                 resume_step=pos.global_step, enabled=self.ctx.rank == 0,
+                                 tensorboard=cfg.logging.tensorboard,
+                                 progress=cfg.logging.progress)
+        self._announce(resume, pos)
+        if resume is None and not cfg.model.base_checkpoint:
+            # Initialised from the seed: keep p_base, so later stages (anchor, other layouts)
+            # can start from exactly these weights (model.base_checkpoint=RUN_DIR/base).
+            save_checkpoint(self.run_dir / "base", model=self.stack.policy,
+                            state={"position": vars(pos)})
+        try:
+            if self.anchored:
+                self._fit_anchored(pos, optimizer, scheduler)
+            else:
+                self._fit_steps(pos, optimizer, scheduler, self.total_steps)
+                self._save(pos, optimizer, scheduler)
+            final = self.run_dir / "final"
+            save_checkpoint(final, model=self.stack.policy, state={"position": vars(pos)})
+            self.log.info(f"final weights: {final}")
+            return final
+        finally:
+            self.log.close()
+
+    def _fit_anchored(self, pos: Position, optimizer, scheduler) -> None:
+        a = self.cfg.anchor
+        if pos.inner_step == self.inner_total:  # resumed from an outer iteration's end
+            pos.outer, pos.inner_step = pos.outer + 1, 0
+        while pos.outer < a.outer_iterations:
+            if pos.inner_step == 0:
+                if self.stack.snapshot is not None:
+                    self.stack.refresh_snapshot()
+                if a.restart_optimizer and pos.outer > 0:
+                    optimizer, scheduler = self._build_optimizer()
+                self.log.log_event(pos.global_step, "outer_iteration_start", outer=pos.outer)
+            self._fit_steps(pos, optimizer, scheduler, self.inner_total, inner=True)
+            self.log.log_event(pos.global_step, "outer_iteration_end", outer=pos.outer)
+            self._save(pos, optimizer, scheduler)
+            pos.outer, pos.inner_step = pos.outer + 1, 0
+
+    def _fit_steps(self, pos: Position, optimizer, scheduler, until: int, inner=False) -> None:
+        every = self.cfg.checkpoint.save_every
+        while (pos.inner_step if inner else pos.global_step) < until:
+            self._train_step(pos, optimizer, scheduler)
+            pos.global_step += 1
+            pos.inner_step += inner
+            done = (pos.inner_step if inner else pos.global_step) == until
+            if every and pos.global_step % every == 0 and not done:
+                self._save(pos, optimizer, scheduler)
+
+    def _train_step(self, pos: Position, optimizer, scheduler) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        epoch, step_in_epoch = divmod(pos.global_step, self.order.steps_per_epoch)
+        batches = self.order.micro_batches(self.dataset, epoch, step_in_epoch)
+        start = time.perf_counter()
+        self.model.zero_grad_buffer()
+        optimizer.zero_grad()
+        self.loss.step = pos.global_step
+        outputs = forward_backward(self.model, iter(batches), self.loss,
+                                   num_microbatches=len(batches),
+                                   seq_length=cfg.data.seq_length,
+                                   micro_batch_size=t.micro_batch_size)
+        updated, grad_norm, _ = optimizer.step()
+        if updated:
+            scheduler.step(increment=1)
+        elapsed = time.perf_counter() - start
+        totals = self._reduce_sums(outputs)
+        record = self._record(pos, epoch, totals, grad_norm, optimizer, elapsed)
+        if totals["tokens"] > 0 and not math.isfinite(record["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss {record['loss']} at step {pos.global_step + 1} (epoch "
+                f"{epoch}): stopping before anything is saved; resume from the last checkpoint "
+                f"in {cfg.checkpoint.dir} after fixing the cause")
+        self.log.log_step(record)
+        if record.get("tokens_over_bound", 0) > 0:
+            self.log.log_event(record["step"], "bound_violation",
+                               tokens=record["tokens_over_bound"])
+
+    def _reduce_sums(self, outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Sums over micro-batches (last stage), data-parallel ranks, then shared by all ranks."""
+        device = self.ctx.device
+        totals = torch.full((len(_SUM_KEYS),), math.nan, dtype=torch.float64, device=device)
+        if outputs:
+            for i, key in enumerate(_SUM_KEYS):
+                if key in outputs[0]:
+                    totals[i] = sum(out[key].double().to(device) for out in outputs)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return dict(zip(_SUM_KEYS, totals.tolist()))
+
+    def _record(self, pos, epoch, s, grad_norm, optimizer, elapsed) -> dict:
+        # A batch with no valid token (possible under stm) trains nothing: no loss to report.
+        tokens = s["tokens"] or math.nan
+        record = {"step": pos.global_step + 1, "epoch": epoch, "loss": s["loss"] / tokens,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                  "lr": optimizer.param_groups[0]["lr"], "valid_tokens": int(s["tokens"]),
+                  "step_time_s": elapsed,
+                  "tokens_per_s": self.cfg.trainer.global_batch_size * self.cfg.data.seq_length
+                  / elapsed,
+                  "peak_memory_mib": _peak_memory_mib()}
+        if self.anchored:
+            record.update(outer=pos.outer, inner_step=pos.inner_step + 1)
+        for key in ("ce", "anchored_kl", "kl_policy_ref"):
+            if not math.isnan(s[key]):
+                record[key] = s[key] / tokens
+        if not math.isnan(s["diagnostic_tokens"]):
+            n = s["diagnostic_tokens"]
+            record.update(anchor_step_kl=s["anchor_step_kl"] / n,
+                          anchor_bound=s["anchor_bound"] / n,
+                          tokens_over_bound=int(s["tokens_over_bound"]),
+                          fraction_over_bound=s["tokens_over_bound"] / n,
+                          entropy=s["entropy"] / n)
+        return record
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def _resume_path(self) -> Optional[Path]:
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return latest_checkpoint(Path(self.cfg.checkpoint.dir))
+        return Path(resume)
+
+    def _save(self, pos: Position, optimizer, scheduler) -> None:
+        path = Path(self.cfg.checkpoint.dir) / f"step_{pos.global_step:07d}"
+        save_checkpoint(path, model=self.stack.policy, optimizer=optimizer, scheduler=scheduler,
+                        snapshot=self.stack.snapshot, state={"position": vars(pos)})
+        self.log.log_event(pos.global_step, "checkpoint", path=str(path))
+
+    def _announce(self, resume: Optional[Path], pos: Position) -> None:
+        if self.ctx.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = OmegaConf.to_yaml(self.cfg)
+        (self.run_dir / "config.yaml").write_text(resolved)
+        c = self.ctx
+        self.log.info(f"resolved config (saved to {self.run_dir / 'config.yaml'}):\n{resolved}")
+        self.log.info(f"layout: world {c.world_size} = TP {c.tp_size} x PP {c.pp_size} x "
+                      f"DP {c.dp_size}; device {c.device}; resident models: "
+                      f"{1 + len(self.stack.frozen_models)}")
+        self.log.info(f"data: {self.dataset.report.summary()}; {self.order.steps_per_epoch} "
+                      f"steps per epoch ({self.order.unused_per_epoch} examples unused per "
+                      "epoch: not a multiple of the global batch)")
+        if self.cfg.method == "stm":
+            self.log.info(self.stm_summary)
+        if resume is not None:
+            self.log.info(f"resumed from {resume} at step {pos.global_step}")
+
+
+def gpt_config(cfg) -> GPTConfig:
+    """The model architecture of a run config (its model section and sequence parallelism)."""
+    fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"sequence_parallel"}
+    return GPTConfig(**{k: cfg.model[k] for k in fields},
+                     sequence_parallel=cfg.parallelism.sequence_parallel)
+
+
+def _peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return kib / 1024
+
+
+def run(cfg) -> Path:
+    """Initialise the parallel layout, train, tear down. Every rank calls this."""
+    from nemo_anchored.parallel.distributed import init_model_parallel, shutdown
+
+    p = cfg.parallelism
+    ctx = init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                              seed=cfg.trainer.seed)
+    try:
+        return Trainer(cfg, ctx).fit()
+    finally:
+        shutdown()
