@@ -12,8 +12,13 @@ ENV_STAMP := $(VENV)/.env-ready
 
 .PHONY: demo test build bench clean
 
+# The embedded default: the SFT reference, then Anchored Learning toward it (recipes/tiny_cpu.yaml).
+# A second `make demo` resumes both runs from their last checkpoints and ends at once.
+DEMO_SFT := runs/tiny_cpu_sft
 demo: $(EXT_STAMP)
-	$(PY) -m nemo_anchored.demo
+	$(PY) -m nemo_anchored sft --config recipes/tiny_cpu.yaml
+	$(PY) -m nemo_anchored anchor --config recipes/tiny_cpu.yaml \
+		model.base_checkpoint=$(DEMO_SFT)/base model.reference_checkpoint=$(DEMO_SFT)/final
 
 test: $(EXT_STAMP)
 	$(PY) -m pytest -q tests

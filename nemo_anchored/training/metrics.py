@@ -31,9 +31,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
-        if progress:
-            self.bar = tqdm(total=total_steps, initial=resume_step, unit="step",
-                            dynamic_ncols=True)
+        # Made at the first step, so the set-up messages print before it.
+        self.bar_settings = dict(total=total_steps, initial=resume_step) if progress else None
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -52,6 +51,8 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"train/{key}", value, step)
+        if self.bar is None and self.bar_settings is not None:
+            self.bar = tqdm(unit="step", dynamic_ncols=True, **self.bar_settings)
         if self.bar is not None:
             shown = {k: record[k] for k in ("loss", "anchor_step_kl", "lr") if k in record}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
