@@ -8,24 +8,16 @@ tests.reference.
 """
 import itertools
 import math
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.launch import spawn_tp_ranks
 
 WORLD = 4
 V_FULL = 4 * 251  # shards of 502 (TP = 2) and 251 (TP = 4): not powers of two
 PADDED = 13  # trailing columns of the full vocabulary that are padding (-inf): inside the last shard
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def full_logits(seed, dtype, rows=(3, 5), scale=3.0):
@@ -97,37 +89,18 @@ def check_shard_disagreement(group, index):
         anchored_kl(torch.zeros(4, width), torch.zeros(4, width), tp_group=group)
 
 
-def worker(rank, port, failures):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        everyone = dist.new_group(list(range(WORLD)))
-        tp2 = (pairs[rank // 2], rank % 2, 2)
-        tp4 = (everyone, rank, 4)
-        cases = itertools.product(["torch", "fused"], ["logit", "prob"], ["live", "snapshot"])
-        for n, (backend, interpolation, mode) in enumerate(cases):
-            for group, index, size in (tp2, tp4):
-                for dtype, temperature in ((torch.float32, 1.0), (torch.float32, 0.7),
-                                           (torch.bfloat16, 1.0)):
-                    check_case(group, index, size, backend, interpolation, mode, dtype,
-                               temperature, seed=10 * n)
-        for backend in ("torch", "fused"):
-            check_non_finite(*tp4, backend)
-        check_shard_disagreement(pairs[rank // 2], rank % 2)
-        dist.barrier()
-    except BaseException as error:  # report, then let the parent fail the test
-        with open(failures, "a") as f:
-            f.write(f"rank {rank}: {type(error).__name__}: {error}\n")
-        raise
-    finally:
-        dist.destroy_process_group()
+def check_all(rank, tp2, tp4):
+    cases = itertools.product(["torch", "fused"], ["logit", "prob"], ["live", "snapshot"])
+    for n, (backend, interpolation, mode) in enumerate(cases):
+        for group, index, size in (tp2, tp4):
+            for dtype, temperature in ((torch.float32, 1.0), (torch.float32, 0.7),
+                                       (torch.bfloat16, 1.0)):
+                check_case(group, index, size, backend, interpolation, mode, dtype,
+                           temperature, seed=10 * n)
+    for backend in ("torch", "fused"):
+        check_non_finite(*tp4, backend)
+    check_shard_disagreement(tp2[0], tp2[1])
 
 
 def test_tensor_parallel_matches_full_vocabulary_reference():
-    with tempfile.NamedTemporaryFile("r", suffix=".log") as failures:
-        try:
-            mp.spawn(worker, args=(free_port(), failures.name), nprocs=WORLD, join=True)
-        except Exception as error:
-            pytest.fail(f"{failures.read() or error}")
+    spawn_tp_ranks(check_all, world=WORLD)

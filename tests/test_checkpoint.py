@@ -8,53 +8,29 @@ shims stay out of the pytest process.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.launch import run_script
+
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_worker(workdir: Path, launcher: list) -> list:
+def _checks(workdir: Path, nproc: int) -> list:
     out = workdir / "checks.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    # One intra-op thread per process: on 2 cores, OpenMP oversubscription makes these tiny
-    # models ~100x slower.
-    env["OMP_NUM_THREADS"] = "1"
-    env["GLOO_SOCKET_IFNAME"] = "lo"
-    proc = subprocess.run(
-        [sys.executable, *launcher, str(WORKER), "--out", str(out),
-         "--dir", str(workdir / "checkpoints")],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-6000:]}")
+    run_script(WORKER, "--out", out, "--dir", workdir / "checkpoints", nproc=nproc, timeout=300)
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def two_process_checks(tmp_path_factory):
-    launcher = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    return _run_worker(tmp_path_factory.mktemp("checkpoint"), launcher)
+    return _checks(tmp_path_factory.mktemp("checkpoint"), nproc=2)
 
 
 @pytest.fixture(scope="module")
 def single_process_checks(tmp_path_factory):
-    return _run_worker(tmp_path_factory.mktemp("checkpoint"), [])
+    return _checks(tmp_path_factory.mktemp("checkpoint"), nproc=1)
 
 
 def _assert_topic(checks, topic, min_count):

@@ -9,52 +9,29 @@ instead of skipping them.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.launch import run_script
+
 WORKER = Path(__file__).with_name("engine_parallel_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_worker(out: Path, launcher: list) -> list:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    # One intra-op thread per process: on 2 cores, OpenMP oversubscription makes these tiny
-    # models ~100x slower. torchrun sets this too; the unlaunched run needs it explicitly.
-    env["OMP_NUM_THREADS"] = "1"
-    # Keep gloo's connections on the loopback interface.
-    env["GLOO_SOCKET_IFNAME"] = "lo"
-    proc = subprocess.run(
-        [sys.executable, *launcher, str(WORKER), "--out", str(out)],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-6000:]}")
+def _checks(workdir: Path, nproc: int) -> list:
+    out = workdir / "checks.json"
+    run_script(WORKER, "--out", out, nproc=nproc, timeout=300)
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def two_process_checks(tmp_path_factory):
-    launcher = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    return _run_worker(tmp_path_factory.mktemp("engine") / "checks.json", launcher)
+    return _checks(tmp_path_factory.mktemp("engine"), nproc=2)
 
 
 @pytest.fixture(scope="module")
 def single_process_checks(tmp_path_factory):
-    return _run_worker(tmp_path_factory.mktemp("engine") / "checks.json", [])
+    return _checks(tmp_path_factory.mktemp("engine"), nproc=1)
 
 
 def _assert_topic(checks, topic, min_count):

@@ -6,16 +6,13 @@ cost) forming two TP = 2 groups and one TP = 4 group, each rank holding its cont
 the same full-vocabulary tensors.
 """
 import math
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nemo_anchored.ops import dft_loss, reverse_kl, stm_keep_mask, token_cross_entropy
+from tests.launch import spawn_tp_ranks
 from tests.reference import max_row_relative_error, relative_error
 
 OPS = {"ce": token_cross_entropy, "kl": reverse_kl}
@@ -250,12 +247,6 @@ V_FULL = 4 * 251  # shards of 502 (TP = 2) and 251 (TP = 4): not powers of two
 PADDED = 13  # trailing padded (-inf) columns of the full vocabulary: inside the last shard
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def shard(x, index, size):
     width = x.shape[-1] // size
     return x[..., index * width:(index + 1) * width].contiguous()
@@ -289,30 +280,13 @@ def check_bad_arguments(group, index, size):
         reverse_kl(torch.zeros(4, width), torch.zeros(4, width), tp_group=group)
 
 
-def worker(rank, port, failures):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        everyone = dist.new_group(list(range(WORLD)))
-        for group, index, size in ((pairs[rank // 2], rank % 2, 2), (everyone, rank, 4)):
-            for seed, op in enumerate(OPS):
-                for dtype in (torch.float32, torch.bfloat16):
-                    check_sharded(op, group, index, size, dtype, seed=10 * seed)
-            check_bad_arguments(group, index, size)
-        dist.barrier()
-    except BaseException as error:  # report, then let the parent fail the test
-        with open(failures, "a") as f:
-            f.write(f"rank {rank}: {type(error).__name__}: {error}\n")
-        raise
-    finally:
-        dist.destroy_process_group()
+def check_all(rank, tp2, tp4):
+    for group, index, size in (tp2, tp4):
+        for seed, op in enumerate(OPS):
+            for dtype in (torch.float32, torch.bfloat16):
+                check_sharded(op, group, index, size, dtype, seed=10 * seed)
+        check_bad_arguments(group, index, size)
 
 
 def test_tensor_parallel_matches_full_vocabulary_reference():
-    with tempfile.NamedTemporaryFile("r", suffix=".log") as failures:
-        try:
-            mp.spawn(worker, args=(free_port(), failures.name), nprocs=WORLD, join=True)
-        except Exception as error:
-            pytest.fail(f"{failures.read() or error}")
+    spawn_tp_ranks(check_all, world=WORLD)

@@ -6,21 +6,19 @@ launch run every configuration (tests/training_worker.py) and the tests read the
 """
 import json
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launch import REPO as ROOT, run_script, worker_env
+
 WORKER = ROOT / "tests" / "training_worker.py"
 PYTHON = sys.executable
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = worker_env()
 TOL = 1e-5
 
 # Short runs: 2 outer iterations x 2 inner steps, or 4 SFT steps.
@@ -40,23 +38,10 @@ METHODS = {
 ADAMW = ["method=anchored", "anchor.mode=snapshot"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(spec: dict, out: Path, nproc: int) -> None:
     path = out / f"spec_{nproc}.json"
     path.write_text(json.dumps({**spec, "out": str(out)}))
-    if nproc == 1:
-        cmd = [PYTHON, str(WORKER), str(path)]
-    else:
-        cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), str(path)]
-    result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run_script(WORKER, path, nproc=nproc)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,78 @@
+"""Starting the multi-process tests: torchrun subprocesses and gloo ranks spawned in-process.
+
+Process start-up costs seconds on the 2-core CI machines, so each test module launches few
+processes and checks a lot inside each.
+"""
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # One intra-op thread per process: on 2 cores, OpenMP oversubscription by several ranks
+    # makes these tiny models far slower.
+    env["OMP_NUM_THREADS"] = "1"
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's connections on the loopback interface
+    return env
+
+
+def run_script(script, *args, nproc: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Runs a Python script alone (a world of one) or under torchrun; fails the test on error."""
+    launcher = [] if nproc == 1 else [
+        "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={nproc}",
+        "--master-addr", "127.0.0.1", f"--master-port={free_port()}"]
+    result = subprocess.run([sys.executable, *launcher, str(script), *map(str, args)],
+                            env=worker_env(), cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{script} failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n"
+                    f"{result.stderr[-6000:]}")
+    return result
+
+
+def _tp_rank_main(rank, world, port, failures, check):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # Every rank creates every group, in the same order (torch.distributed requires it).
+        pairs = [dist.new_group([2 * i, 2 * i + 1]) for i in range(world // 2)]
+        everyone = dist.new_group(list(range(world)))
+        check(rank, tp2=(pairs[rank // 2], rank % 2, 2), tp4=(everyone, rank, world))
+        dist.barrier()
+    except BaseException as error:  # report, then let the parent fail the test
+        with open(failures, "a") as f:
+            f.write(f"rank {rank}: {type(error).__name__}: {error}\n")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_tp_ranks(check, world: int = 4) -> None:
+    """Runs check(rank, tp2=(group, index, 2), tp4=(group, index, 4)) on `world` gloo ranks:
+    the ranks form world/2 TP = 2 groups and one group of all. `check` must be a module-level
+    function (it is pickled by reference)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as failures:
+        try:
+            mp.spawn(_tp_rank_main, args=(world, free_port(), failures.name, check),
+                     nprocs=world, join=True)
+        except Exception as error:
+            pytest.fail(f"{failures.read() or error}")
