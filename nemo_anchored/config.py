@@ -120,7 +120,9 @@ class LoggingConfig:
     dir: str = "runs/${name}"
     tensorboard: bool = True
     progress: bool = True  # progress bar with ETA on rank 0
-    diagnostics_every: int = 1  # anchored: trust-region diagnostic every N steps (0: never)
+    # Trust-region diagnostic and KL(p_theta || p_ref) (extra passes over the logits) every N
+    # steps; 0: never. kl_sft always logs its KL term.
+    diagnostics_every: int = 1
 
 
 @dataclass

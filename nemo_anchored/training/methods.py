@@ -46,20 +46,23 @@ class MethodLoss:
             mask = mask * self.stm_keep[batch["index"]].to(mask.device, mask.dtype)
         sums: Dict[str, torch.Tensor] = {}
 
+        # The monitoring passes (trust-region diagnostic, KL to the reference when it is not
+        # part of the loss) cost extra passes over the logits: every diagnostics_every steps.
+        diagnose = bool(self.diagnostics_every) and self.step % self.diagnostics_every == 0
         if self.method == "anchored":
             a = self.anchor
             options = dict(current_logits=snapshot, alpha=a.alpha, interpolation=a.interpolation,
                            temperature=a.temperature, tp_group=tp_group, backend=a.backend)
             per_token = anchored_kl(policy, reference, **options)
             sums["anchored_kl"] = (per_token.detach() * mask).sum()
-            if self.diagnostics_every and self.step % self.diagnostics_every == 0:
+            if diagnose:
                 sums.update(self._diagnostics(policy.detach(), reference, mask, options))
         else:
             ce = token_cross_entropy(policy, batch["labels"].to(policy.device),
                                      tp_group=tp_group)
             sums["ce"] = (ce.detach() * mask).sum()
             per_token = dft_loss(ce) if self.method == "dft" else ce
-        if reference is not None:
+        if reference is not None and (self.method == "kl_sft" or diagnose):
             kl_ref = reverse_kl(policy if self.method == "kl_sft" else policy.detach(),
                                 reference, tp_group=tp_group)
             sums["kl_policy_ref"] = (kl_ref.detach() * mask).sum()
