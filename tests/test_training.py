@@ -28,7 +28,7 @@ SHORT = ["trainer.epochs=1", "trainer.max_steps=4", "anchor.outer_iterations=2",
 # Layout parity runs use SGD with momentum: AdamW divides each weight's update by that weight's
 # own gradient scale, so rounding differences in tiny gradient entries (sums taken in another
 # order under TP or PP) become O(lr) weight differences, while the losses still agree to ~1e-6
-# (checked by the *_adamw pair below).
+# (checked by the adamw_* runs below).
 SGD = ["optim.name=sgd", "optim.sgd_momentum=0.9", "optim.lr=0.05"]
 METHODS = {
     "anchored_snapshot": ["method=anchored", "anchor.mode=snapshot", *SGD],
@@ -64,7 +64,9 @@ def runs(tmp_path_factory):
     # 3) The same from TP = 2, PP = 2 and DP = 2 layouts, one torchrun launch.
     layouts = [run(f"{m}_tp2", o, tp=2) for m, o in METHODS.items()] \
         + [run(f"{m}_pp2", o, pp=2) for m, o in METHODS.items()] \
-        + [run("sft_dp2", ["method=sft", *SGD]), run("adamw_tp2", ADAMW, tp=2)]
+        + [run("sft_dp2", ["method=sft", *SGD]), run("adamw_tp2", ADAMW, tp=2),
+           run("adamw_dp2_distributed_optimizer",
+               [*ADAMW, "parallelism.use_distributed_optimizer=true"])]
     launch({"runs": layouts}, out, 2)
     return {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")
             if not path.stem.startswith("spec")}
@@ -93,6 +95,9 @@ def test_parallel_layouts_match_tp1(runs, method, layout):
 
 def test_adamw_losses_match_across_layouts(runs):
     assert_same_training(runs["adamw_tp1"], runs["adamw_tp2"], "adamw tp2", weights=False)
+    # megatron's distributed optimizer shards the AdamW state over the two replicas.
+    assert_same_training(runs["adamw_tp1"], runs["adamw_dp2_distributed_optimizer"],
+                         "adamw dp2 distributed optimizer", weights=False)
 
 
 def test_final_weights_match_across_layouts(runs):

@@ -1,8 +1,9 @@
-"""nemo-anchored sft|anchor --config RECIPE.yaml [key=value ...]
+"""nemo-anchored sft|anchor --config RECIPE.yaml [key=value ...] | lab --out DIR
 
     sft     stage 1: plain SFT from the base (writes the reference: RUN_DIR/final), and the
             baselines through the same command (method=low_sft|kl_sft|dft|stm)
     anchor  stage 2: Anchored Learning toward model.reference_checkpoint
+    lab     the forgetting lab: domain gain against general-skill loss, every method
 
 One process: `nemo-anchored ...`; many: `torchrun --nproc_per_node=N -m nemo_anchored ...` with
 the same arguments. The configuration is validated before any process group starts.
@@ -27,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
         sub.add_argument("overrides", nargs="*", metavar="key=value",
                          help="OmegaConf dot-list overrides, e.g. optim.lr=1e-5")
+    from nemo_anchored.lab.run import add_lab_arguments
+
+    add_lab_arguments(commands.add_parser(
+        "lab", help="forgetting lab: every method over a learning-rate sweep and seeds"))
     return parser
 
 
@@ -47,6 +52,10 @@ def _method_overrides(command: str, recipe_method: str, overrides: list) -> list
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "lab":
+        from nemo_anchored.lab.run import main_from_args
+
+        sys.exit(main_from_args(args))
     rank = int(os.environ.get("RANK", "0"))
     try:
         recipe_method = OmegaConf.load(args.config).get("method", "sft") \

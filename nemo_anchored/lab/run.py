@@ -1,0 +1,482 @@
+"""`nemo-anchored lab --out DIR [--quick|--full] [--seeds N]`: the forgetting lab.
+
+    1. tasks      OUT/data/*.jsonl: general skills (add, rev, srt, cd) and the iGSM-like domain
+    2. p_base     pretrain a tiny GPT from random init on the general mix (method=sft);
+                  the lab's base is that run's final checkpoint
+    3. per seed   the SFT reference (sft at the reference lr on the domain data), then every
+                  method x lr from p_base with the same data budget (epochs over D); kl_sft
+                  and anchored use that seed's reference
+    4. evaluate   greedy exact match on the held-out domain and general sets, every final model
+    5. report     OUT/results.json, OUT/pareto.png, a Markdown table on stdout
+
+The summary number per method is its general accuracy at matched domain accuracy: among its
+learning rates whose seed-mean domain accuracy reaches at least 90% of the best seed-mean SFT
+domain accuracy, the one with the best seed-mean general accuracy (``matched_point``). A method
+with no such learning rate gets null scores and a note, never a made-up number.
+
+Everything runs in one process (one process group; megatron's groups are rebuilt per run),
+through the project's own Trainer; `python -m nemo_anchored.lab.run` is the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from nemo_anchored.lab.tasks import GENERAL_TASKS, make_splits
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "lab_tiny.yaml"
+SUMMARY_METHODS = ("base", "sft", "low_sft", "kl_sft", "dft", "stm", "anchored_logit",
+                   "anchored_prob", "anchored_live")
+LAB_METHODS = SUMMARY_METHODS[1:]
+MATCH_FRACTION = 0.9
+
+# Trainer overrides per lab method (the anchored variants share the trainer's `anchored`).
+_METHOD_OVERRIDES = {
+    "sft": ["method=sft"],
+    "low_sft": ["method=low_sft"],
+    "kl_sft": ["method=kl_sft"],
+    "dft": ["method=dft"],
+    "stm": ["method=stm"],
+    "anchored_logit": ["method=anchored", "anchor.interpolation=logit", "anchor.mode=snapshot"],
+    "anchored_prob": ["method=anchored", "anchor.interpolation=prob", "anchor.mode=snapshot"],
+    "anchored_live": ["method=anchored", "anchor.interpolation=logit", "anchor.mode=live"],
+}
+
+
+@dataclasses.dataclass
+class LabSettings:
+    """Everything that defines a lab run (recorded in results.json under "config")."""
+
+    seeds: int = 3
+    methods: Sequence[str] = LAB_METHODS
+    # data
+    general_train: int = 3000
+    general_eval: int = 200
+    domain_train: int = 512
+    domain_eval: int = 200
+    data_seed: int = 0
+    # p_base: pretraining on the general mix
+    pretrain_epochs: int = 10
+    pretrain_lr: float = 3e-3
+    pretrain_warmup_steps: int = 20
+    # fine-tuning: the data budget is `epochs` passes over D for every method
+    epochs: int = 4
+    lrs: Sequence[float] = (1e-4, 3e-4, 1e-3)  # sft, kl_sft, dft, stm, anchored_*
+    low_lrs: Sequence[float] = (1e-5, 3e-5, 1e-4)  # low_sft: the sft objective, lower lrs
+    reference_lr: float = 1e-3  # the SFT setting of the reference (must be in `lrs` to reuse)
+    # anchored: T outer iterations x K inner epochs = `epochs`
+    outer_iterations: int = 2
+    inner_epochs: int = 2
+    alpha: float = 0.5
+    kl_lambda: float = 0.2
+    stm_threshold: float = 2.5
+    max_new_tokens: int = 8
+    model_overrides: Sequence[str] = ()  # e.g. ("model.num_layers=4",)
+    keep_checkpoints: bool = False  # False: delete each run's step checkpoints (final stays)
+    # An existing p_base checkpoint (e.g. OUT/runs/pretrain/final of an earlier lab with the
+    # same model and data settings): skips the pretraining.
+    base_checkpoint: Optional[str] = None
+
+    def check(self) -> None:
+        unknown = set(self.methods) - set(LAB_METHODS)
+        if unknown:
+            raise ValueError(f"unknown lab method(s) {sorted(unknown)}; known: {LAB_METHODS}")
+        if self.outer_iterations * self.inner_epochs != self.epochs:
+            raise ValueError(f"anchored budget T x K = {self.outer_iterations} x "
+                             f"{self.inner_epochs} must equal epochs={self.epochs} (same data "
+                             "budget for every method)")
+        if "sft" not in self.methods:
+            raise ValueError("methods must include sft (the matched-domain rule uses its curve)")
+        if self.seeds < 1:
+            raise ValueError("seeds must be >= 1")
+
+
+QUICK = LabSettings()
+FULL = LabSettings(general_train=3400, general_eval=400, domain_train=1024, domain_eval=400,
+                   pretrain_epochs=30, epochs=6, outer_iterations=3, inner_epochs=2,
+                   lrs=(3e-5, 1e-4, 3e-4, 1e-3, 3e-3), low_lrs=(3e-6, 1e-5, 3e-5),
+                   reference_lr=1e-3,
+                   model_overrides=("model.num_layers=4", "model.hidden_size=128",
+                                    "model.ffn_hidden_size=384"))
+
+
+# ------------------------------------------------------------------------------- aggregation
+
+def mean_std(values: Sequence[float]) -> tuple:
+    """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
+    values = list(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def sweep_table(points: Sequence[dict]) -> Dict[str, List[dict]]:
+    """Per method, per lr (ascending): seed-mean and std of domain and general accuracy."""
+    groups: Dict[str, Dict[float, List[dict]]] = {}
+    for p in points:
+        groups.setdefault(p["method"], {}).setdefault(float(p["lr"]), []).append(p)
+    table = {}
+    for method, by_lr in groups.items():
+        rows = []
+        for lr in sorted(by_lr):
+            runs = by_lr[lr]
+            d, d_std = mean_std([r["domain"] for r in runs])
+            g, g_std = mean_std([r["general"] for r in runs])
+            rows.append({"lr": lr, "domain": d, "general": g, "domain_std": d_std,
+                         "general_std": g_std, "seeds": len(runs)})
+        table[method] = rows
+    return table
+
+
+def matched_point(rows: Sequence[dict], threshold: float) -> dict:
+    """The summary entry of one method from its sweep rows: among rows with seed-mean domain
+    >= threshold, the one with the best general (ties: higher domain, then lower lr). None
+    scores and a note when no row qualifies."""
+    ok = [r for r in rows if r["domain"] >= threshold - 1e-12]
+    if not ok:
+        best_domain = max((r["domain"] for r in rows), default=None)
+        return {"domain": None, "general": None, "domain_std": None, "general_std": None,
+                "lr": None, "note": f"no learning rate reaches the matched domain accuracy "
+                f"{threshold:.3f} (best seed-mean domain: "
+                f"{'n/a' if best_domain is None else f'{best_domain:.3f}'})"}
+    best = max(ok, key=lambda r: (r["general"], r["domain"], -r["lr"]))
+    return {k: best[k] for k in ("domain", "general", "domain_std", "general_std", "lr")}
+
+
+def summarize(points: Sequence[dict], base: dict) -> dict:
+    """results.json's "methods", "sweep" and "matched_domain_threshold" from the run points."""
+    sweep = sweep_table(points)
+    sft_rows = sweep.get("sft", [])
+    if not sft_rows:
+        raise ValueError("the matched-domain rule needs sft runs")
+    best_sft = max(r["domain"] for r in sft_rows)
+    threshold = MATCH_FRACTION * best_sft
+    methods = {"base": {"domain": base["domain"], "general": base["general"],
+                        "domain_std": None, "general_std": None, "lr": None,
+                        "note": "one pretrained base, evaluated once: no seed spread"}}
+    for method in LAB_METHODS:
+        if method in sweep:
+            methods[method] = matched_point(sweep[method], threshold)
+    return {"methods": methods, "sweep": sweep, "best_sft_domain": best_sft,
+            "matched_domain_threshold": threshold}
+
+
+def _fmt(mean, std) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown_table(summary: dict) -> str:
+    lines = [f"Matched domain accuracy: >= {MATCH_FRACTION:.0%} of the best SFT domain accuracy "
+             f"({summary['best_sft_domain']:.3f}) = {summary['matched_domain_threshold']:.3f}",
+             "", "| method | lr | domain | general | note |", "|---|---|---|---|---|"]
+    if summary["best_sft_domain"] == 0:
+        lines.insert(1, "WARNING: SFT never learned the domain (best 0.000): every run "
+                        "qualifies and the matched-domain comparison says nothing")
+    for method, m in summary["methods"].items():
+        lr = "-" if m.get("lr") is None else f"{m['lr']:g}"
+        lines.append(f"| {method} | {lr} | {_fmt(m['domain'], m['domain_std'])} | "
+                     f"{_fmt(m['general'], m['general_std'])} | {m.get('note', '')} |")
+    lines += ["", "All runs (seed mean ± std):", "",
+              "| method | lr | domain | general | seeds |", "|---|---|---|---|---|"]
+    for method, rows in summary["sweep"].items():
+        for r in rows:
+            lines.append(f"| {method} | {r['lr']:g} | {_fmt(r['domain'], r['domain_std'])} | "
+                         f"{_fmt(r['general'], r['general_std'])} | {r['seeds']} |")
+    return "\n".join(lines)
+
+
+def pareto_frontier(rows: Sequence[dict]) -> List[dict]:
+    """The rows not dominated in (domain, general), sorted by domain."""
+    front = [r for r in rows if not any(
+        o["domain"] >= r["domain"] and o["general"] >= r["general"] and
+        (o["domain"] > r["domain"] or o["general"] > r["general"]) for o in rows)]
+    return sorted(front, key=lambda r: (r["domain"], -r["general"]))
+
+
+def plot_pareto(path: Path, points: Sequence[dict], summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colors = plt.get_cmap("tab10")
+    for i, (method, rows) in enumerate(summary["sweep"].items()):
+        color = colors(i % 10)
+        runs = [p for p in points if p["method"] == method]
+        ax.scatter([p["domain"] for p in runs], [p["general"] for p in runs], s=10,
+                   alpha=0.35, color=color)
+        ax.errorbar([r["domain"] for r in rows], [r["general"] for r in rows],
+                    xerr=[r["domain_std"] for r in rows], yerr=[r["general_std"] for r in rows],
+                    fmt="o", ms=5, color=color, capsize=2, lw=0.8)
+        front = pareto_frontier(rows)
+        ax.plot([r["domain"] for r in front], [r["general"] for r in front], "-", color=color,
+                label=method)
+    base = summary["methods"]["base"]
+    ax.scatter([base["domain"]], [base["general"]], marker="*", s=200, color="black",
+               label="base", zorder=5)
+    ax.axvline(summary["matched_domain_threshold"], color="gray", ls=":", lw=1,
+               label=f"matched domain ({MATCH_FRACTION:.0%} of best SFT)")
+    ax.set_xlabel("domain accuracy (held-out, greedy exact match)")
+    ax.set_ylabel("general accuracy (held-out, greedy exact match)")
+    ax.set_title("trade-off per method over the lr sweep (points: runs; markers: seed mean ± std;"
+                 "\nlines: each method's frontier)", fontsize=9)
+    top = max([p["domain"] for p in points] + [base["domain"] or 0.0])
+    ax.set_xlim(-0.02, min(1.02, top * 1.15 + 0.05))
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------- the lab
+
+def _write_jsonl(path: Path, examples) -> None:
+    with open(path, "w") as f:
+        for e in examples:
+            f.write(json.dumps(e) + "\n")
+
+
+class Lab:
+    def __init__(self, out: Path, settings: LabSettings, recipe: Path = RECIPE,
+                 log=print):
+        settings.check()
+        self.out, self.s, self.recipe, self.log = Path(out), settings, Path(recipe), log
+        self.failed: List[dict] = []
+        self.timings: Dict[str, float] = {}
+
+    def _overrides(self, run_dir: Path, train_path: Path, seed: int, lr: float,
+                   extra: Sequence[str]) -> List[str]:
+        return [*self.s.model_overrides, f"logging.dir={run_dir}", f"data.train_path={train_path}",
+                f"trainer.seed={seed}", f"optim.lr={lr}", "logging.progress=false",
+                "logging.tensorboard=false", "logging.diagnostics_every=0",
+                "checkpoint.save_every=0", "checkpoint.resume=none", *extra]
+
+    def _train(self, name: str, overrides: Sequence[str], seed: int, evaluate: bool = True):
+        """One Trainer run in its own model-parallel scope; returns (final path, scores) or
+        (None, None) when the run fails (recorded in self.failed)."""
+        from nemo_anchored.config import ConfigError, load_config
+        from nemo_anchored.parallel.distributed import model_parallel
+        from nemo_anchored.training.trainer import Trainer
+
+        cfg = load_config(self.recipe, list(overrides))
+        start = time.perf_counter()
+        run_dir = Path(cfg.logging.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # The Trainer prints its resolved config and messages: into the run's train.log.
+        with open(run_dir / "train.log", "w") as stream, \
+                contextlib.redirect_stdout(stream), model_parallel(1, 1, seed=seed) as ctx:
+            try:
+                trainer = Trainer(cfg, ctx)
+                final = trainer.fit()
+            except (ConfigError, FloatingPointError) as error:
+                self.failed.append({"run": name, "error": str(error).splitlines()[0]})
+                self.log(f"  {name}: FAILED ({str(error).splitlines()[0]})")
+                return None, None
+            scores = self._evaluate(trainer.stack.policy) if evaluate else None
+        if not self.s.keep_checkpoints:
+            shutil.rmtree(Path(cfg.checkpoint.dir), ignore_errors=True)
+        self.timings[name] = time.perf_counter() - start
+        return final, scores
+
+    def _evaluate_checkpoint(self, path: Path) -> dict:
+        from nemo_anchored.config import load_config
+        from nemo_anchored.models.gpt import build_gpt_model
+        from nemo_anchored.parallel.distributed import model_parallel
+        from nemo_anchored.training.checkpoint import load_model_weights
+        from nemo_anchored.training.trainer import gpt_config
+
+        cfg = load_config(self.recipe, [*self.s.model_overrides], check_paths=False)
+        with model_parallel(1, 1, seed=0):
+            model = build_gpt_model(gpt_config(cfg))
+            load_model_weights(path, model)
+            return self._evaluate(model)
+
+    def _evaluate(self, model) -> dict:
+        from nemo_anchored.data import ByteTokenizer
+        from nemo_anchored.eval import exact_match
+
+        tok, n = ByteTokenizer(), self.s.max_new_tokens
+        domain = exact_match(model, tok, self.domain["eval"], max_new_tokens=n)
+        general, by_task = exact_match(model, tok, self.general["eval"], max_new_tokens=n,
+                                       by_task=True)
+        return {"domain": domain, "general": general, "general_by_task": by_task}
+
+    def run(self) -> dict:
+        import torch
+
+        from nemo_anchored.parallel.distributed import init_process_group
+
+        s, out = self.s, self.out
+        t0 = time.perf_counter()
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        data = out / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        self.general = make_splits("general", s.general_train, s.general_eval, s.data_seed)
+        self.domain = make_splits("domain", s.domain_train, s.domain_eval, s.data_seed)
+        paths = {}
+        for kind, splits in (("general", self.general), ("domain", self.domain)):
+            for split, examples in splits.items():
+                paths[kind, split] = data / f"{kind}_{split}.jsonl"
+                _write_jsonl(paths[kind, split], examples)
+        init_process_group()
+
+        if s.base_checkpoint:
+            base_final = Path(s.base_checkpoint)
+            base = self._evaluate_checkpoint(base_final)
+            self.log(f"lab: p_base from {base_final} (no pretraining)")
+        else:
+            self.log(f"lab: pretraining p_base on {s.general_train} general examples "
+                     f"({s.pretrain_epochs} epochs, lr {s.pretrain_lr:g})")
+            base_final, base = self._train("pretrain", self._overrides(
+                out / "runs" / "pretrain", paths["general", "train"], 1234, s.pretrain_lr,
+                ["method=sft", f"trainer.epochs={s.pretrain_epochs}",
+                 "optim.decay_style=cosine", f"optim.warmup_steps={s.pretrain_warmup_steps}"]),
+                seed=1234)
+            if base_final is None:
+                raise RuntimeError(f"pretraining the base failed: {self.failed[-1]['error']}")
+        self.log(f"  base: domain {base['domain']:.3f}, general {base['general']:.3f} "
+                 f"{base['general_by_task']}")
+
+        points: List[dict] = []
+        details: List[dict] = []
+        for seed_index in range(s.seeds):
+            seed = 1000 + seed_index
+            seed_dir = out / "runs" / f"seed{seed}"
+            common = [f"model.base_checkpoint={base_final}", f"trainer.epochs={s.epochs}",
+                      f"anchor.alpha={s.alpha}", f"anchor.outer_iterations={s.outer_iterations}",
+                      f"anchor.inner_epochs={s.inner_epochs}",
+                      f"baselines.kl_lambda={s.kl_lambda}",
+                      f"baselines.stm_threshold={s.stm_threshold}"]
+            # The SFT reference: plain sft at the reference lr. It is also the sft run at that
+            # lr and seed (same base, data, order and lr), so it is reported as that point.
+            ref_name = f"seed{seed}/sft_lr{s.reference_lr:g}"
+            reference, ref_scores = self._train(ref_name, self._overrides(
+                seed_dir / f"sft_lr{s.reference_lr:g}", paths["domain", "train"], seed,
+                s.reference_lr, [*common, "method=sft"]), seed=seed)
+            if reference is None:
+                raise RuntimeError(f"the SFT reference failed: {self.failed[-1]['error']}")
+            done = {("sft", float(s.reference_lr)): ref_scores}
+            for method in s.methods:
+                grid = s.low_lrs if method == "low_sft" else s.lrs
+                for lr in grid:
+                    scores = done.get((method, float(lr)))
+                    name = f"seed{seed}/{method}_lr{lr:g}"
+                    if scores is None:
+                        extra = [*common, *_METHOD_OVERRIDES[method]]
+                        if method in ("kl_sft",) or method.startswith("anchored"):
+                            extra.append(f"model.reference_checkpoint={reference}")
+                        _, scores = self._train(name, self._overrides(
+                            seed_dir / f"{method}_lr{lr:g}", paths["domain", "train"], seed, lr,
+                            extra), seed=seed)
+                        if scores is None:
+                            continue
+                    points.append({"method": method, "lr": float(lr), "seed": seed,
+                                   "domain": scores["domain"], "general": scores["general"]})
+                    details.append({**points[-1], "general_by_task": scores["general_by_task"]})
+                    self.log(f"  {name}: domain {scores['domain']:.3f}, general "
+                             f"{scores['general']:.3f}  ({self.timings.get(name, 0):.1f} s)")
+        summary = summarize(points, base)
+        wall = time.perf_counter() - t0
+        results = {
+            "points": points,
+            "methods": summary["methods"],
+            "sweep": summary["sweep"],
+            "matched_domain_threshold": summary["matched_domain_threshold"],
+            "best_sft_domain": summary["best_sft_domain"],
+            "base": base,
+            "failed_runs": self.failed,
+            "point_details": details,
+            "config": self._config_record(wall),
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        plot_pareto(out / "pareto.png", points, summary)
+        table = markdown_table(summary)
+        (out / "results.md").write_text(table + "\n")
+        self.log("")
+        self.log(table)
+        self.log(f"\nlab: {len(points)} points from {len(self.timings)} trainings (each seed's "
+                 f"SFT reference is also its sft point at lr {s.reference_lr:g}), wall "
+                 f"{wall:.0f} s; "
+                 f"{out / 'results.json'}, {out / 'pareto.png'}")
+        return results
+
+    def _config_record(self, wall: float) -> dict:
+        s = self.s
+        return {
+            "settings": dataclasses.asdict(s) | {"methods": list(s.methods), "lrs": list(s.lrs),
+                                                 "low_lrs": list(s.low_lrs),
+                                                 "model_overrides": list(s.model_overrides)},
+            "recipe": str(self.recipe),
+            "seeds": [1000 + i for i in range(s.seeds)],
+            "data_budget": f"{s.epochs} epochs over D for every method; anchored: "
+                           f"T={s.outer_iterations} outer x K={s.inner_epochs} inner epochs",
+            "reference": f"per seed: sft at lr {s.reference_lr:g}, {s.epochs} epochs from the "
+                         "base; reused as the sft point at that lr and seed. kl_sft and "
+                         "anchored_* also depend on it (their compute includes it)",
+            "base": s.base_checkpoint or "pretrained once (trainer.seed 1234, cosine lr, "
+                    "warm-up) on the general training mix from random init; the same base for "
+                    "every seed",
+            "seed_varies": "the fine-tuning data order (trainer.seed); data sets, base and eval "
+                           "sets are the same for every seed",
+            "evaluation": f"greedy decoding, exact match of the response, max_new_tokens="
+                          f"{s.max_new_tokens}, held-out sets: {s.domain_eval} domain, "
+                          f"{s.general_eval} general ({', '.join(GENERAL_TASKS)})",
+            "matched_rule": f"per method, among lrs whose seed-mean domain >= {MATCH_FRACTION} x "
+                            "the best seed-mean sft domain: the best seed-mean general (null "
+                            "when none qualifies); stds are sample stds over seeds",
+            "wall_time_s": wall,
+            "run_time_s": self.timings,
+        }
+
+
+# ------------------------------------------------------------------------------- command line
+
+def add_lab_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--out", required=True, help="output directory (results.json, "
+                        "pareto.png, results.md, data/, runs/)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the quick CPU setting (default)")
+    size.add_argument("--full", action="store_true", help="a larger, longer setting")
+    parser.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 3)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep each run's step checkpoints (the final weights are kept)")
+    return parser
+
+
+def main_from_args(args) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    settings = dataclasses.replace(FULL if args.full else QUICK)
+    if args.seeds is not None:
+        settings.seeds = args.seeds
+    settings.keep_checkpoints = args.keep_checkpoints
+    try:
+        settings.check()
+    except ValueError as error:
+        print(f"nemo-anchored lab: {error}", file=sys.stderr)
+        return 2
+    Lab(Path(args.out), settings).run()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = add_lab_arguments(argparse.ArgumentParser(
+        prog="nemo-anchored lab", description=__doc__.splitlines()[0]))
+    return main_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""nemo-anchored lab: task generators, greedy decoding, the matched-domain rule, results.json.
+
+Model work runs in subprocesses (as tests/test_training.py does): megatron's CPU shims and the
+process group stay out of the pytest process.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nemo_anchored.lab.run import (LAB_METHODS, SUMMARY_METHODS, matched_point, markdown_table,
+                                   pareto_frontier, summarize, sweep_table)
+from nemo_anchored.lab.tasks import GENERAL_TASKS, make_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+# ------------------------------------------------------------------------------ task generators
+
+def _solve(example):
+    """Independent answers from the prompt text alone."""
+    p = example["prompt"]
+    if m := re.fullmatch(r"add (\d+)\+(\d+)=", p):
+        return [str(int(m[1]) + int(m[2]))]
+    if m := re.fullmatch(r"rev ([a-z]+)=", p):
+        return ["".join(reversed(m[1]))]
+    if m := re.fullmatch(r"srt ([a-z]+)=", p):
+        return ["".join(sorted(m[1]))]
+    if m := re.fullmatch(r"cd (\d+)\?(\d+)=(-?\d+)", p):
+        a, b, t = int(m[1]), int(m[2]), int(m[3])
+        return [op for op, f in (("+", lambda: a + b), ("-", lambda: a - b),
+                                 ("*", lambda: a * b)) if f() == t]
+    # domain: v=d;...;w=x<op>y;...;z?
+    *assignments, question = p.split(";")
+    assert question.endswith("?")
+    env = {}
+    for item in assignments:
+        name, expr = item.split("=")
+        m = re.fullmatch(r"([a-z]|\d)(?:([-+*])([a-z]|\d))?", expr)
+        assert m, item
+        val = lambda tok: env[tok] if tok.isalpha() else int(tok)  # noqa: E731
+        if m[2] is None:
+            env[name] = val(m[1])
+        else:
+            x, y = val(m[1]), val(m[3])
+            env[name] = {"+": x + y, "-": x - y, "*": x * y}[m[2]] % 10
+    return [str(env[question[:-1]])]
+
+
+@pytest.mark.parametrize("kind", ["general", "domain"])
+def test_splits_are_deterministic_correct_and_disjoint(kind):
+    a = make_splits(kind, 400, 100, seed=3)
+    assert a == make_splits(kind, 400, 100, seed=3)
+    assert a != make_splits(kind, 400, 100, seed=4)
+    assert len(a["train"]) == 400 and len(a["eval"]) == 100
+    train = {e["prompt"] for e in a["train"]}
+    held_out = {e["prompt"] for e in a["eval"]}
+    assert len(train) == 400 and len(held_out) == 100  # distinct within each split
+    assert not train & held_out
+    for example in a["train"] + a["eval"]:
+        answers = _solve(example)
+        assert answers == [example["response"]], example  # exactly one, the stored one
+    tasks = {e["task"] for e in a["train"]}
+    assert tasks == (set(GENERAL_TASKS) if kind == "general" else {"domain"})
+    if kind == "general":  # an even mix
+        counts = [sum(e["task"] == t for e in a["train"]) for t in GENERAL_TASKS]
+        assert max(counts) - min(counts) <= 1
+
+
+def test_domain_format_differs_from_general():
+    general = make_splits("general", 40, 8, seed=0)["train"]
+    domain = make_splits("domain", 40, 8, seed=0)["train"]
+    assert all(e["prompt"].endswith("?") and ";" in e["prompt"] for e in domain)
+    assert not any("?" in e["prompt"][-1] or ";" in e["prompt"] for e in general)
+
+
+# --------------------------------------------------------------------------- matched-domain rule
+
+def _points(table):
+    """{method: {lr: [(domain, general), ...per seed]}} -> points"""
+    return [{"method": m, "lr": lr, "seed": s, "domain": d, "general": g}
+            for m, by_lr in table.items() for lr, runs in by_lr.items()
+            for s, (d, g) in enumerate(runs)]
+
+
+def test_matched_domain_rule_by_hand():
+    points = _points({
+        # sft seed means: lr 1e-4 (0.2, 0.8), 1e-3 (0.8, 0.4), 3e-3 (1.0, 0.1): best 1.0 -> 0.9
+        "sft": {1e-4: [(0.2, 0.8), (0.2, 0.8)], 1e-3: [(0.7, 0.5), (0.9, 0.3)],
+                3e-3: [(1.0, 0.0), (1.0, 0.2)]},
+        # anchored: 1e-3 reaches 0.9 exactly (0.85, 0.95) with general 0.6; 3e-3 0.95 / 0.5
+        "anchored_logit": {1e-4: [(0.5, 0.9), (0.5, 0.9)], 1e-3: [(0.85, 0.7), (0.95, 0.5)],
+                           3e-3: [(0.95, 0.5), (0.95, 0.5)]},
+        # low_sft never reaches 0.9
+        "low_sft": {1e-5: [(0.0, 0.9), (0.1, 0.9)], 1e-4: [(0.6, 0.7), (0.8, 0.7)]},
+    })
+    summary = summarize(points, {"domain": 0.0, "general": 0.85})
+    assert summary["best_sft_domain"] == pytest.approx(1.0)
+    assert summary["matched_domain_threshold"] == pytest.approx(0.9)
+    m = summary["methods"]
+    assert m["base"]["domain"] == 0.0 and m["base"]["general"] == 0.85
+    assert m["sft"]["lr"] == 3e-3
+    assert m["sft"]["domain"] == pytest.approx(1.0) and m["sft"]["general"] == pytest.approx(0.1)
+    assert m["sft"]["general_std"] == pytest.approx(0.1414213562)  # sample std of 0.0, 0.2
+    assert m["anchored_logit"]["lr"] == 1e-3  # general 0.6 beats 0.5 at 3e-3
+    assert m["anchored_logit"]["domain"] == pytest.approx(0.9)
+    assert m["anchored_logit"]["general"] == pytest.approx(0.6)
+    assert m["anchored_logit"]["domain_std"] == pytest.approx(0.0707106781)
+    low = m["low_sft"]
+    assert low["domain"] is None and low["general"] is None and low["lr"] is None
+    assert "no learning rate reaches" in low["note"] and "0.700" in low["note"]
+    table = markdown_table(summary)
+    assert "| low_sft | - | n/a | n/a | no learning rate reaches" in table
+    assert "| anchored_logit | 0.001 | 0.900 ± 0.071 | 0.600 ± 0.141 |" in table
+
+
+def test_sweep_and_frontier():
+    rows = sweep_table(_points({"dft": {3e-3: [(0.5, 0.5)], 1e-3: [(0.2, 0.9)],
+                                        1e-2: [(0.4, 0.4)]}}))["dft"]
+    assert [r["lr"] for r in rows] == [1e-3, 3e-3, 1e-2]
+    assert rows[0]["domain_std"] == 0.0 and rows[0]["seeds"] == 1
+    assert [r["lr"] for r in pareto_frontier(rows)] == [1e-3, 3e-3]  # (0.4, 0.4) dominated
+    assert matched_point(rows, 0.45)["lr"] == 3e-3
+
+
+# -------------------------------------------------------------------------------- model work
+
+def _run(script, timeout=120):
+    result = subprocess.run([PYTHON, "-c", script], env=ENV, cwd=ROOT, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+GENERATE_SCRIPT = r"""
+import json, torch
+from nemo_anchored.data import ByteTokenizer
+from nemo_anchored.eval import exact_match, greedy_generate
+from nemo_anchored.models.gpt import GPTConfig, build_gpt_model
+from nemo_anchored.parallel.distributed import model_parallel
+
+tok = ByteTokenizer()
+PADDED = 384  # 259 rounded up to a multiple of 128
+
+class Scripted(torch.nn.Module):
+    # Logits that prefer a padded column above all, then a scripted token per position.
+    def __init__(self, script):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.script = script
+    def forward(self, tokens, positions, mask):
+        b, s = tokens.shape
+        logits = torch.zeros(b, s, PADDED)
+        logits[..., 300] = 100.0  # a padded id: must never be chosen
+        nxt = self.script[min(s, len(self.script) - 1)]
+        logits[..., nxt] = 50.0
+        return logits
+
+out = {}
+with model_parallel(1, 1, seed=0):
+    # prompt "ab" -> [bos, a, b] (length 3): emits script[3], script[4], ... until eos
+    a, b, c = (ord(x) for x in "xyz")
+    m = Scripted([0, 0, 0, a, b, tok.eos_id, c, c, c, c, c, c, c, c, c, c, c, c])
+    out["eos"] = greedy_generate(m, tok, ["ab"], max_new_tokens=10)
+    out["max"] = greedy_generate(m, tok, ["abcd"], max_new_tokens=3)  # 5 tokens: eos first
+    out["em"] = exact_match(m, tok, [{"prompt": "ab", "response": "xy"},
+                                     {"prompt": "cd", "response": "xz"}])
+    cfg = GPTConfig(num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=259,
+                    max_seq_len=64, make_vocab_size_divisible_by=128)
+    model = build_gpt_model(cfg)
+    with torch.no_grad():  # make the padded rows of the tied embedding dominate
+        model.embedding.word_embeddings.weight[259:] *= 1000.0
+    prompts = ["add 3+4=", "rev ab=", "x=1;y=2;y?", "cd 2?3=6"]
+    gens = greedy_generate(model, tok, prompts, max_new_tokens=7, batch_size=2)
+    out["real_lengths"] = [len(g) for g in gens]
+    out["real_max_id"] = max([i for g in gens for i in g] + [0])
+    out["again"] = gens == greedy_generate(model, tok, prompts, max_new_tokens=7)
+    out["training_restored"] = model.training
+print(json.dumps(out))
+"""
+
+
+def test_greedy_generation_stops_and_masks_padded_vocab():
+    out = _run(GENERATE_SCRIPT)
+    assert out["eos"] == [[ord("x"), ord("y")]]  # stopped at eos, eos not included
+    # "abcd" -> 5 tokens: script[5] = eos at once
+    assert out["max"] == [[]]
+    assert out["em"] == 0.5
+    assert all(n <= 7 for n in out["real_lengths"])
+    assert out["real_max_id"] < 259
+    assert out["again"] and out["training_restored"]
+
+
+def test_max_new_tokens_cap():
+    script = GENERATE_SCRIPT.replace(
+        'out["max"] = greedy_generate(m, tok, ["abcd"], max_new_tokens=3)',
+        'out["max"] = greedy_generate(Scripted([0] * 4 + [ord("q")] * 40), tok, ["abc"], '
+        'max_new_tokens=3)')
+    assert _run(script)["max"] == [[ord("q")] * 3]
+
+
+LAB_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from nemo_anchored.lab.run import Lab, LabSettings
+
+def main():
+    s = LabSettings(seeds=1, methods=("sft", "anchored_logit"), general_train=128,
+                    general_eval=16, domain_train=32, domain_eval=16, pretrain_epochs=1,
+                    epochs=2, outer_iterations=1, inner_epochs=2, lrs=(1e-4, 1e-3),
+                    low_lrs=(1e-5,), reference_lr=1e-3)
+    Lab(Path(sys.argv[1]), s, log=lambda *a: None).run()
+    print(json.dumps({"ok": True}))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_tiny_lab_end_to_end(tmp_path):
+    script = tmp_path / "lab.py"
+    script.write_text(LAB_SCRIPT)
+    out = tmp_path / "out"
+    result = subprocess.run([PYTHON, str(script), str(out)], env=ENV, cwd=ROOT,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert {"points", "methods", "config"} <= set(results)
+    assert len(results["points"]) == 4  # 2 methods x 2 lrs x 1 seed
+    for p in results["points"]:
+        assert set(p) == {"method", "lr", "seed", "domain", "general"}
+        assert p["method"] in LAB_METHODS and 0 <= p["domain"] <= 1 and 0 <= p["general"] <= 1
+    assert set(results["methods"]) == {"base", "sft", "anchored_logit"}
+    assert set(results["methods"]) <= set(SUMMARY_METHODS)
+    for entry in results["methods"].values():
+        assert {"domain", "general", "domain_std", "general_std"} <= set(entry)
+    assert "data_budget" in results["config"] and results["config"]["settings"]["seeds"] == 1
+    assert (out / "pareto.png").stat().st_size > 1000
+    for split in ("general_train", "general_eval", "domain_train", "domain_eval"):
+        assert (out / "data" / f"{split}.jsonl").is_file()
