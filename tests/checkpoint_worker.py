@@ -65,7 +65,7 @@ CFG = GPTConfig(
     num_attention_heads=4,
     num_query_groups=2,
     ffn_hidden_size=64,
-    vocab_size=1100,  # padded to 1152 at TP=1 and to 1280 at TP=2: layouts pad differently
+    vocab_size=1100,  # padded to 1152 in every layout (576 columns per rank at TP=2)
     max_seq_len=16,
     add_qkv_bias=True,
     hidden_dropout=0.1,  # dropout draws from the default torch stream...

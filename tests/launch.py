@@ -3,6 +3,7 @@
 Process start-up costs seconds on the 2-core CI machines, so each test module launches few
 processes and checks a lot inside each.
 """
+import json
 import os
 import socket
 import subprocess
@@ -46,6 +47,27 @@ def run_script(script, *args, nproc: int = 1, timeout: int = 900) -> subprocess.
         pytest.fail(f"{script} failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n"
                     f"{result.stderr[-6000:]}")
     return result
+
+
+def worker_checks(script, workdir: Path, *args, nproc: int) -> list:
+    """Runs a worker that writes named checks to WORKDIR/checks.json (``--out``); returns them.
+
+    A check is {"topic", "name", "rank", "value", "limit", "ok"}: see ``assert_topic``."""
+    out = workdir / "checks.json"
+    run_script(script, "--out", out, *args, nproc=nproc, timeout=300)
+    return json.loads(out.read_text())
+
+
+def assert_topic(checks: list, topic: str, min_count: int) -> None:
+    """Every check of `topic` passed, and at least `min_count` of them ran."""
+    selected = [c for c in checks if c["topic"] == topic]
+    assert len(selected) >= min_count, f"only {len(selected)} '{topic}' checks ran"
+    failed = [
+        f"rank {c['rank']}: {c['name']}" + ("" if c["value"] is None
+                                            else f" = {c['value']:.3g} > {c['limit']:.3g}")
+        for c in selected if not c["ok"]
+    ]
+    assert not failed, "\n".join(failed)
 
 
 def _tp_rank_main(rank, world, port, failures, check):

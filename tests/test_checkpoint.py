@@ -7,41 +7,25 @@ and each test asserts one topic. Nothing here imports nemo_anchored or megatron-
 shims stay out of the pytest process.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.launch import run_script
+from tests.launch import assert_topic, worker_checks
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 
 
-def _checks(workdir: Path, nproc: int) -> list:
-    out = workdir / "checks.json"
-    run_script(WORKER, "--out", out, "--dir", workdir / "checkpoints", nproc=nproc, timeout=300)
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def two_process_checks(tmp_path_factory):
-    return _checks(tmp_path_factory.mktemp("checkpoint"), nproc=2)
+    workdir = tmp_path_factory.mktemp("checkpoint")
+    return worker_checks(WORKER, workdir, "--dir", workdir / "checkpoints", nproc=2)
 
 
 @pytest.fixture(scope="module")
 def single_process_checks(tmp_path_factory):
-    return _checks(tmp_path_factory.mktemp("checkpoint"), nproc=1)
-
-
-def _assert_topic(checks, topic, min_count):
-    selected = [c for c in checks if c["topic"] == topic]
-    assert len(selected) >= min_count, f"only {len(selected)} '{topic}' checks ran"
-    failed = [
-        f"rank {c['rank']}: {c['name']}" + ("" if c["value"] is None
-                                            else f" = {c['value']:.3g} > {c['limit']:.3g}")
-        for c in selected if not c["ok"]
-    ]
-    assert not failed, "\n".join(failed)
+    workdir = tmp_path_factory.mktemp("checkpoint")
+    return worker_checks(WORKER, workdir, "--dir", workdir / "checkpoints", nproc=1)
 
 
 def test_resume_is_bitwise_exact(two_process_checks):
@@ -49,32 +33,32 @@ def test_resume_is_bitwise_exact(two_process_checks):
     next 2 steps' losses and the final weights equal the uninterrupted run's bitwise. Policy,
     snapshot, adam moments, lr schedule, each rank's trainer state and every RNG stream are
     restored; re-seeding instead of restoring the RNG changes the losses."""
-    _assert_topic(two_process_checks, "resume", 2 * 13)
+    assert_topic(two_process_checks, "resume", 2 * 13)
 
 
 def test_weights_reshard_across_layouts(two_process_checks):
-    """TP=2 -> TP=1 and TP=1 -> TP=2 (vocabulary padded to 1280 vs 1152): unsharded weights
+    """TP=2 -> TP=1 and TP=1 -> TP=2 (the same padded vocabulary, 1152): unsharded weights
     equal exactly, logits within 1e-5; load_checkpoint at another layout reshards adam's moments
     too; PP=2 stages load and save their own layers."""
-    _assert_topic(two_process_checks, "reshard", 2 * 12)
+    assert_topic(two_process_checks, "reshard", 2 * 12)
 
 
 def test_distributed_optimizer(two_process_checks):
     """megatron's distributed optimizer (state sharded over DP=2): bitwise resume, and its
     checkpoint loads at TP=2, DP=1."""
-    _assert_topic(two_process_checks, "dist_opt", 2 * 8)
+    assert_topic(two_process_checks, "dist_opt", 2 * 8)
 
 
 def test_incomplete_checkpoints_never_load(two_process_checks):
     """Leftovers of crashed saves (.tmp without or with marker, a directory without marker,
     another format version) are skipped by latest_checkpoint and raise on load naming the
     path; re-saving over a checkpoint swaps it in whole."""
-    _assert_topic(two_process_checks, "atomic", 2 * 12)
+    assert_topic(two_process_checks, "atomic", 2 * 12)
 
 
 def test_architecture_mismatch_names_the_checkpoint(two_process_checks):
-    _assert_topic(two_process_checks, "errors", 2 * 4)
+    assert_topic(two_process_checks, "errors", 2 * 4)
 
 
 def test_single_process_without_launcher(single_process_checks):
-    _assert_topic(single_process_checks, "single", 4)
+    assert_topic(single_process_checks, "single", 4)

@@ -8,41 +8,25 @@ of the pytest process, and a missing megatron-core fails the tests (with the wor
 instead of skipping them.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.launch import run_script
+from tests.launch import assert_topic, worker_checks
 
 WORKER = Path(__file__).with_name("engine_parallel_worker.py")
 
 
-def _checks(workdir: Path, nproc: int) -> list:
-    out = workdir / "checks.json"
-    run_script(WORKER, "--out", out, nproc=nproc, timeout=300)
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def two_process_checks(tmp_path_factory):
-    return _checks(tmp_path_factory.mktemp("engine"), nproc=2)
+    workdir = tmp_path_factory.mktemp("engine")
+    return worker_checks(WORKER, workdir, nproc=2)
 
 
 @pytest.fixture(scope="module")
 def single_process_checks(tmp_path_factory):
-    return _checks(tmp_path_factory.mktemp("engine"), nproc=1)
-
-
-def _assert_topic(checks, topic, min_count):
-    selected = [c for c in checks if c["topic"] == topic]
-    assert len(selected) >= min_count, f"only {len(selected)} '{topic}' checks ran"
-    failed = [
-        f"rank {c['rank']}: {c['name']}" + ("" if c["value"] is None
-                                            else f" = {c['value']:.3g} > {c['limit']:.3g}")
-        for c in selected if not c["ok"]
-    ]
-    assert not failed, "\n".join(failed)
+    workdir = tmp_path_factory.mktemp("engine")
+    return worker_checks(WORKER, workdir, nproc=1)
 
 
 def test_tensor_parallel_2_matches_tp1(two_process_checks):
@@ -50,7 +34,7 @@ def test_tensor_parallel_2_matches_tp1(two_process_checks):
     of each micro-batch and every policy gradient (unsharded) equal TP=1 within 1e-5 fp32; the
     padded vocab columns (1100 -> 1280) are -inf on the rank holding them."""
     # Per rank: 3 logits, 2 loss, 1 presence, 2 per policy parameter (30), 1 padding.
-    _assert_topic(two_process_checks, "tp2", 2 * (3 + 2 + 1 + 2 * 30 + 1))
+    assert_topic(two_process_checks, "tp2", 2 * (3 + 2 + 1 + 2 * 30 + 1))
 
 
 def test_pipeline_parallel_2_1f1b_matches_pp1(two_process_checks):
@@ -59,24 +43,24 @@ def test_pipeline_parallel_2_1f1b_matches_pp1(two_process_checks):
     embedding reduced across stages) equal PP=1's."""
     # Stage 0: 1 presence, 2 per parameter (15), 1 shapes. Stage 1: 3 logits, 2 loss,
     # 1 presence, 2 per parameter (16, with its copy of the tied embedding), 1 shapes.
-    _assert_topic(two_process_checks, "pp2", (1 + 2 * 15 + 1) + (3 + 2 + 1 + 2 * 16 + 1))
+    assert_topic(two_process_checks, "pp2", (1 + 2 * 15 + 1) + (3 + 2 + 1 + 2 * 16 + 1))
 
 
 def test_frozen_models_get_no_gradients(two_process_checks):
-    _assert_topic(two_process_checks, "frozen", 12)
+    assert_topic(two_process_checks, "frozen", 12)
 
 
 def test_snapshot_refresh_and_reference_loading(two_process_checks):
-    _assert_topic(two_process_checks, "snapshot", 3)
+    assert_topic(two_process_checks, "snapshot", 3)
 
 
 def test_checkpoint_state_is_the_policy_only(two_process_checks):
-    _assert_topic(two_process_checks, "checkpoint", 2)
+    assert_topic(two_process_checks, "checkpoint", 2)
 
 
 def test_single_process_without_launcher(single_process_checks):
     """A world of one process (no torchrun) with the two-model stack: logits, loss, gradients,
     bfloat16 models, megatron's optimizer (clipped step) touching the policy only, and a clean
     teardown that allows a second initialisation in the same process."""
-    _assert_topic(single_process_checks, "single", 15)
-    _assert_topic(single_process_checks, "frozen", 4)
+    assert_topic(single_process_checks, "single", 15)
+    assert_topic(single_process_checks, "frozen", 4)
