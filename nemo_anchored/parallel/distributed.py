@@ -135,10 +135,22 @@ def set_seed(seed: int) -> None:
 
 
 def destroy_model_parallel() -> None:
-    """Drop megatron's process groups but keep torch.distributed (to re-initialise a layout)."""
+    """Destroy megatron's process groups but keep torch.distributed (to re-initialise a layout).
+
+    megatron's own ``destroy_model_parallel`` forgets most of its groups without destroying them;
+    they stay alive, each gloo group with its own threads, so every re-initialisation in one
+    process (the lab, the tests) would leak a few dozen threads.
+    """
     from megatron.core import parallel_state
 
+    # Several of megatron's names can hold one group: keyed by the group's name, each once.
+    groups = {g.group_name: g for g in vars(parallel_state).values()
+              if isinstance(g, dist.ProcessGroup) and g is not dist.group.WORLD}
     parallel_state.destroy_model_parallel()
+    registered = dist.distributed_c10d._world.pg_map  # megatron destroys its gloo groups itself
+    for group in groups.values():
+        if group in registered:
+            dist.destroy_process_group(group)
 
 
 def shutdown() -> None:
