@@ -28,6 +28,10 @@ def _solve(example):
     p = example["prompt"]
     if m := re.fullmatch(r"add (\d+)\+(\d+)=", p):
         return [str(int(m[1]) + int(m[2]))]
+    if m := re.fullmatch(r"get ((?:[a-z]\d)+) ([a-z])=", p):
+        table = dict(re.findall(r"([a-z])(\d)", m[1]))
+        assert len(table) == len(m[1]) // 2  # distinct keys: one answer
+        return [table[m[2]]]
     if m := re.fullmatch(r"rev ([a-z]+)=", p):
         return ["".join(reversed(m[1]))]
     if m := re.fullmatch(r"srt ([a-z]+)=", p):
@@ -71,6 +75,21 @@ def test_splits_are_deterministic_correct_and_disjoint(kind):
     if kind == "general":  # an even mix
         counts = [sum(e["task"] == t for e in a["train"]) for t in GENERAL_TASKS]
         assert max(counts) - min(counts) <= 1
+
+
+def test_domain_is_a_chain_asking_its_last_variable():
+    domain = make_splits("domain", 300, 50, seed=1)
+    steps = set()
+    for e in domain["train"] + domain["eval"]:
+        *assignments, question = e["prompt"].split(";")
+        names = [a.split("=")[0] for a in assignments]
+        assert len(set(names)) == len(names) and question == names[-1] + "?"
+        for prev, item in zip(names, assignments[1:]):
+            assert re.fullmatch(rf"[a-z]={prev}\+1", item), e
+        steps.add(len(assignments) - 1)
+    assert steps == {1, 2, 3}
+    # every example fits the lab's sequence length (bos + prompt + response + eos <= 28)
+    assert max(len(e["prompt"]) + len(e["response"]) + 2 for e in domain["train"]) <= 28
 
 
 def test_domain_format_differs_from_general():

@@ -1,6 +1,6 @@
 """`nemo-anchored lab --out DIR [--quick|--full] [--seeds N]`: the forgetting lab.
 
-    1. tasks      OUT/data/*.jsonl: general skills (add, rev, srt, cd) and the iGSM-like domain
+    1. tasks      OUT/data/*.jsonl: general skills (get, rev, srt, cd) and the iGSM-like domain
     2. p_base     pretrain a tiny GPT from random init on the general mix (method=sft);
                   the lab's base is that run's final checkpoint
     3. per seed   the SFT reference (sft at the reference lr on the domain data), then every
@@ -61,7 +61,7 @@ class LabSettings:
     # data
     general_train: int = 3000
     general_eval: int = 200
-    domain_train: int = 512
+    domain_train: int = 1024  # x epochs / batch 32 = 128 fine-tuning steps in the quick setting
     domain_eval: int = 200
     data_seed: int = 0
     # p_base: pretraining on the general mix
@@ -70,7 +70,9 @@ class LabSettings:
     pretrain_warmup_steps: int = 20
     # fine-tuning: the data budget is `epochs` passes over D for every method
     epochs: int = 4
-    lrs: Sequence[float] = (1e-4, 3e-4, 1e-3)  # sft, kl_sft, dft, stm, anchored_*
+    # sft, kl_sft, dft, stm, anchored_*: on the quick setting SFT barely moves the domain at
+    # 3e-5 (held-out ~0.05, base ~0.0), is half-way at 3e-4 and learns it (~0.8-0.9) at 1e-3
+    lrs: Sequence[float] = (3e-5, 3e-4, 1e-3)
     low_lrs: Sequence[float] = (1e-5, 3e-5, 1e-4)  # low_sft: the sft objective, lower lrs
     reference_lr: float = 1e-3  # the SFT setting of the reference (must be in `lrs` to reuse)
     # anchored: T outer iterations x K inner epochs = `epochs`

@@ -3,14 +3,18 @@
 Every example is ``{"prompt": str, "response": str, "task": str}`` with one exact answer.
 
 General tasks (formats ``<op> <args>=`` with the answer after ``=``):
-    add   2-digit + 1-digit addition     ``add 47+8=``     -> ``55``
+    get   key-value look-up              ``get a3c7b1 c=`` -> ``7``
     rev   string reversal                    ``rev kqzm=``     -> ``mzqk``
     srt   sort the letters                   ``srt kqzm=``     -> ``kmqz``
     cd    countdown-style: the one operator  ``cd 7?6=42``     -> ``*``
           (of + - *) that makes ``a ? b`` equal the target (puzzles with two are not generated)
 
 Domain task (iGSM-like, a different format: a chain of assignments, then a question):
-    ``x=3;y=5;w=x*y;v=w+4;w?`` -> ``5``   (arithmetic mod 10, like iGSM's mod-23 arithmetic)
+    ``t=7;p=t+1;q=p+1;q?`` -> ``9``   (1-3 derived variables, each the previous one plus 1,
+    mod 10 like iGSM's mod-23 arithmetic; the last variable is asked)
+
+``gen_add`` (2-digit + 1-digit addition, ``add 47+8=`` -> ``55``) is kept but not in the
+general mix: the lab's tiny model learned it to only ~0.08 in pretraining; ``get`` replaced it.
 
 ``make_splits`` draws distinct prompts from a seeded RNG and cuts them into train and held-out
 sets that share no prompt.
@@ -22,9 +26,11 @@ from typing import Callable, Dict, List, Sequence
 
 Example = Dict[str, str]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-GENERAL_TASKS = ("add", "rev", "srt", "cd")
+GENERAL_TASKS = ("get", "rev", "srt", "cd")
 DOMAIN_MOD = 10
-_DOMAIN_OPS = ("+", "-", "*")
+DOMAIN_OPS = ("+",)
+DOMAIN_NAMES = "pqrstuvwxyz"
+DOMAIN_MAX_STEPS = 3
 
 
 def _word(rng: random.Random, lo: int, hi: int) -> str:
@@ -48,6 +54,16 @@ def gen_srt(rng: random.Random, max_len: int = 4) -> Example:
     return {"prompt": f"srt {w}=", "response": "".join(sorted(w)), "task": "srt"}
 
 
+def gen_get(rng: random.Random, min_keys: int = 2, max_keys: int = 4) -> Example:
+    """Key-value look-up: distinct letter keys with digit values, then the key asked for."""
+    keys = rng.sample(LETTERS, rng.randint(min_keys, max_keys))
+    values = [rng.randint(0, 9) for _ in keys]
+    asked = rng.randrange(len(keys))
+    table = "".join(f"{k}{v}" for k, v in zip(keys, values))
+    return {"prompt": f"get {table} {keys[asked]}=", "response": str(values[asked]),
+            "task": "get"}
+
+
 def countdown_ops(a: int, b: int, target: int) -> List[str]:
     """The operators of + - * with ``a op b == target``."""
     return [op for op, v in (("+", a + b), ("-", a - b), ("*", a * b)) if v == target]
@@ -63,30 +79,27 @@ def gen_cd(rng: random.Random, max_value: int = 25) -> Example:
 
 
 GENERATORS: Dict[str, Callable[[random.Random], Example]] = {
-    "add": gen_add, "rev": gen_rev, "srt": gen_srt, "cd": gen_cd}
+    "add": gen_add, "get": gen_get, "rev": gen_rev, "srt": gen_srt, "cd": gen_cd}
 
 
-def gen_domain(rng: random.Random, min_steps: int = 1, max_steps: int = 2) -> Example:
-    """Two constants, then 1-2 derived variables (``name=var op var`` or ``name=var op digit``,
-    mod 10); the question asks for one of the variables, chosen uniformly (a constant needs
-    look-up, a derived one arithmetic on earlier values)."""
+def gen_domain(rng: random.Random, min_steps: int = 1, max_steps: int = DOMAIN_MAX_STEPS,
+               ops: Sequence[str] = DOMAIN_OPS) -> Example:
+    """A chain of assignments: a constant, then 1-3 derived variables, each the previous
+    variable plus one (``name=prev+1``, mod 10); the question asks for the last one.
+
+    Deliberately small (one operation, a linear chain, the last variable asked): probes with
+    the lab's 2-layer model showed richer variants (two constants, var op var, + - *, any
+    variable asked, or +1..+3 increments) stayed at 0.3-0.6 held-out accuracy after the quick
+    budget's 128 SFT steps (the model never learned name look-up), this one ~0.8-0.9 at 1e-3."""
     steps = rng.randint(min_steps, max_steps)
-    names = rng.sample("pqrstuvwxyz", 2 + steps)
-    values = {names[0]: rng.randint(0, 9), names[1]: rng.randint(0, 9)}
-    parts = [f"{names[0]}={values[names[0]]}", f"{names[1]}={values[names[1]]}"]
-    for name in names[2:]:
-        op, left = rng.choice(_DOMAIN_OPS), rng.choice(list(values))
-        if rng.random() < 0.5:
-            right, rhs = str(rng.randint(1, 9)), None
-        else:
-            rhs = rng.choice(list(values))
-            right = rhs
-        b = values[rhs] if rhs else int(right)
-        a = values[left]
-        values[name] = {"+": a + b, "-": a - b, "*": a * b}[op] % DOMAIN_MOD
-        parts.append(f"{name}={left}{op}{right}")
-    asked = rng.choice(names)
-    return {"prompt": ";".join(parts) + f";{asked}?", "response": str(values[asked]),
+    names = rng.sample(DOMAIN_NAMES, 1 + steps)
+    value = rng.randint(0, DOMAIN_MOD - 1)
+    parts = [f"{names[0]}={value}"]
+    for prev, name in zip(names, names[1:]):
+        op = rng.choice(tuple(ops))
+        value = {"+": value + 1, "-": value - 1}[op] % DOMAIN_MOD
+        parts.append(f"{name}={prev}{op}1")
+    return {"prompt": ";".join(parts) + f";{names[-1]}?", "response": str(value),
             "task": "domain"}
 
 
@@ -128,4 +141,4 @@ def make_splits(kind: str, n_train: int, n_eval: int, seed: int,
     return {"train": pool[:n_train], "eval": pool[n_train:]}
 
 
-__all__ = ["GENERAL_TASKS", "GENERATORS", "countdown_ops", "gen_domain", "make_splits"]
+__all__ = ["GENERAL_TASKS", "GENERATORS", "countdown_ops", "gen_domain", "gen_get", "make_splits"]
