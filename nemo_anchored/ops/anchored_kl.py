@@ -309,24 +309,33 @@ def _rows(x):
 # Public API.
 
 
-class _AnchoredKLFunction(torch.autograd.Function):
+class _HandWrittenGradient(torch.autograd.Function):
+    """A per-token loss whose gradient w.r.t. the logits is written during the forward pass
+    (by ``loss_and_grad(need_grad=True) -> (loss rows, gradient rows)``)."""
+
     @staticmethod
-    def forward(ctx, policy, reference, current, call):
-        loss, grad = _kl_rows(_rows(policy), _rows(current), _rows(reference), call.alpha,
-                              call.mode, call.inv_tau, call.tp_group, call.kernels,
-                              need_grad=True)
+    def forward(ctx, logits, loss_and_grad):
+        loss, grad = loss_and_grad(need_grad=True)
         ctx.save_for_backward(grad)
-        ctx.logits_shape = policy.shape
-        return loss.view(policy.shape[:-1])
+        ctx.logits_shape = logits.shape
+        return loss.view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         # In place: the buffer is ours, and a second backward is refused by autograd's version
         # check. Multiplying by the fp32 scale rounds once to the logits' dtype.
-        grad.mul_(grad_loss.reshape(-1, 1).to(torch.float32 if grad.dtype != torch.float64
-                                              else torch.float64))
-        return grad.view(ctx.logits_shape), None, None, None
+        scale_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        grad.mul_(grad_loss.reshape(-1, 1).to(scale_dtype))
+        return grad.view(ctx.logits_shape), None
+
+
+def per_token_loss(logits, loss_and_grad):
+    """The loss shaped like logits.shape[:-1], differentiable when the logits require grad."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _HandWrittenGradient.apply(logits, loss_and_grad)
+    loss, _ = loss_and_grad(need_grad=False)
+    return loss.view(logits.shape[:-1])
 
 
 def anchored_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
@@ -356,12 +365,9 @@ def anchored_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
                             interpolation, temperature, tp_group, backend)
     reference_logits = reference_logits.detach()
     current_logits = None if current_logits is None else current_logits.detach()
-    if torch.is_grad_enabled() and policy_logits.requires_grad:
-        return _AnchoredKLFunction.apply(policy_logits, reference_logits, current_logits, call)
-    loss, _ = _kl_rows(_rows(policy_logits), _rows(current_logits), _rows(reference_logits),
-                       call.alpha, call.mode, call.inv_tau, tp_group, call.kernels,
-                       need_grad=False)
-    return loss.view(policy_logits.shape[:-1])
+    return per_token_loss(policy_logits, lambda need_grad: _kl_rows(
+        _rows(policy_logits), _rows(current_logits), _rows(reference_logits), call.alpha,
+        call.mode, call.inv_tau, tp_group, call.kernels, need_grad=need_grad))
 
 
 @torch.no_grad()

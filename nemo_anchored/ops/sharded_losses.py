@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 from nemo_anchored.ops.anchored_kl import (_check_shards_agree, _g_small, _group_size, _rows,
-                                           combine_softmax_stats, softmax_stats)
+                                           combine_softmax_stats, per_token_loss,
+                                           softmax_stats)
 
 
 def _group_rank(group) -> int:
@@ -152,33 +153,6 @@ def _check_sharded(logits, tp_group):
 # Public API.
 
 
-class _HandWrittenGradient(torch.autograd.Function):
-    """A per-token loss whose gradient w.r.t. the logits is written during the forward pass."""
-
-    @staticmethod
-    def forward(ctx, logits, loss_and_grad):
-        loss, grad = loss_and_grad(need_grad=True)
-        ctx.save_for_backward(grad)
-        ctx.logits_shape = logits.shape
-        return loss.view(logits.shape[:-1])
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        # In place, as in anchored_kl: the buffer is ours, and a second backward is refused by
-        # autograd's version check. Multiplying by the fp32 scale rounds once to the dtype.
-        scale_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        grad.mul_(grad_loss.reshape(-1, 1).to(scale_dtype))
-        return grad.view(ctx.logits_shape), None
-
-
-def _per_token(logits, loss_and_grad):
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _HandWrittenGradient.apply(logits, loss_and_grad)
-    loss, _ = loss_and_grad(need_grad=False)
-    return loss.view(logits.shape[:-1])
-
-
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
                         tp_group=None) -> torch.Tensor:
     """Per-token cross-entropy -log p(label) over the full vocabulary, shape ``labels.shape``.
@@ -199,7 +173,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
     _check_labels(labels, logits, tp_group)
     _check_sharded(logits, tp_group)
     z, y = _rows(logits.detach()), labels.reshape(-1).long()
-    return _per_token(logits, lambda need_grad: _cross_entropy_rows(z, y, tp_group, need_grad))
+    return per_token_loss(logits, lambda need_grad: _cross_entropy_rows(z, y, tp_group, need_grad))
 
 
 def reverse_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
@@ -234,7 +208,7 @@ def reverse_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
                          f"{policy_logits.device}: they must be on one device")
     _check_sharded(policy_logits, tp_group)
     z, r = _rows(policy_logits.detach()), _rows(reference_logits.detach())
-    return _per_token(policy_logits,
+    return per_token_loss(policy_logits,
                       lambda need_grad: _reverse_kl_rows(z, r, tp_group, need_grad))
 
 
