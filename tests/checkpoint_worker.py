@@ -22,7 +22,6 @@ value that must not exceed its limit. Rank 0 writes all ranks' checks to --out.
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tests.launch import CheckLog
 from nemo_anchored.models.gpt import GPTConfig, build_gpt_model, full_state_dict_key
 from nemo_anchored.parallel.distributed import (
     init_process_group,
@@ -77,19 +77,8 @@ MICRO_BATCHES = 2
 MICRO_BATCH_SIZE = 2
 SEQ = 16
 
-checks = []
-
-
-def check(topic, name, value, limit):
-    """A value (usually a max |difference|) that must be finite and <= limit."""
-    value = float(value)
-    checks.append({"topic": topic, "name": name, "rank": RANK, "value": value, "limit": limit,
-                   "ok": math.isfinite(value) and value <= limit})
-
-
-def expect(topic, name, condition):
-    checks.append({"topic": topic, "name": name, "rank": RANK, "value": None, "limit": None,
-                   "ok": bool(condition)})
+LOG = CheckLog(RANK)
+check, expect, checks = LOG.check, LOG.expect, LOG.items
 
 
 def raises(topic, name, fn, *needles):

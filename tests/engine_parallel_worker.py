@@ -22,6 +22,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from tests.launch import CheckLog
 from nemo_anchored.models.co_resident import CoResidentModels
 from nemo_anchored.models.gpt import (
     GPTConfig,
@@ -58,19 +59,8 @@ MICRO_BATCH_SIZE = 2
 SEQ = 16
 TOL = 1e-5
 
-checks = []
-
-
-def check(topic, name, value, limit=TOL):
-    """A value (usually a max |difference|) that must be finite and <= limit."""
-    value = float(value)
-    checks.append({"topic": topic, "name": name, "rank": RANK, "value": value, "limit": limit,
-                   "ok": math.isfinite(value) and value <= limit})
-
-
-def expect(topic, name, condition):
-    checks.append({"topic": topic, "name": name, "rank": RANK, "value": None, "limit": None,
-                   "ok": bool(condition)})
+LOG = CheckLog(RANK, default_limit=TOL)
+check, expect, checks = LOG.check, LOG.expect, LOG.items
 
 
 def micro_batches():

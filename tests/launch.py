@@ -4,6 +4,7 @@ Process start-up costs seconds on the 2-core CI machines, so each test module la
 processes and checks a lot inside each.
 """
 import json
+import math
 import os
 import socket
 import subprocess
@@ -56,6 +57,23 @@ def worker_checks(script, workdir: Path, *args, nproc: int) -> list:
     out = workdir / "checks.json"
     run_script(script, "--out", out, *args, nproc=nproc, timeout=300)
     return json.loads(out.read_text())
+
+
+class CheckLog:
+    """Named checks a worker records (``items``); the tests assert them with ``assert_topic``."""
+
+    def __init__(self, rank: int, default_limit: float | None = None):
+        self.rank, self.default_limit, self.items = rank, default_limit, []
+
+    def check(self, topic, name, value, limit=None):
+        """A value (usually a max |difference|) that must be finite and <= limit."""
+        value, limit = float(value), self.default_limit if limit is None else limit
+        self.items.append({"topic": topic, "name": name, "rank": self.rank, "value": value,
+                           "limit": limit, "ok": math.isfinite(value) and value <= limit})
+
+    def expect(self, topic, name, condition):
+        self.items.append({"topic": topic, "name": name, "rank": self.rank, "value": None,
+                           "limit": None, "ok": bool(condition)})
 
 
 def assert_topic(checks: list, topic: str, min_count: int) -> None:
