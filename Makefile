@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (README):
-#   make demo   environment + extension + the main job on the embedded default
+#   make demo   environment + extension + the main job on the embedded default (the quick lab)
 #   make test   environment + extension + the whole test suite
 # Both are idempotent: the venv and the build are only redone when their inputs change.
 
@@ -10,12 +10,17 @@ TORCH_CPU := torch==2.13.0
 EXT_STAMP := $(VENV)/.ext-built
 ENV_STAMP := $(VENV)/.env-ready
 
-.PHONY: demo test build bench clean
+.PHONY: demo train-demo test build bench clean
 
-# The embedded default: the SFT reference, then Anchored Learning toward it (recipes/tiny_cpu.yaml).
-# A second `make demo` resumes both runs from their last checkpoints and ends at once.
-DEMO_SFT := runs/tiny_cpu_sft
+# The embedded default: the quick forgetting lab (DEMO in nemo_anchored/lab/run.py: sft, low_sft,
+# kl_sft, anchored logit/live over the quick lr grids, 2 seeds, from the committed p_base).
 demo: $(EXT_STAMP)
+	$(PY) -m nemo_anchored lab --demo --out runs/lab_demo
+
+# The two training stages on recipes/tiny_cpu.yaml: the SFT reference, then Anchored Learning
+# toward it. Repeating it resumes both runs from their last checkpoints and ends at once.
+DEMO_SFT := runs/tiny_cpu_sft
+train-demo: $(EXT_STAMP)
 	$(PY) -m nemo_anchored sft --config recipes/tiny_cpu.yaml
 	$(PY) -m nemo_anchored anchor --config recipes/tiny_cpu.yaml \
 		model.base_checkpoint=$(DEMO_SFT)/base model.reference_checkpoint=$(DEMO_SFT)/final
@@ -30,10 +35,11 @@ bench: $(EXT_STAMP)
 
 # The venv sees the system's packages, so a torch that is already installed (GPU images ship
 # their own CUDA build) is used as it is; otherwise the CPU wheel goes into the venv.
-$(ENV_STAMP): setup.py requirements.txt
+$(ENV_STAMP): setup.py requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # The extension, rebuilt when the C++/CUDA sources change (ninja recompiles only what changed).

@@ -3,9 +3,11 @@
 Model work runs in subprocesses (as tests/test_training.py does): megatron's CPU shims and the
 process group stay out of the pytest process.
 """
+import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -232,7 +234,7 @@ from nemo_anchored.lab.run import Lab, LabSettings
 def main():
     s = LabSettings(seeds=1, methods=("sft", "anchored_logit"), general_train=128,
                     general_eval=16, domain_train=32, domain_eval=16, pretrain_epochs=1,
-                    epochs=2, outer_iterations=1, inner_epochs=2, lrs=(1e-4, 1e-3),
+                    epochs=2, outer_iterations=2, inner_epochs=1, lrs=(1e-4, 1e-3),
                     low_lrs=(1e-5,), reference_lr=1e-3)
     Lab(Path(sys.argv[1]), s, log=lambda *a: None).run()
     print(json.dumps({"ok": True}))
@@ -242,13 +244,24 @@ if __name__ == "__main__":
 """
 
 
-def test_tiny_lab_end_to_end(tmp_path):
-    script = tmp_path / "lab.py"
+@pytest.fixture(scope="module")
+def tiny_labs(tmp_path_factory):
+    """The tiny lab, run twice with the same settings and seeds (in parallel processes)."""
+    tmp = tmp_path_factory.mktemp("lab")
+    script = tmp / "lab.py"
     script.write_text(LAB_SCRIPT)
-    out = tmp_path / "out"
-    result = subprocess.run([PYTHON, str(script), str(out)], env=ENV, cwd=ROOT,
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-4000:]
+    outs = [tmp / "a", tmp / "b"]
+    procs = [subprocess.Popen([PYTHON, str(script), str(out)], env=ENV, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for out in outs]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-4000:]
+    return outs
+
+
+def test_tiny_lab_end_to_end(tiny_labs):
+    out = tiny_labs[0]
     results = json.loads((out / "results.json").read_text())
     assert {"points", "methods", "config"} <= set(results)
     assert len(results["points"]) == 4  # 2 methods x 2 lrs x 1 seed
@@ -263,3 +276,64 @@ def test_tiny_lab_end_to_end(tmp_path):
     assert (out / "pareto.png").stat().st_size > 1000
     for split in ("general_train", "general_eval", "domain_train", "domain_eval"):
         assert (out / "data" / f"{split}.jsonl").is_file()
+    # KL to p_base: zero for the base itself, positive after fine-tuning; anchored runs carry
+    # one evaluation per outer iteration, the last one being the final model's.
+    assert results["base"]["kl_to_base_general"] == pytest.approx(0.0, abs=1e-12)
+    for d in results["point_details"]:
+        assert d["kl_to_base_general"] > 0
+        if d["method"] == "anchored_logit":
+            assert [t["outer"] for t in d["trace"]] == [0, 1]
+            last = d["trace"][-1]
+            assert (last["domain"], last["general"]) == (d["domain"], d["general"])
+            assert last["kl_to_base_general"] == pytest.approx(d["kl_to_base_general"])
+        else:
+            assert "trace" not in d
+    assert "| anchored_logit | 0.001 | 2 |" in (out / "results.md").read_text()
+
+
+def test_same_seed_same_results(tiny_labs):
+    a, b = (json.loads((out / "results.json").read_text()) for out in tiny_labs)
+    assert a["points"] == b["points"] and a["base"] == b["base"]
+    assert a["point_details"] == b["point_details"]
+
+
+def test_committed_base_matches_the_quick_settings_and_its_checksums(tmp_path):
+    from nemo_anchored.lab.base import (CommittedBaseError, pretrain_fingerprint,
+                                        verified_committed_base)
+    from nemo_anchored.lab.run import COMMITTED_BASE, DEMO, QUICK, RECIPE
+
+    for settings in (QUICK, DEMO):  # the demo must not pretrain: regenerate after any change
+        found = verified_committed_base(COMMITTED_BASE, pretrain_fingerprint(RECIPE, settings))
+        assert found == COMMITTED_BASE / "checkpoint"
+    changed = dataclasses.replace(QUICK, pretrain_epochs=QUICK.pretrain_epochs + 1)
+    assert verified_committed_base(COMMITTED_BASE, pretrain_fingerprint(RECIPE, changed)) is None
+    copy = tmp_path / "lab_base"
+    shutil.copytree(COMMITTED_BASE, copy)
+    victim = next(p for p in sorted((copy / "checkpoint").iterdir()) if p.suffix == ".distcp")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 1
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CommittedBaseError, match=f"{victim.name}: SHA-256 differs"):
+        verified_committed_base(copy, pretrain_fingerprint(RECIPE, QUICK))
+    victim.unlink()
+    with pytest.raises(CommittedBaseError, match="differ from the recorded"):
+        verified_committed_base(copy, pretrain_fingerprint(RECIPE, QUICK))
+
+
+def test_mean_kl_against_a_direct_sum():
+    import math
+
+    import torch
+
+    from nemo_anchored.eval.divergence import mean_kl
+
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(2, 3, 5, generator=gen, dtype=torch.float64), -1)
+    logq = torch.log_softmax(torch.randn(2, 3, 5, generator=gen, dtype=torch.float64), -1)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    direct = [sum(math.exp(a) * (a - b) for a, b in zip(logp[i, j].tolist(), logq[i, j].tolist()))
+              for i, j in ((0, 0), (0, 2), (1, 2))]
+    assert mean_kl(logp, logq, mask) == pytest.approx(sum(direct) / 3, rel=1e-12)
+    assert mean_kl(logp, logp, mask) == 0.0
+    with pytest.raises(ValueError, match="selects no position"):
+        mean_kl(logp, logq, torch.zeros(2, 3))

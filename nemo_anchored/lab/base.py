@@ -1,0 +1,93 @@
+"""The lab's committed p_base: a small pretrained checkpoint under assets/lab_base/, so the quick
+lab and `make demo` skip pretraining.
+
+``assets/lab_base/base.json`` records the settings it was pretrained with (the fingerprint: the
+resolved model and batch settings of recipes/lab_tiny.yaml and the lab's data and pretraining
+settings), a SHA-256 per checkpoint file, and the one command that regenerates it:
+
+    nemo-anchored lab --pretrain-only --out assets/lab_base
+
+The lab uses it only when its fingerprint equals the current settings', and refuses it when a
+file's checksum does not match (a corrupted or hand-edited checkpoint must not pass as p_base).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+REGENERATE = "nemo-anchored lab --pretrain-only --out assets/lab_base"
+_PRETRAIN_KEYS = ("general_train", "general_eval", "data_seed", "pretrain_epochs", "pretrain_lr",
+                  "pretrain_warmup_steps", "model_overrides")
+
+
+class CommittedBaseError(RuntimeError):
+    """The committed base's files do not match its recorded checksums."""
+
+
+def pretrain_fingerprint(recipe: Path, settings) -> dict:
+    """Everything that determines the pretrained base."""
+    from omegaconf import OmegaConf
+
+    from nemo_anchored.config import ModelConfig, load_config
+
+    cfg = load_config(recipe, list(settings.model_overrides), check_paths=False)
+    # Model keys at their schema default are left out, so a new schema field (added with a
+    # default that keeps old behaviour) does not invalidate the committed base.
+    defaults = OmegaConf.structured(ModelConfig)
+    model = {key: value for key, value in OmegaConf.to_container(cfg.model, resolve=True).items()
+             if key not in ("base_checkpoint", "reference_checkpoint")
+             and (OmegaConf.is_missing(defaults, key) or value != defaults[key])}
+    lab = dataclasses.asdict(settings)
+    return {"model": model, "batch": {"global": cfg.trainer.global_batch_size,
+                                      "micro": cfg.trainer.micro_batch_size},
+            "seq_length": cfg.data.seq_length, "optim": cfg.optim.name,
+            "lab": {k: list(lab[k]) if k == "model_overrides" else lab[k]
+                    for k in _PRETRAIN_KEYS}}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified_committed_base(folder: Path, fingerprint: dict) -> Optional[Path]:
+    """The committed checkpoint when it was made with ``fingerprint``'s settings (None when not);
+    CommittedBaseError when a file is missing or its checksum differs."""
+    record = json.loads((folder / "base.json").read_text())
+    if record["fingerprint"] != json.loads(json.dumps(fingerprint)):
+        return None
+    checkpoint = folder / "checkpoint"
+    found = {p.name for p in checkpoint.iterdir()} if checkpoint.is_dir() else set()
+    if found != set(record["sha256"]):
+        raise CommittedBaseError(f"{checkpoint}: files {sorted(found)} differ from the recorded "
+                                 f"{sorted(record['sha256'])}; regenerate with `{REGENERATE}`")
+    for name, digest in record["sha256"].items():
+        if _sha256(checkpoint / name) != digest:
+            raise CommittedBaseError(f"{checkpoint / name}: SHA-256 differs from base.json; "
+                                     f"regenerate with `{REGENERATE}`")
+    return checkpoint
+
+
+def write_committed_base(folder: Path, final_checkpoint: Path, fingerprint: dict,
+                         scores: dict) -> Path:
+    """Copy a pretrained final checkpoint to ``folder``/checkpoint with base.json (the
+    checkpoint lands under a temporary name first, base.json last: an interrupted write leaves
+    no base.json that vouches for it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.json").unlink(missing_ok=True)
+    tmp, checkpoint = folder / "checkpoint.tmp", folder / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final_checkpoint, tmp)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    tmp.rename(checkpoint)
+    record = {"command": REGENERATE, "fingerprint": fingerprint, "base_scores": scores,
+              "sha256": {p.name: _sha256(p) for p in sorted(checkpoint.iterdir())}}
+    (folder / "base.json").write_text(json.dumps(record, indent=1) + "\n")
+    return checkpoint
