@@ -48,6 +48,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     add_qkv_bias: bool = False
     rotary_base: float = 10000.0
+    # Llama 3.1/3.2 RoPE scaling (low/high frequency factors 1 and 4, original context 8192).
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
@@ -71,8 +74,12 @@ class ParallelismConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = MISSING  # JSONL: {"prompt": ..., "response": ...}
-    tokenizer: str = "byte"  # byte: UTF-8 bytes plus special tokens
+    # JSONL, one example a line: {"messages": [{"role", "content"}, ...]} (system | user |
+    # assistant; the loss covers the assistant turns) or {"prompt": ..., "response": ...}
+    train_path: str = MISSING
+    # byte (UTF-8 bytes plus special tokens) | a Hugging Face tokenizer folder (the model's
+    # own tokenizer and chat template, loaded offline)
+    tokenizer: str = "byte"
     seq_length: int = MISSING  # tokens per training sequence (padded or truncated to it)
     on_error: str = "raise"  # malformed line: raise | skip (skips are counted and reported)
     overlong: str = "truncate"  # sequence over seq_length: truncate | drop | raise
@@ -210,6 +217,8 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
     _require(m.kv_channels is not None or m.hidden_size % m.num_attention_heads == 0,
              "model.hidden_size", f"{m.hidden_size} is not divisible by num_attention_heads="
              f"{m.num_attention_heads} (or set model.kv_channels)")
+    _require(not m.rope_scaling or m.rope_scaling_factor >= 1, "model.rope_scaling_factor",
+             f"{m.rope_scaling_factor} must be >= 1 (it divides the low RoPE frequencies)")
     _require(0 <= m.hidden_dropout < 1, "model.hidden_dropout", "must be in [0, 1)")
     _require(0 <= m.attention_dropout < 1, "model.attention_dropout", "must be in [0, 1)")
 
@@ -235,7 +244,9 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
              "trainer.global_batch_size", f"{t.global_batch_size} must be a multiple of "
              f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
 
-    _one_of(d.tokenizer, "data.tokenizer", ("byte",))
+    _require(d.tokenizer == "byte" or not check_paths or Path(d.tokenizer).is_dir(),
+             "data.tokenizer", f"{d.tokenizer!r} is neither 'byte' nor a Hugging Face "
+             f"tokenizer folder")
     _one_of(d.on_error, "data.on_error", ("raise", "skip"))
     _one_of(d.overlong, "data.overlong", ("truncate", "drop", "raise"))
     _require(2 <= d.seq_length <= m.max_seq_len, "data.seq_length",

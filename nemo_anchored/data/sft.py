@@ -1,8 +1,17 @@
-"""Supervised fine-tuning data: JSONL prompt/response pairs as padded tensors with a loss mask,
-and the deterministic, resumable, data-parallel order in which training visits them.
+"""Supervised fine-tuning data: JSONL conversations (chat messages or prompt/response pairs)
+as padded tensors with a loss mask on the assistant's tokens, and the deterministic, resumable,
+data-parallel order in which training visits them.
 
 Nothing is dropped silently: every line read ends up kept, skipped (bad data, with its line
 number and reason) or dropped for length, and ``DataReport.summary()`` says which.
+
+Each example is one row, padded to seq_length, not packed with others. Padding is correct
+for attention as it is: attention is causal and the padding comes after the example, so no
+real token attends to a pad, and pad positions are out of the loss (loss_mask 0), so what pads
+compute is never trained on. Packing several examples into a row would instead need a
+block-diagonal causal mask (each example attending only to itself) honoured by both megatron's
+local and Transformer Engine layer specs; without one, packed examples would attend across
+their boundaries.
 """
 from __future__ import annotations
 
@@ -14,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from nemo_anchored.data.tokenizer import Tokenizer
+from nemo_anchored.data.tokenizer import ConversationError, Tokenizer, TokenizerError
 
 ON_ERROR = ("raise", "skip")
 OVERLONG = ("truncate", "drop", "raise")
@@ -48,7 +57,7 @@ class DataReport:
     skipped: List[Tuple[int, str]] = field(default_factory=list)  # (line, reason): bad data
     truncated: List[int] = field(default_factory=list)  # kept, cut to seq_length
     dropped_overlong: List[int] = field(default_factory=list)  # data.overlong=drop
-    # No response token within seq_length to learn from (the prompt fills the window).
+    # No assistant token within seq_length to learn from (the prompt fills the window).
     dropped_no_response: List[int] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -56,9 +65,10 @@ class DataReport:
         parts = [f"{self.path}: {self.lines_read} lines read, {self.examples_kept} examples "
                  f"kept (seq_length {self.seq_length})"]
         if self.truncated:
-            # Truncation always cuts off the eos: these examples do not teach the model to stop.
-            parts.append(f"{len(self.truncated)} truncated to seq_length, losing their eos "
-                         f"({_line_list(self.truncated)})")
+            # Examples end with their last assistant token, so a cut loses at least that
+            # turn's end-of-turn token: these examples do not teach the model to stop there.
+            parts.append(f"{len(self.truncated)} truncated to seq_length, losing at least the "
+                         f"end of their last assistant turn ({_line_list(self.truncated)})")
         if self.dropped_overlong:
             parts.append(f"{len(self.dropped_overlong)} dropped as longer than seq_length "
                          f"({_line_list(self.dropped_overlong)})")
@@ -86,8 +96,9 @@ class SFTDataset:
     """Examples as rows of ``[N, seq_length]`` tensors.
 
     ``tokens`` are the model inputs and ``labels`` the next tokens (the example shifted by
-    one); ``loss_mask`` is 1.0 where the label is a response token or the final eos and 0.0 on
-    prompt and padding positions. Padding is pad_id in both tokens and labels.
+    one); ``loss_mask`` is 1.0 where the label is an assistant (response) token or the
+    end-of-turn token closing an assistant turn, and 0.0 on prompt, template and padding
+    positions. Padding is pad_id in both tokens and labels.
     """
 
     tokens: torch.Tensor  # int64
@@ -118,17 +129,30 @@ class SFTDataset:
 
 def load_sft_dataset(path: Union[str, Path], tokenizer: Tokenizer, seq_length: int,
                      on_error: str = "raise", overlong: str = "truncate") -> SFTDataset:
-    """Read a JSONL file of ``{"prompt": str, "response": str}`` lines into an SFTDataset.
+    """Read a JSONL file into an SFTDataset. Each line is one of
 
-    An example is ``[bos] + encode(prompt) + encode(response) + [eos]``; it needs
-    ``len - 1`` training positions. Bad lines (malformed JSON, not an object, missing or
-    non-string prompt/response, empty response, invalid UTF-8) raise DataError
-    "FILE:LINE: reason" with on_error="raise", or are skipped and reported with "skip". Blank
-    lines carry no example, so they are skipped and reported under either setting. Examples
-    over seq_length positions are truncated to the first seq_length positions, dropped, or
-    raise DataError, per ``overlong``; one left with no response token in the window (the
-    prompt fills it) cannot train anything and is dropped and reported. Raises DataError when
-    no example is left.
+    - ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``:
+      rendered by ``tokenizer.encode_conversation`` (the chat template; the byte tokenizer's
+      plain rendering); at least one assistant turn, none with empty content;
+    - ``{"prompt": str, "response": str}`` (non-empty response): with a chat template, the
+      exchange user: prompt, assistant: response; without one, ``[bos?] + encode(prompt) +
+      encode(response) + [eos]``.
+
+    Both may be mixed in one file; other top-level keys are ignored. The loss covers the
+    assistant (response) tokens and the end-of-turn token closing each assistant turn. Tokens
+    after the last assistant turn (a template's trailing newline, a final user message) are
+    left out: they train nothing and cannot affect what is trained, attention being causal.
+    An example of L tokens needs L - 1 training positions.
+
+    Bad lines (malformed JSON, not an object, invalid fields or messages, a conversation the
+    chat template rejects or mis-renders, invalid UTF-8) raise DataError "FILE:LINE: reason"
+    with on_error="raise", or are skipped and reported with "skip". Blank lines carry no
+    example, so they are skipped and reported under either setting. A tokenizer that cannot
+    render the data at all (chat messages without a chat template) raises DataError under
+    either setting. Examples over seq_length positions are truncated to the first seq_length
+    positions, dropped, or raise DataError, per ``overlong``; one left with no assistant token
+    in the window (the prompt fills it) cannot train anything and is dropped and reported.
+    Raises DataError when no example is left.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"data.on_error: {on_error!r} is not one of {', '.join(ON_ERROR)}")
@@ -138,42 +162,43 @@ def load_sft_dataset(path: Union[str, Path], tokenizer: Tokenizer, seq_length: i
         raise ValueError(f"data.seq_length: {seq_length} must be >= 1")
 
     report = DataReport(path=str(path), seq_length=seq_length)
-    examples: List[Tuple[List[int], int]] = []  # (token ids within the window, prompt length)
+    examples: List[Tuple[List[int], List[int]]] = []  # (token ids, 0/1 mask) within the window
     # Binary mode splits on b"\n" only; text mode would also split inside a JSON string at
     # characters such as U+2028, shifting every later line number.
     with open(path, "rb") as stream:
         for line, raw in enumerate(stream, start=1):
             report.lines_read = line
             try:
-                prompt, response = _parse_line(raw, first=line == 1)
+                ids, mask = _encode_line(raw, line == 1, tokenizer)
             except _BadLine as bad:
                 if on_error == "raise" and not isinstance(bad, _BlankLine):
                     raise DataError(f"{path}:{line}: {bad}") from None
                 report.skipped.append((line, str(bad)))
                 continue
-            prompt_ids = tokenizer.encode(prompt)
-            response_ids = tokenizer.encode(response)
-            ids = [tokenizer.bos_id, *prompt_ids, *response_ids, tokenizer.eos_id]
-            truncated = len(ids) - 1 > seq_length
-            if truncated:
+            except TokenizerError as error:
+                raise DataError(f"{path}:{line}: {error}") from None
+            end = max((j + 1 for j, assistant in enumerate(mask) if assistant), default=0)
+            ids, mask = ids[:end], mask[:end]
+            if len(ids) - 1 > seq_length:
                 if overlong == "raise":
                     raise DataError(
-                        f"{path}:{line}: the example needs {len(ids) - 1} positions (bos + "
-                        f"{len(prompt_ids)} prompt + {len(response_ids)} response tokens), "
-                        f"over data.seq_length={seq_length} (data.overlong=raise)")
+                        f"{path}:{line}: the example needs {len(ids) - 1} positions "
+                        f"({len(ids)} tokens through its last assistant turn), over "
+                        f"data.seq_length={seq_length} (data.overlong=raise)")
                 if overlong == "drop":
                     report.dropped_overlong.append(line)
                     continue
-                ids = ids[:seq_length + 1]
-            # Labels are ids[1:]: label j is a response token for j in [P, P + R), so the
-            # window holds min(len(ids) - 1, P + R) - P of them.
-            prompt_len = len(prompt_ids)
-            if min(len(ids) - 1, prompt_len + len(response_ids)) <= prompt_len:
+                ids, mask = ids[:seq_length + 1], mask[:seq_length + 1]
+                truncated = True
+            else:
+                truncated = False
+            # Label j is ids[j + 1], so mask[1:] says which labels are trained.
+            if not any(mask[1:]):
                 report.dropped_no_response.append(line)
                 continue
             if truncated:
                 report.truncated.append(line)
-            examples.append((ids, prompt_len))
+            examples.append((ids, mask))
 
     report.examples_kept = len(examples)
     if not examples:
@@ -183,19 +208,41 @@ def load_sft_dataset(path: Union[str, Path], tokenizer: Tokenizer, seq_length: i
     tokens = torch.full(shape, tokenizer.pad_id, dtype=torch.int64)
     labels = torch.full(shape, tokenizer.pad_id, dtype=torch.int64)
     loss_mask = torch.zeros(shape, dtype=torch.float32)
-    for row, (ids, prompt_len) in enumerate(examples):
+    for row, (ids, mask) in enumerate(examples):
         ids = torch.tensor(ids, dtype=torch.int64)
         length = ids.numel() - 1
         tokens[row, :length] = ids[:-1]
         labels[row, :length] = ids[1:]
-        # Label j predicts ids[j + 1]; ids[1 + P] is the first response token (P prompt tokens
-        # after bos), so labels from position P on are response tokens and the eos.
-        loss_mask[row, prompt_len:length] = 1.0
+        loss_mask[row, :length] = torch.tensor(mask[1:], dtype=torch.float32)
     return SFTDataset(tokens=tokens, labels=labels, loss_mask=loss_mask, report=report)
 
 
-def _parse_line(raw: bytes, first: bool) -> Tuple[str, str]:
-    """(prompt, response) of one JSONL line, or _BadLine with the reason."""
+def _encode_line(raw: bytes, first: bool, tokenizer: Tokenizer) -> Tuple[List[int], List[int]]:
+    """(ids, assistant mask) of one JSONL line, or _BadLine with the reason."""
+    record = _parse_record(raw, first)
+    try:
+        if "messages" in record:
+            if "prompt" in record or "response" in record:
+                raise _BadLine("has both 'messages' and 'prompt'/'response' (one format per "
+                               "line)")
+            return tokenizer.encode_conversation(record["messages"])
+        prompt, response = _prompt_and_response(record)
+        if tokenizer.chat_template is None:
+            prompt_ids = [*_optional(tokenizer.bos_id), *tokenizer.encode(prompt)]
+            response_ids = [*tokenizer.encode(response), tokenizer.eos_id]
+            return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+        return tokenizer.encode_conversation([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": response}])
+    except ConversationError as error:
+        raise _BadLine(str(error)) from None
+
+
+def _optional(token: Optional[int]) -> List[int]:
+    return [] if token is None else [token]
+
+
+def _parse_record(raw: bytes, first: bool) -> dict:
+    """The JSON object on one line, or _BadLine with the reason."""
     try:
         # A UTF-8 byte-order mark, which some editors write, may start the file.
         text = raw.decode("utf-8-sig" if first else "utf-8")
@@ -209,6 +256,13 @@ def _parse_line(raw: bytes, first: bool) -> Tuple[str, str]:
         raise _BadLine(f"malformed JSON ({error.msg} at column {error.colno})") from None
     if not isinstance(record, dict):
         raise _BadLine(f"not a JSON object (got {type(record).__name__})")
+    return record
+
+
+def _prompt_and_response(record: dict) -> Tuple[str, str]:
+    """(prompt, response) of a prompt/response record, or _BadLine with the reason."""
+    if "prompt" not in record and "response" not in record:
+        raise _BadLine("needs 'messages', or 'prompt' and 'response'")
     fields = []
     for key in ("prompt", "response"):
         if key not in record:

@@ -1,20 +1,21 @@
-"""Greedy decoding and exact-match accuracy for a megatron-core GPTModel at TP=1, PP=1.
+"""Greedy decoding, continuation log-likelihoods and exact-match accuracy for a megatron-core
+GPTModel at TP=1, PP=1.
 
 Tiny models only: every new token is one full forward over the whole sequence (no KV cache).
 Prompts are grouped by length, so a batch needs neither padding nor an attention mask (the
-model's causal mask is all there is). A prompt is encoded as training sees it:
-``[bos] + encode(prompt)``; the continuation stops at eos or after ``max_new_tokens``.
-Padded vocabulary columns (``V_padded > tokenizer.vocab_size``) are set to -inf before the
-argmax, so they are never chosen.
+model's causal mask is all there is). A prompt is encoded with ``tokenizer.encode_prompt`` (the
+ids a model continues to produce the assistant turn; the byte tokenizer's is ``[bos] +
+encode(prompt)``); the continuation stops at any of ``tokenizer.stop_ids`` (not included) or
+after ``max_new_tokens``, or when the sequence reaches the model's ``max_sequence_length``.
+Logit columns at or beyond the tokenizer's vocabulary (the padded vocabulary, and any model rows
+the tokenizer has no token for) are never chosen and carry no probability.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Mapping, Sequence
+from typing import AbstractSet, Dict, List, Mapping, Optional, Sequence
 
 import torch
-
-from nemo_anchored.models.gpt import mask_padded_vocab
 
 
 def _check_layout() -> None:
@@ -22,51 +23,114 @@ def _check_layout() -> None:
 
     if ps.get_tensor_model_parallel_world_size() != 1 or \
             ps.get_pipeline_model_parallel_world_size() != 1:
-        raise ValueError("greedy_generate needs TP=1 and PP=1 (full logits on one rank)")
+        raise ValueError("generation and scoring need TP=1 and PP=1 (full logits on one rank)")
+
+
+def model_max_length(model) -> Optional[int]:
+    """The longest sequence ``model`` was built for (None when it does not say)."""
+    max_len = getattr(getattr(model, "rotary_pos_emb", None), "max_sequence_length", None)
+    return getattr(model, "max_sequence_length", None) or max_len
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16,
-                    batch_size: int = 64) -> List[List[int]]:
-    """The greedy continuation (token ids, without the eos) of each prompt, in order."""
+def greedy_generate_ids(model, prompts: Sequence[Sequence[int]], *, vocab_size: int,
+                        stop_ids: AbstractSet[int], max_new_tokens: int = 16,
+                        batch_size: int = 64) -> List[List[int]]:
+    """The greedy continuation (token ids, without the stop token) of each prompt's ids, in
+    order. Columns ``>= vocab_size`` are never chosen."""
+    # Imported here: megatron (and its CPU shims) load only once a model is used.
+    from nemo_anchored.models.gpt import mask_padded_vocab
+
     _check_layout()
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_generate: an empty prompt (the model needs at least one token)")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    vocab = tokenizer.vocab_size
-    max_len = getattr(getattr(model, "rotary_pos_emb", None), "max_sequence_length", None)
-    max_len = getattr(model, "max_sequence_length", None) or max_len
+    device = _device(model)
+    max_len = model_max_length(model)
     by_length: Dict[int, List[int]] = defaultdict(list)
-    encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-    for i, ids in enumerate(encoded):
+    for i, ids in enumerate(prompts):
         by_length[len(ids)].append(i)
     outputs: List[List[int]] = [[] for _ in prompts]
     try:
         for length, members in sorted(by_length.items()):
             for start in range(0, len(members), batch_size):
                 rows = members[start:start + batch_size]
-                tokens = torch.tensor([encoded[i] for i in rows], dtype=torch.long,
+                tokens = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long,
                                       device=device)
-                done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+                done = [False] * len(rows)
                 for _ in range(max_new_tokens):
                     if max_len is not None and tokens.shape[1] >= max_len:
                         break
                     positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
                     logits = model(tokens, positions, None)[:, -1, :].float()
-                    logits = mask_padded_vocab(logits, vocab)
-                    nxt = logits.argmax(dim=-1)
-                    for j in range(len(rows)):
+                    nxt = mask_padded_vocab(logits, vocab_size).argmax(dim=-1)
+                    for j, token in enumerate(nxt.tolist()):
                         if not done[j]:
-                            if int(nxt[j]) == tokenizer.eos_id:
+                            if token in stop_ids:
                                 done[j] = True
                             else:
-                                outputs[rows[j]].append(int(nxt[j]))
-                    if bool(done.all()):
+                                outputs[rows[j]].append(token)
+                    if all(done):
                         break
                     tokens = torch.cat([tokens, nxt[:, None]], dim=1)
     finally:
         model.train(was_training)
     return outputs
+
+
+def greedy_generate(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 16,
+                    batch_size: int = 64) -> List[List[int]]:
+    """The greedy continuation (token ids, without the stop token) of each prompt (a str or a
+    message list, encoded with ``tokenizer.encode_prompt``), in order."""
+    return greedy_generate_ids(model, [tokenizer.encode_prompt(p) for p in prompts],
+                               vocab_size=tokenizer.vocab_size, stop_ids=tokenizer.stop_ids,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+@torch.no_grad()
+def continuation_logprobs(model, prompt_ids: Sequence[int], continuation_ids: Sequence[int], *,
+                          vocab_size: int) -> torch.Tensor:
+    """float64 log-probabilities ``[len(continuation), vocab_size]`` of the positions that
+    predict each continuation token, teacher-forced: one forward over ``prompt +
+    continuation[:-1]``. The softmax covers the first ``vocab_size`` columns only."""
+    _check_layout()
+    if not prompt_ids or not continuation_ids:
+        raise ValueError("continuation_logprobs: the prompt and the continuation must each "
+                         "have at least one token")
+    ids = [*prompt_ids, *continuation_ids[:-1]]
+    max_len = model_max_length(model)
+    if max_len is not None and len(ids) > max_len:
+        raise ValueError(f"continuation_logprobs: {len(ids)} input tokens exceed the model's "
+                         f"max_sequence_length {max_len}")
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    try:
+        tokens = torch.tensor([ids], dtype=torch.long, device=device)
+        positions = torch.arange(len(ids), device=device)[None]
+        logits = model(tokens, positions, None)[0, len(prompt_ids) - 1:]
+    finally:
+        model.train(was_training)
+    if logits.shape[-1] < vocab_size:
+        raise ValueError(f"continuation_logprobs: the model has {logits.shape[-1]} logit "
+                         f"columns, fewer than the vocabulary's {vocab_size}")
+    return torch.log_softmax(logits[:, :vocab_size].double().cpu(), dim=-1)
+
+
+def continuation_logprob(model, prompt_ids: Sequence[int], continuation_ids: Sequence[int], *,
+                         vocab_size: int) -> float:
+    """Sum of the log-probabilities of ``continuation_ids`` given ``prompt_ids`` (float64)."""
+    if any(not 0 <= token < vocab_size for token in continuation_ids):
+        raise ValueError(f"continuation_logprob: a continuation id is outside the vocabulary "
+                         f"[0, {vocab_size})")
+    rows = continuation_logprobs(model, prompt_ids, continuation_ids, vocab_size=vocab_size)
+    picked = rows[torch.arange(len(continuation_ids)), torch.tensor(list(continuation_ids))]
+    return float(picked.sum())
 
 
 def exact_match(model, tokenizer, examples: Sequence[Mapping[str, str]], *,

@@ -38,6 +38,10 @@ class GPTConfig:
     tie_embeddings: bool = True
     add_qkv_bias: bool = False
     rotary_base: float = 10000.0
+    # Llama 3.1/3.2 RoPE frequency scaling (megatron-core fixes low_freq_factor=1,
+    # high_freq_factor=4, original_max_position_embeddings=8192; only the factor varies).
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
@@ -66,13 +70,23 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def transformer_config(cfg: GPTConfig):
-    """The megatron ``TransformerConfig`` for ``cfg`` in the current parallel layout."""
+def _leave_uninitialised(weight: torch.Tensor) -> None:
+    """An init method that keeps the allocated memory as it is."""
+
+
+def transformer_config(cfg: GPTConfig, initialize: bool = True):
+    """The megatron ``TransformerConfig`` for ``cfg`` in the current parallel layout
+    (``initialize=False``: weights are allocated but not initialised)."""
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = cfg.torch_dtype
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    # Not perform_initialization=False: megatron then also skips setting the tensor-parallel
+    # attributes of its weights, which sharding and checkpoints rely on.
+    skip_init = {} if initialize else {
+        name: _leave_uninitialised
+        for name in ("init_method", "output_layer_init_method", "embedding_init_method")}
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -100,14 +114,18 @@ def transformer_config(cfg: GPTConfig):
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=pp_size,
         sequence_parallel=cfg.sequence_parallel,
+        **skip_init,
     )
 
 
-def build_gpt_model(cfg: GPTConfig, use_transformer_engine: Optional[bool] = None):
+def build_gpt_model(cfg: GPTConfig, use_transformer_engine: Optional[bool] = None,
+                    initialize: bool = True):
     """Build this rank's part of a megatron-core ``GPTModel`` (its pipeline stage, its TP shard).
 
     Uses the Transformer Engine layer spec when TE is installed (GPU machines) and the
     megatron-core local spec otherwise; ``use_transformer_engine`` forces the choice.
+    ``initialize=False`` skips the random initialisation (whose cost grows with the model) for
+    a model whose every weight is loaded next; its weights are then uninitialised memory.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -127,7 +145,7 @@ def build_gpt_model(cfg: GPTConfig, use_transformer_engine: Optional[bool] = Non
     if padded_vocab % tp_size:
         raise ValueError(f"TP={tp_size} does not divide the padded vocabulary {padded_vocab}")
     model = GPTModel(
-        config=transformer_config(cfg),
+        config=transformer_config(cfg, initialize),
         transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab,
         max_sequence_length=cfg.max_seq_len,
@@ -137,13 +155,17 @@ def build_gpt_model(cfg: GPTConfig, use_transformer_engine: Optional[bool] = Non
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=cfg.rotary_base,
+        rope_scaling=cfg.rope_scaling,
+        rope_scaling_factor=cfg.rope_scaling_factor,
     )
     # GPTModel records the true vocabulary nowhere; the padded-column mask needs it.
     model.unpadded_vocab_size = cfg.vocab_size
-    # megatron's torch norms allocate fp32 weights whatever params_dtype says. Casting here is
+    # megatron's torch norms allocate fp32 weights on the CPU, whatever params_dtype and the
+    # device say (the local spec on a GPU machine without Transformer Engine). Casting here is
     # what megatron's Float16Module does to the module; that wrapper is not used because it
     # would also copy every last-stage output (three models' logits) to fp32.
-    return model.to(dtype=cfg.torch_dtype)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return model.to(device=device, dtype=cfg.torch_dtype)
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -38,7 +38,12 @@ def _loss_on_last_stage(loss_fn: ResidentLossFn, batch: MicroBatch, logits: Resi
 
 def _forward_step(loss_fn: ResidentLossFn, data_iterator: Iterator[MicroBatch], model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    # Micro-batches come from host memory; the model's inputs go to its device (the loss
+    # functions move what they read themselves).
+    device = next(model.parameters()).device
+    inputs = [None if batch.get(key) is None else batch[key].to(device, non_blocking=True)
+              for key in ("tokens", "position_ids", "attention_mask")]
+    output = model(*inputs)
     return output, partial(_loss_on_last_stage, loss_fn, batch)
 
 

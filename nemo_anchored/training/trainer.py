@@ -64,7 +64,10 @@ class Trainer:
         self.anchored = cfg.method == "anchored"
         self._check_device()
 
-        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        try:
+            tokenizer = build_tokenizer(cfg.data.tokenizer)
+        except ValueError as error:  # a folder that is no loadable tokenizer, named by key
+            raise ConfigError(str(error)) from error
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                               f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens")

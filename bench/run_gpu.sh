@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one device call (see /work/.library/device/METHOD.md):
+# build the extension with its CUDA kernels, the GPU tests, the operator and step-time
+# benchmarks, and the two training stages on the GPU. Logs and JSON go to $OUT (default
+# /tmp/gpu_out) and the benchmark JSON also to bench/results/.
+#   bash bench/run_gpu.sh                        # on the GPU machine, from the repository root
+#   bash bench/run_gpu.sh step-time train        # some sections only (the build always runs)
+# Packages the GPU image lacks (megatron-core, omegaconf) may be carried as wheels in .whl/.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'megatron-core', m.__version__)"
+
+SECTIONS=${*:-tests operator step-time train}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+step() { echo; echo "== $1 ($(date +%T))"; }
+step "build (sm_90)"
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; exit 1; }
+python3 -c "import torch; from nemo_anchored import _C; assert _C.built_with_cuda(); print('CUDA kernels built')" || exit 1
+
+want tests && step "GPU tests" && {
+python3 -m pytest -q -p no:cacheprovider tests/test_anchored_kl_cuda.py tests/test_anchored_kl.py \
+  > "$OUT/tests.log" 2>&1; tail -3 "$OUT/tests.log"; grep -E "FAILED|Error" "$OUT/tests.log" | head -20; }
+
+want operator && step "operator benchmark" && for dtype in bfloat16 float32; do
+  python3 bench/bench_anchored_kl.py --device cuda --dtype $dtype --repeats 20 2>&1 | tail -12
+done
+want step-time && step "step-time benchmark" && \
+python3 bench/bench_step_time.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8 \
+  --heads 16 --vocab 151936 --seq 1024 --micro-batch 4 --steps 12 2>&1 | tail -8
+cp bench/results/*gpu* "$OUT/" 2>/dev/null
+
+want train && step "training stages on the GPU (tiny recipe, bf16)" && {
+R="--config recipes/tiny_cpu.yaml trainer.device=cuda model.dtype=bfloat16 logging.progress=false"
+python3 -m nemo_anchored sft $R logging.dir=/tmp/gpu_sft > "$OUT/train_sft.log" 2>&1 \
+  && python3 -m nemo_anchored anchor $R logging.dir=/tmp/gpu_anchor \
+     model.base_checkpoint=/tmp/gpu_sft/base model.reference_checkpoint=/tmp/gpu_sft/final \
+     > "$OUT/train_anchor.log" 2>&1
+echo "exit $?"; tail -n 2 /tmp/gpu_sft/metrics.jsonl /tmp/gpu_anchor/metrics.jsonl
+cp /tmp/gpu_sft/metrics.jsonl "$OUT/sft_metrics.jsonl"; cp /tmp/gpu_anchor/metrics.jsonl "$OUT/anchor_metrics.jsonl"; }
+step "done"
