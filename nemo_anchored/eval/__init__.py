@@ -1,4 +1,6 @@
-"""Evaluation: greedy decoding and exact-match accuracy (TP=1, PP=1 models)."""
+"""Evaluation: greedy decoding and exact match (generate.py), the benchmarks and their command
+(benchmarks.py), KL between a model and a reference (divergence.py), the experiment's table
+(report.py)."""
 from nemo_anchored.eval.generate import exact_match, greedy_generate
 
 __all__ = ["exact_match", "greedy_generate"]
