@@ -374,17 +374,18 @@ class Lab:
             scores = None
             if evaluate:
                 policy = trainer.stack.policy
+                scores = self._evaluate(policy)  # the policy holds the final weights
                 if cfg.method == "anchored":
-                    # Outer-iteration checkpoints, in step order (the last one is the final).
+                    # Every outer iteration's checkpoint in step order; the last one holds the
+                    # final weights (the lab saves only at outer-iteration ends).
                     steps = sorted(Path(cfg.checkpoint.dir).glob("step_*"))
                     trace = []
-                    for outer, path in enumerate(steps):
+                    for outer, path in enumerate(steps[:-1]):
                         load_model_weights(path, policy)
                         trace.append({"outer": outer, "step": int(path.name[5:]),
                                       **self._evaluate(policy)})
-                    load_model_weights(final, policy)
-                scores = self._evaluate(policy)
-                if cfg.method == "anchored":
+                    trace.append({"outer": len(steps) - 1, "step": int(steps[-1].name[5:]),
+                                  **scores})
                     scores["trace"] = trace
         if not self.s.keep_checkpoints:
             shutil.rmtree(Path(cfg.checkpoint.dir), ignore_errors=True)
@@ -393,7 +394,10 @@ class Lab:
             self.progress.update()
         return final, scores
 
-    def _evaluate_checkpoint(self, path: Path) -> dict:
+    @contextlib.contextmanager
+    def _checkpoint_model(self, path: Path):
+        """The lab's model with the weights of the checkpoint at ``path``, in its own
+        model-parallel scope."""
         from nemo_anchored.config import load_config
         from nemo_anchored.models.gpt import build_gpt_model
         from nemo_anchored.parallel.distributed import model_parallel
@@ -404,7 +408,7 @@ class Lab:
         with model_parallel(1, 1, seed=0):
             model = build_gpt_model(gpt_config(cfg))
             load_model_weights(path, model)
-            return self._evaluate(model)
+            yield model
 
     def _evaluate(self, model) -> dict:
         """Greedy exact match on the held-out sets, and KL(model || p_base) per response token
@@ -422,19 +426,12 @@ class Lab:
                                                            self.base_logprobs)
         return scores
 
-    def _base_logprobs(self, base_checkpoint: Path):
-        """p_base's log-probs on the general held-out set (the KL reference)."""
-        from nemo_anchored.config import load_config
-        from nemo_anchored.models.gpt import build_gpt_model
-        from nemo_anchored.parallel.distributed import model_parallel
-        from nemo_anchored.training.checkpoint import load_model_weights
-        from nemo_anchored.training.trainer import gpt_config
-
-        cfg = load_config(self.recipe, [*self.s.model_overrides], check_paths=False)
-        with model_parallel(1, 1, seed=0):
-            model = build_gpt_model(gpt_config(cfg))
-            load_model_weights(base_checkpoint, model)
-            return response_logprobs(model, self.general_eval_batch)
+    def _score_base(self, base_checkpoint: Path) -> dict:
+        """p_base's scores; keeps its log-probs on the general held-out set as the reference
+        of every later run's KL to the base."""
+        with self._checkpoint_model(base_checkpoint) as model:
+            self.base_logprobs = response_logprobs(model, self.general_eval_batch)
+            return self._evaluate(model)
 
     def _plan(self) -> List[tuple]:
         """(seed, method, lr) of every fine-tuning run, in order; per seed the SFT reference
@@ -507,8 +504,7 @@ class Lab:
             base_final = self.pretrain(paths)
         else:
             self.log(f"lab: p_base from {base_final} (no pretraining)")
-        self.base_logprobs = self._base_logprobs(base_final)
-        base = self._evaluate_checkpoint(base_final)
+        base = self._score_base(base_final)
         self.log(f"  base: domain {base['domain']:.3f}, general {base['general']:.3f} "
                  f"{base['general_by_task']}")
 
@@ -628,7 +624,8 @@ def pretrain_only(out: Path, settings: LabSettings) -> Path:
     with tempfile.TemporaryDirectory(prefix="lab_pretrain_") as work:
         lab = Lab(Path(work), settings, committed_base=None)
         final = lab.pretrain(lab._prepare())
-        scores = lab._evaluate_checkpoint(final)
+        with lab._checkpoint_model(final) as model:
+            scores = lab._evaluate(model)
         checkpoint = write_committed_base(out, final, pretrain_fingerprint(RECIPE, settings),
                                           {k: scores[k] for k in ("domain", "general",
                                                                    "general_by_task")})
