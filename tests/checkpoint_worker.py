@@ -250,6 +250,8 @@ def max_diff(a, b):
 
 
 def on_rank0(fn):
+    """Rank 0 changes files once every rank is done with them; the others see the change."""
+    dist.barrier()
     if dist.get_rank() == 0:
         fn()
     dist.barrier()
