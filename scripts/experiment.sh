@@ -8,7 +8,11 @@
 #          8 evaluation examples per task (EVAL_LIMIT), scored through the exported Hugging
 #          Face model (EVAL_BACKEND=hf). It shows the pipeline works, not the method.
 #   full   the recipe as written (recipes/smollm2_135m_{gsm,medcalc}.yaml; meant for a GPU),
-#          2000 training examples, 200 held out, evaluation on --limit $EVAL_LIMIT per task.
+#          N_TRAIN (2000) training examples, 200 held out, evaluation on --limit $EVAL_LIMIT
+#          per task.
+#
+# EXTRA: more recipe overrides for every run (e.g. EXTRA="logging.tensorboard=false");
+# EVAL_BATCH: prompts generated at once (16).
 #
 # Steps: convert the model (once), build the data (once), the SFT reference, then anchored and
 # the baselines (PARALLEL=N runs N of them at once, e.g. on one large GPU), evaluate every final
@@ -34,7 +38,7 @@ case $SETTING in
                     trainer.micro_batch_size=2 trainer.epochs=1 anchor.outer_iterations=2
                     anchor.inner_steps=2 optim.warmup_steps=0 logging.progress=false) ;;
   full) N_TRAIN=${N_TRAIN:-2000}; N_TEST=200; EVAL_LIMIT=${EVAL_LIMIT:-200}; MAX_NEW=${MAX_NEW:-512}
-        EVAL_BACKEND=${EVAL_BACKEND:-megatron}
+        EVAL_BACKEND=${EVAL_BACKEND:-hf}
         OVERRIDES=(logging.progress=false) ;;
   *) echo "unknown setting $SETTING (short | full)" >&2; exit 2 ;;
 esac
@@ -48,7 +52,7 @@ fi
 TRAIN=$DATA/train_$N_TRAIN.jsonl TEST=$DATA/test_$N_TEST.jsonl
 [ -f "$TRAIN" ] || $NA data build "$TASK" --n "$N_TRAIN" --seed 0 --out "$TRAIN" \
   --test-n "$N_TEST" --test-out "$TEST"
-COMMON=(--config "$RECIPE" data.train_path="$TRAIN" "${OVERRIDES[@]}")
+COMMON=(--config "$RECIPE" data.train_path="$TRAIN" "${OVERRIDES[@]}" ${EXTRA:-})
 
 train() {  # name, command, overrides...
   local name=$1 command=$2; shift 2
@@ -69,9 +73,9 @@ for spec in "anchored:anchor" "low_sft:sft method=low_sft optim.lr=1.0e-6" \
 done
 wait || true
 
-# EVAL_BACKEND=hf exports each model (convert mcore-to-hf) and scores it with transformers,
-# whose KV cache makes CPU generation bearable; megatron scores the checkpoint itself
-# (batched, no KV cache: the GPU path).
+# EVAL_BACKEND=hf exports each model (convert mcore-to-hf) and scores it with transformers
+# (batched, KV-cached generation, on the GPU when there is one); megatron scores the checkpoint
+# itself (batched, no KV cache: slow for long answers).
 evaluate() {  # name, checkpoint, config
   echo "== eval $1"
   local model=(--checkpoint "$2" --config "$3")
@@ -82,7 +86,8 @@ evaluate() {  # name, checkpoint, config
     model=(--hf "$RUNS/hf_$1")
   fi
   $NA eval "${model[@]}" --tasks "$TASK,mmlu,humaneval" --data "$TASK=$TEST" \
-    --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW" --out "$RUNS/eval_$1.json" \
+    --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW" --batch-size "${EVAL_BATCH:-16}" \
+    --out "$RUNS/eval_$1.json" \
     >> "$RUNS/eval_$1.log" 2>&1 || { echo "eval $1 failed:"; tail -5 "$RUNS/eval_$1.log"; }
 }
 jobs_run=0

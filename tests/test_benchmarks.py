@@ -273,15 +273,23 @@ def _direct_greedy(model, prompt, max_new_tokens, stop_ids, vocab_size):
 
 
 def test_transformers_greedy_generation_equals_a_direct_loop_and_stops(tiny_llama):
+    """Left-padded batches (prompts of unequal length, a batch size that splits them, the
+    longest first in the input) give each prompt's own unpadded greedy continuation."""
     model, tokenizer = tiny_llama
     vocab = tokenizer.vocab_size
-    prompts = [tokenizer.encode_prompt(text) for text in ("What is 2+2?", "Write a haiku.")]
-    lm = TransformersLM(model, vocab_size=vocab, stop_ids=tokenizer.stop_ids)
+    texts = ("Write a haiku about the sea, please.", "What is 2+2?", "Write a haiku.")
+    prompts = [tokenizer.encode_prompt(text) for text in texts]
+    assert len({len(p) for p in prompts}) == 3
     want = [_direct_greedy(model, p, 8, tokenizer.stop_ids, vocab) for p in prompts]
-    assert lm.generate(prompts, 8) == want
-    stop = want[0][2]
-    stopping = TransformersLM(model, vocab_size=vocab, stop_ids={stop})
-    assert stopping.generate(prompts[:1], 8) == [want[0][:want[0].index(stop)]]
+    for batch_size in (1, 2, 3):
+        lm = TransformersLM(model, vocab_size=vocab, stop_ids=tokenizer.stop_ids,
+                            batch_size=batch_size)
+        assert lm.generate(prompts, 8) == want, batch_size
+    stop = want[1][2]
+    stopping = TransformersLM(model, vocab_size=vocab, stop_ids={stop}, batch_size=3)
+    got = stopping.generate(prompts, 8)
+    assert got[1] == want[1][:want[1].index(stop)]
+    assert got == [_direct_greedy(model, p, 8, {stop}, vocab) for p in prompts]
 
 
 # ------------------------------------------------------- megatron adapter, `eval` end to end

@@ -465,10 +465,14 @@ class MegatronLM:
 class TransformersLM:
     """``generate`` and ``logprob`` over a transformers causal LM: transformers' own greedy
     ``generate`` (stopping at ``stop_ids``, never choosing ids >= ``vocab_size``) and its
-    logits, with float64 log-softmax over the first ``vocab_size`` columns."""
+    logits, with float64 log-softmax over the first ``vocab_size`` columns. Prompts are
+    generated ``batch_size`` at a time, left-padded, in order of length so that a batch pads
+    little."""
 
-    def __init__(self, model, *, vocab_size: int, stop_ids: AbstractSet[int]):
+    def __init__(self, model, *, vocab_size: int, stop_ids: AbstractSet[int],
+                 batch_size: int = 16):
         self.model, self.vocab_size, self.stop_ids = model.eval(), vocab_size, frozenset(stop_ids)
+        self.batch_size = batch_size
         self._cache = _LastInputCache()
 
     @property
@@ -478,19 +482,26 @@ class TransformersLM:
     def generate(self, prompts: List[List[int]], max_new_tokens: int) -> List[List[int]]:
         import torch
 
+        pad = min(self.stop_ids)
         extra_columns = range(self.vocab_size, self.model.config.vocab_size)
-        outputs = []
-        for prompt in prompts:
-            input_ids = torch.tensor([prompt], device=self._device)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outputs: List[List[int]] = [[] for _ in prompts]
+        for start in range(0, len(order), self.batch_size):
+            batch = [prompts[i] for i in order[start:start + self.batch_size]]
+            width = max(len(p) for p in batch)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch],
+                                     device=self._device)
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p)
+                                           for p in batch], device=self._device)
             with torch.no_grad():
                 out = self.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    input_ids=input_ids, attention_mask=attention_mask,
                     max_new_tokens=max_new_tokens, do_sample=False,
-                    eos_token_id=sorted(self.stop_ids), pad_token_id=min(self.stop_ids),
+                    eos_token_id=sorted(self.stop_ids), pad_token_id=pad,
                     suppress_tokens=list(extra_columns) or None)
-            continuation = out[0, len(prompt):].tolist()
-            stops = [i for i, token in enumerate(continuation) if token in self.stop_ids]
-            outputs.append(continuation[:stops[0]] if stops else continuation)
+            for index, row in zip(order[start:start + self.batch_size], out[:, width:].tolist()):
+                stops = [i for i, token in enumerate(row) if token in self.stop_ids]
+                outputs[index] = row[:stops[0]] if stops else row
         return outputs
 
     def logprob(self, prompt: List[int], continuation: List[int]) -> float:
@@ -600,7 +611,8 @@ def evaluate_checkpoint(checkpoint, config, tasks: Sequence[str], settings: Eval
             "tasks": results}
 
 
-def evaluate_hf(folder, tasks: Sequence[str], settings: EvalSettings, *, log=print) -> dict:
+def evaluate_hf(folder, tasks: Sequence[str], settings: EvalSettings, *, batch_size: int = 16,
+                log=print) -> dict:
     """Evaluate a Hugging Face model folder (e.g. `nemo-anchored convert mcore-to-hf`'s output)
     with transformers (its KV-cached ``generate``: much faster than the megatron path on a
     CPU); its tokenizer and chat template are the folder's."""
@@ -610,13 +622,15 @@ def evaluate_hf(folder, tasks: Sequence[str], settings: EvalSettings, *, log=pri
     from nemo_anchored.data.tokenizer import HFTokenizer
 
     tokenizer = HFTokenizer(folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
-                                                 dtype=torch.float32)
+                                                 dtype=torch.float32).to(device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{folder}: the model's vocab_size {model.config.vocab_size} is "
                          f"smaller than the tokenizer's {tokenizer.vocab_size} tokens")
-    lm = TransformersLM(model, vocab_size=tokenizer.vocab_size, stop_ids=tokenizer.stop_ids)
-    log(f"nemo-anchored eval: {folder} (transformers {type(model).__name__})")
+    lm = TransformersLM(model, vocab_size=tokenizer.vocab_size, stop_ids=tokenizer.stop_ids,
+                        batch_size=batch_size)
+    log(f"nemo-anchored eval: {folder} (transformers {type(model).__name__} on {device})")
     return {"hf": str(folder), "settings": dataclasses.asdict(settings),
             "tasks": evaluate_tasks(tasks, lm, tokenizer, settings, log=log)}
 
@@ -695,7 +709,7 @@ def eval_main(args) -> int:
             if not Path(args.hf, "config.json").is_file():
                 raise ValueError(f"--hf {args.hf}: no config.json (not a Hugging Face model "
                                  "folder)")
-            results = evaluate_hf(args.hf, tasks, settings)
+            results = evaluate_hf(args.hf, tasks, settings, batch_size=args.batch_size)
         else:
             if not (args.checkpoint and args.config):
                 raise ValueError("--checkpoint and --config go together")
