@@ -136,6 +136,20 @@ def capture_logits(ddp, batch):
     return captured[0] if captured else None
 
 
+def forward_only_records_graph(ddp, batch):
+    """Whether a forward-only pass through the schedule builds an autograd graph (it must not:
+    the returned dicts would keep every micro-batch's activations alive)."""
+    graphs = []
+
+    def probe(policy, reference, snapshot, batch):
+        graphs.append(policy.grad_fn is not None)
+        return policy.sum() * 0.0, torch.tensor(1, dtype=torch.int), {}
+
+    forward_backward(ddp, iter([batch]), probe, num_microbatches=1, seq_length=SEQ,
+                     micro_batch_size=MICRO_BATCH_SIZE, forward_only=True)
+    return graphs != [False]  # one probe, no graph
+
+
 def run_layout(stack, ddp, batches):
     """Full-vocab logits of micro-batch 0, then one forward+backward over all micro-batches.
 
@@ -297,6 +311,8 @@ def single_process_checks():
         logits = capture_logits(ddp, batches[0])
         expect("single", f"round {attempt}: no snapshot logits without a snapshot model",
                logits[2] is None)
+        expect("single", f"round {attempt}: a forward-only pass records no autograd graph",
+               not forward_only_records_graph(ddp, batches[0]))
         expect("single", f"round {attempt}: padded columns -inf, real ones finite",
                bool(torch.isneginf(logits[0][..., CFG.vocab_size:]).all())
                and bool(logits[0][..., : CFG.vocab_size].isfinite().all()))

@@ -62,5 +62,5 @@ def test_single_process_without_launcher(single_process_checks):
     """A world of one process (no torchrun) with the two-model stack: logits, loss, gradients,
     bfloat16 models, megatron's optimizer (clipped step) touching the policy only, and a clean
     teardown that allows a second initialisation in the same process."""
-    assert_topic(single_process_checks, "single", 15)
+    assert_topic(single_process_checks, "single", 17)
     assert_topic(single_process_checks, "frozen", 4)

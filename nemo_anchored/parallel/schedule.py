@@ -10,6 +10,7 @@ Data: every pipeline stage iterates the same micro-batches. A micro-batch is a d
 ``attention_mask`` (None: causal), and whatever the loss function needs (labels, loss mask, ...).
 """
 
+import contextlib
 from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -94,13 +95,16 @@ def forward_backward(
     extra = {}
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         extra["adjust_tensor_shapes_fn"] = get_attr_wrapped_model(model, "adjust_tensor_shapes")
-    return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_fn),
-        data_iterator=data_iterator,
-        model=model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-        **extra,
-    )
+    # megatron's schedules record autograd graphs even with forward_only; the returned dicts
+    # would then hold every micro-batch's activations alive at once.
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        return get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, loss_fn),
+            data_iterator=data_iterator,
+            model=model,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+            **extra,
+        )
