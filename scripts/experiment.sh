@@ -15,8 +15,9 @@
 # EVAL_BATCH: prompts generated at once (16).
 #
 # Steps: convert the model (once), build the data (once), the SFT reference, then anchored and
-# the baselines (PARALLEL=N runs N of them at once, e.g. on one large GPU), evaluate every final
-# model and the base, and write RUNS/results.md (nemo_anchored.eval.report).
+# the baselines (PARALLEL=N runs N of them at once, e.g. on one large GPU: on an H100 an sft run
+# of the old medcalc setting, micro-batch 8 x 768 tokens, peaked at 17.7 GiB; size N to fit), evaluate
+# every final model and the base, and write RUNS/results.md (nemo_anchored.eval.report).
 set -euo pipefail
 TASK=${1:?usage: scripts/experiment.sh gsm_symbolic|medcalc [short|full]}
 SETTING=${2:-short}

@@ -30,7 +30,7 @@ from nemo_anchored.config import ConfigError
 from nemo_anchored.data import BatchOrder, build_tokenizer, load_sft_dataset
 from nemo_anchored.models.co_resident import CoResidentModels
 from nemo_anchored.models.gpt import GPTConfig, build_gpt_model
-from nemo_anchored.ops import stm_keep_mask, token_cross_entropy
+from nemo_anchored.ops import fused_available, stm_keep_mask, token_cross_entropy
 from nemo_anchored.parallel.distributed import ParallelContext
 from nemo_anchored.parallel.schedule import forward_backward, wrap_for_training
 from nemo_anchored.training.checkpoint import (latest_checkpoint, load_checkpoint,
@@ -331,6 +331,12 @@ class Trainer:
                       "epoch: not a multiple of the global batch)")
         if self.cfg.method == "stm":
             self.log.info(self.stm_summary)
+        if self.cfg.method == "anchored":
+            backend = self.cfg.anchor.backend
+            if backend == "auto":
+                backend = "fused" if fused_available(c.device) else "torch (the extension " \
+                    f"nemo_anchored._C is not built for {c.device.type})"
+            self.log.info(f"anchored KL kernels: {backend}")
         if resume is not None:
             self.log.info(f"resumed from {resume} at step {pos.global_step}")
 
