@@ -15,6 +15,8 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype and conversion --dtype
+
 METHODS = ("sft", "low_sft", "kl_sft", "dft", "stm", "anchored")
 SFT_METHODS = METHODS[:-1]  # run by `nemo-anchored sft`; `anchored` by `nemo-anchored anchor`
 
@@ -210,7 +212,7 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
 
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len"):
         _require(m[key] >= 1, f"model.{key}", "must be >= 1")
-    _one_of(m.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    _one_of(m.dtype, "model.dtype", MODEL_DTYPES)
     groups = m.num_query_groups or m.num_attention_heads
     _require(m.num_attention_heads % groups == 0, "model.num_query_groups",
              f"{groups} does not divide num_attention_heads={m.num_attention_heads}")

@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_lab_arguments(commands.add_parser(
         "lab", help="forgetting lab: every method over a learning-rate sweep and seeds"))
-    from nemo_anchored.models.hf_convert import add_convert_arguments
+    from nemo_anchored.cli.convert import add_convert_arguments
 
     add_convert_arguments(commands.add_parser(
         "convert", help="Hugging Face <-> nemo-anchored checkpoint conversion"))
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
 
         sys.exit(main_from_args(args))
     if args.command == "convert":
-        from nemo_anchored.models.hf_convert import main_from_args as convert_main
+        from nemo_anchored.cli.convert import main_from_args as convert_main
 
         sys.exit(convert_main(args))
     if args.command == "data":

@@ -20,7 +20,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -53,7 +53,7 @@ class GPTConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return TORCH_DTYPES[self.dtype]
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:

@@ -49,7 +49,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -61,7 +60,7 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nemo_anchored.models.gpt import GPTConfig, padded_vocab_size
+from nemo_anchored.models.gpt import TORCH_DTYPES, GPTConfig, padded_vocab_size
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 HF_SUBDIR = "hf"
@@ -70,7 +69,6 @@ MODEL_YAML = "model.yaml"
 _STAGING_SUFFIX = ".converting"
 _GGUF_WEIGHTS_SUFFIX = ".gguf-weights"
 _PENDING_MARKER = "complete.json.pending"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Megatron-core's Llama 3 RoPE scaling hard-codes these; only the factor is a parameter.
 _LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -164,8 +162,8 @@ def gpt_config_from_hf(hf, *, dtype: str = "float32",
                               f"num_attention_heads={heads}")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     theta, rope_scaling, rope_factor = _rope(hf)
-    if dtype not in _DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if dtype not in TORCH_DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
     return GPTConfig(
         num_layers=hf.num_hidden_layers,
         hidden_size=hf.hidden_size,
@@ -770,8 +768,8 @@ def convert_mcore_to_hf(checkpoint, base, out, *, max_shard_size="5GB",
     if out.exists():
         raise ConversionError(f"--out {out} already exists; remove it or choose another")
     max_bytes = parse_size(max_shard_size)
-    if dtype is not None and dtype not in _DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
     source = str(hf_dir / "config.json")
     cfg = gpt_config_from_hf(load_hf_config(hf_dir))
     marker = read_marker(checkpoint)
@@ -786,7 +784,7 @@ def convert_mcore_to_hf(checkpoint, base, out, *, max_shard_size="5GB",
         metadata = _checkpoint_metadata(checkpoint)
         _check_checkpoint_shapes(checkpoint, metadata, cfg, source)
         stored = metadata["embedding.word_embeddings.weight"][1]
-        out_dtype = _DTYPES[dtype] if dtype else stored
+        out_dtype = TORCH_DTYPES[dtype] if dtype else stored
         sizes = [(name, math.prod(shape) * out_dtype.itemsize)
                  for name, shape in hf_shapes(cfg).items()]
         shards = plan_shards(sizes, max_bytes)
@@ -822,51 +820,3 @@ def convert_mcore_to_hf(checkpoint, base, out, *, max_shard_size="5GB",
         _remove(staging)
         raise
     return out
-
-
-# ------------------------------------------------------------------------------------- CLI
-
-
-def add_convert_arguments(parser) -> None:
-    directions = parser.add_subparsers(dest="direction", required=True)
-    to_mcore = directions.add_parser(
-        "hf-to-mcore", help="a Hugging Face Llama/Qwen2 folder -> a nemo-anchored base directory")
-    to_mcore.add_argument("--hf", required=True, help="Hugging Face model folder")
-    to_mcore.add_argument("--out", required=True, help="output directory (must not exist)")
-    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel shard processes")
-    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel shard processes")
-    to_mcore.add_argument("--gguf-file", default=None,
-                          help="read this GGUF file of --hf instead of safetensors")
-    to_mcore.add_argument("--dtype", choices=list(_DTYPES), default=None,
-                          help="weights' dtype (default: the checkpoint's; float32 for GGUF)")
-    to_mcore.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                          help="vocabulary padding multiple (model.make_vocab_size_divisible_by)")
-    to_hf = directions.add_parser(
-        "mcore-to-hf", help="a nemo-anchored checkpoint -> a Hugging Face model folder")
-    to_hf.add_argument("--checkpoint", required=True, help="nemo-anchored checkpoint directory")
-    to_hf.add_argument("--base", required=True,
-                       help="the hf-to-mcore output it started from (architecture, tokenizer)")
-    to_hf.add_argument("--out", required=True, help="output folder (must not exist)")
-    to_hf.add_argument("--max-shard-size", default="5GB", help="per safetensors file (5GB)")
-    to_hf.add_argument("--dtype", choices=list(_DTYPES), default=None,
-                       help="weights' dtype (default: the checkpoint's)")
-
-
-def main_from_args(args) -> int:
-    from nemo_anchored.training.checkpoint import CheckpointError
-
-    try:
-        if args.direction == "hf-to-mcore":
-            out = convert_hf_to_mcore(
-                args.hf, args.out, tp=args.tp, pp=args.pp, gguf_file=args.gguf_file,
-                dtype=args.dtype, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
-            print(f"nemo-anchored: wrote {out} (model.base_checkpoint={out}, "
-                  f"data.tokenizer={out / TOKENIZER_SUBDIR}, recipe keys in {out / MODEL_YAML})")
-        else:
-            out = convert_mcore_to_hf(args.checkpoint, args.base, args.out,
-                                      max_shard_size=args.max_shard_size, dtype=args.dtype)
-            print(f"nemo-anchored: wrote {out}")
-    except (ConversionError, CheckpointError) as error:
-        print(f"nemo-anchored convert: {error}", file=sys.stderr)
-        return 2
-    return 0
