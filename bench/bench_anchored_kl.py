@@ -42,6 +42,13 @@ def device_description(device: str) -> dict:
     return info
 
 
+def write_results(path: Path, record: dict) -> None:
+    """``record`` (with its "device") as JSON at ``path`` (under bench/results/)."""
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    print(f"wrote {path}")
+
+
 def resident_kib(field: str) -> int:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -170,12 +177,9 @@ def main():
                                  fused_run["effective_gb_per_s"] / copy_bw if copy_bw else None)})
     print("peak MiB: extra memory over the resident inputs during forward + backward "
           "(the gradient buffer alone is rows x V_local x itemsize)")
-    RESULTS.mkdir(exist_ok=True)
-    out = args.out or RESULTS / f"anchored_kl_{device['kind']}_{args.dtype}.json"
-    out.write_text(json.dumps({"device": device, "dtype": args.dtype,
-                               "copy_bandwidth_gb_per_s": copy_bw, "results": rows_out},
-                              indent=2))
-    print(f"wrote {out}")
+    write_results(args.out or RESULTS / f"anchored_kl_{device['kind']}_{args.dtype}.json",
+                  {"device": device, "dtype": args.dtype, "copy_bandwidth_gb_per_s": copy_bw,
+                   "results": rows_out})
 
 
 if __name__ == "__main__":

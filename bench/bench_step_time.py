@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_anchored_kl import RESULTS, device_description  # noqa: E402
+from bench_anchored_kl import RESULTS, device_description, write_results  # noqa: E402
 
 METHODS = {"sft": ("sft", []),
            "anchored_live": ("anchor", ["anchor.mode=live"]),
@@ -88,11 +88,8 @@ def main():
         r["memory_ratio"] = r["peak_memory_mib"] / sft["peak_memory_mib"]
         print(f"{name:>18} | {r['median_step_s']:8.4f} {r['time_ratio']:5.2f}x | "
               f"{r['peak_memory_mib']:9.0f} {r['memory_ratio']:5.2f}x")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"step_time_{device['kind']}_{args.dtype}.json"
-    out.write_text(json.dumps({"device": device, "args": vars(args), "results": results},
-                              indent=2))
-    print(f"wrote {out}")
+    write_results(RESULTS / f"step_time_{device['kind']}_{args.dtype}.json",
+                  {"device": device, "args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ done
 wait || true
 
 # EVAL_BACKEND=hf exports each model (convert mcore-to-hf) and scores it with transformers
-# (batched, KV-cached generation, on the GPU when there is one); megatron scores the checkpoint
-# itself (batched, no KV cache: slow for long answers).
+# (left-padded batches, on the GPU when there is one); megatron scores the checkpoint itself
+# (KV-cached too, but it batches only prompts of equal length).
 evaluate() {  # name, checkpoint, config
   echo "== eval $1"
   local model=(--checkpoint "$2" --config "$3")

@@ -614,8 +614,8 @@ def evaluate_checkpoint(checkpoint, config, tasks: Sequence[str], settings: Eval
 def evaluate_hf(folder, tasks: Sequence[str], settings: EvalSettings, *, batch_size: int = 16,
                 log=print) -> dict:
     """Evaluate a Hugging Face model folder (e.g. `nemo-anchored convert mcore-to-hf`'s output)
-    with transformers (its KV-cached ``generate``: much faster than the megatron path on a
-    CPU); its tokenizer and chat template are the folder's."""
+    with transformers (``generate`` over left-padded batches, where the megatron path batches
+    only prompts of equal length); its tokenizer and chat template are the folder's."""
     import torch
     from transformers import AutoModelForCausalLM
 

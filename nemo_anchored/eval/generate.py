@@ -1,14 +1,15 @@
 """Greedy decoding, continuation log-likelihoods and exact-match accuracy for a megatron-core
 GPTModel at TP=1, PP=1.
 
-Tiny models only: every new token is one full forward over the whole sequence (no KV cache).
-Prompts are grouped by length, so a batch needs neither padding nor an attention mask (the
-model's causal mask is all there is). A prompt is encoded with ``tokenizer.encode_prompt`` (the
-ids a model continues to produce the assistant turn; the byte tokenizer's is ``[bos] +
-encode(prompt)``); the continuation stops at any of ``tokenizer.stop_ids`` (not included) or
-after ``max_new_tokens``, or when the sequence reaches the model's ``max_sequence_length``.
-Logit columns at or beyond the tokenizer's vocabulary (the padded vocabulary, and any model rows
-the tokenizer has no token for) are never chosen and carry no probability.
+Generation keeps keys and values in megatron-core's static KV cache (StaticInferenceContext):
+one forward over the prompts, then one single-token forward per new token. Prompts are grouped
+by length, so a batch needs neither padding nor an attention mask (the model's causal mask is
+all there is). A prompt is encoded with ``tokenizer.encode_prompt`` (the ids a model continues
+to produce the assistant turn; the byte tokenizer's is ``[bos] + encode(prompt)``); the
+continuation stops at any of ``tokenizer.stop_ids`` (not included) or after ``max_new_tokens``,
+or when the sequence reaches the model's ``max_sequence_length``. Logit columns at or beyond the
+tokenizer's vocabulary (the padded vocabulary, and any model rows the tokenizer has no token
+for) are never chosen and carry no probability.
 """
 from __future__ import annotations
 
@@ -42,9 +43,6 @@ def greedy_generate_ids(model, prompts: Sequence[Sequence[int]], *, vocab_size: 
                         batch_size: int = 64) -> List[List[int]]:
     """The greedy continuation (token ids, without the stop token) of each prompt's ids, in
     order. Columns ``>= vocab_size`` are never chosen."""
-    # Imported here: megatron (and its CPU shims) load only once a model is used.
-    from nemo_anchored.models.gpt import mask_padded_vocab
-
     _check_layout()
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: an empty prompt (the model needs at least one token)")
@@ -58,29 +56,51 @@ def greedy_generate_ids(model, prompts: Sequence[Sequence[int]], *, vocab_size: 
     outputs: List[List[int]] = [[] for _ in prompts]
     try:
         for length, members in sorted(by_length.items()):
+            # New tokens are produced while the sequence is shorter than the model's maximum.
+            budget = max_new_tokens if max_len is None else min(max_new_tokens, max_len - length)
             for start in range(0, len(members), batch_size):
                 rows = members[start:start + batch_size]
-                tokens = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long,
+                prompt = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long,
                                       device=device)
-                done = [False] * len(rows)
-                for _ in range(max_new_tokens):
-                    if max_len is not None and tokens.shape[1] >= max_len:
-                        break
-                    positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-                    logits = model(tokens, positions, None)[:, -1, :].float()
-                    nxt = mask_padded_vocab(logits, vocab_size).argmax(dim=-1)
-                    for j, token in enumerate(nxt.tolist()):
-                        if not done[j]:
-                            if token in stop_ids:
-                                done[j] = True
-                            else:
-                                outputs[rows[j]].append(token)
-                    if all(done):
-                        break
-                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                for j, new in enumerate(_greedy_batch(model, prompt, budget, vocab_size,
+                                                      stop_ids)):
+                    outputs[rows[j]] = new
     finally:
         model.train(was_training)
     return outputs
+
+
+def _greedy_batch(model, prompt: torch.Tensor, budget: int, vocab_size: int,
+                  stop_ids: AbstractSet[int]) -> List[List[int]]:
+    """Greedy continuations of equal-length prompts ``[batch, length]``, at most ``budget``
+    tokens each, through megatron's static KV cache."""
+    # Imported here: megatron (and its CPU shims) load only once a model is used.
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from nemo_anchored.models.gpt import mask_padded_vocab
+
+    batch, length = prompt.shape
+    new: List[List[int]] = [[] for _ in range(batch)]
+    if budget <= 0:
+        return new
+    cache = StaticInferenceContext(batch, length + budget)
+    tokens, positions = prompt, torch.arange(length, device=prompt.device).expand(batch, length)
+    done = [False] * batch
+    for _ in range(budget):
+        logits = model(tokens, positions, None, inference_context=cache,
+                       runtime_gather_output=True)[:, -1, :].float()
+        cache.sequence_len_offset += tokens.shape[1]
+        cache.enable_decode_mode()
+        nxt = mask_padded_vocab(logits, vocab_size).argmax(dim=-1)
+        for j, token in enumerate(nxt.tolist()):
+            if not done[j]:
+                done[j] = token in stop_ids
+                if not done[j]:
+                    new[j].append(token)
+        if all(done):
+            break
+        tokens, positions = nxt[:, None], positions[:, -1:] + 1
+    return new
 
 
 def greedy_generate(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 16,
