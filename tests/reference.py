@@ -1,9 +1,33 @@
 """Float64, full-vocabulary definitions the operator is checked against.
 
 Written straight from the definitions (softmax, log-softmax, sum of q log(q / p)), with no
-sharding and none of the operator's numerical rearrangements.
+sharding and none of the operator's numerical rearrangements. Also the random logits the
+operator tests share, and the operator's (loss, gradient) read the same way on every device.
 """
+import math
+
 import torch
+
+
+def logits(shape, dtype=torch.float32, scale=3.0, seed=0, padded=0, device="cpu"):
+    """Random logits (drawn in float64 on the CPU, so every device gets the same values); the
+    last `padded` vocabulary columns are -inf (padded vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    if padded:
+        x[..., -padded:] = -math.inf
+    return x.to(dtype=dtype, device=device)
+
+
+def anchored_kl_loss_and_grad(policy, reference, current=None, weights=None, **kwargs):
+    """(loss, d(sum(weights * loss)) / d policy) from the operator."""
+    from nemo_anchored.ops import anchored_kl
+
+    z = policy.clone().requires_grad_()
+    loss = anchored_kl(z, reference, current_logits=current, **kwargs)
+    weights = torch.ones_like(loss) if weights is None else weights
+    (grad,) = torch.autograd.grad((loss * weights).sum(), z)
+    return loss.detach(), grad
 
 
 def anchor_log_probs(current, reference, alpha, interpolation, temperature=1.0):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nemo_anchored.ops import anchor_diagnostics, anchored_kl, fused_available
-from tests.reference import (anchor_log_probs, anchored_kl_reference, kl,
+from tests.reference import anchored_kl_loss_and_grad as run
+from tests.reference import (anchor_log_probs, anchored_kl_reference, kl, logits,
                              max_row_relative_error, relative_error)
 
 BACKENDS = ["torch", "fused"]
@@ -18,20 +19,6 @@ BACKENDS = ["torch", "fused"]
 def test_extension_is_built():
     # The fused cases below would silently exercise nothing if the extension were missing.
     assert fused_available("cpu"), "nemo_anchored._C is not built: run `make build`"
-
-
-def logits(shape, dtype=torch.float32, scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def run(policy, reference, current=None, weights=None, **kwargs):
-    """(loss, d(sum(weights * loss)) / d policy) from the operator."""
-    z = policy.clone().requires_grad_()
-    loss = anchored_kl(z, reference, current_logits=current, **kwargs)
-    weights = torch.ones_like(loss) if weights is None else weights
-    (grad,) = torch.autograd.grad((loss * weights).sum(), z)
-    return loss.detach(), grad
 
 
 CASES = list(itertools.product(["logit", "prob"], ["live", "snapshot"], [1.0, 0.7]))

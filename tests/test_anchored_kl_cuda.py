@@ -4,14 +4,17 @@ CPU-only machines (CI) skip this module: there the CUDA kernels are only compile
 (tests/test_cuda_compile.py). On a GPU machine `pytest tests/test_anchored_kl_cuda.py` runs the
 fused CUDA path and the torch backend on the device across modes, dtypes and vocabularies.
 """
+import functools
 import itertools
 import math
 
 import pytest
 import torch
 
-from nemo_anchored.ops import anchor_diagnostics, anchored_kl, fused_available
+from nemo_anchored.ops import anchor_diagnostics, fused_available
+from tests.reference import anchored_kl_loss_and_grad as run
 from tests.reference import anchored_kl_reference, max_row_relative_error, relative_error
+from tests.reference import logits as reference_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BACKENDS = ["torch", "fused"]
@@ -21,18 +24,7 @@ def test_extension_has_cuda_kernels():
     assert fused_available("cuda"), "nemo_anchored._C was built without its CUDA kernels"
 
 
-def logits(shape, dtype=torch.float32, scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).cuda()
-
-
-def run(policy, reference, current=None, weights=None, **kwargs):
-    z = policy.clone().requires_grad_()
-    loss = anchored_kl(z, reference, current_logits=current, **kwargs)
-    weights = torch.ones_like(loss) if weights is None else weights
-    (grad,) = torch.autograd.grad((loss * weights).sum(), z)
-    torch.cuda.synchronize()
-    return loss.detach(), grad
+logits = functools.partial(reference_logits, device="cuda")
 
 
 CASES = list(itertools.product(["logit", "prob"], ["live", "snapshot"], [1.0, 0.7]))

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from nemo_anchored.ops import dft_loss, reverse_kl, stm_keep_mask, token_cross_entropy
 from tests.launch import spawn_tp_ranks
-from tests.reference import max_row_relative_error, relative_error
+from tests.reference import logits, max_row_relative_error, relative_error
 
 OPS = {"ce": token_cross_entropy, "kl": reverse_kl}
 TOLERANCES = {  # (loss: max row relative error, gradient: relative norm error)
@@ -22,15 +22,6 @@ TOLERANCES = {  # (loss: max row relative error, gradient: relative norm error)
     torch.float16: (1e-3, 2e-3),
     torch.float64: (1e-12, 1e-12),
 }
-
-
-def logits(shape, dtype=torch.float32, scale=3.0, seed=0, padded=0):
-    """Random logits; the last `padded` vocabulary columns are -inf (padded vocabulary)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
-    if padded:
-        x[..., -padded:] = -math.inf
-    return x.to(dtype)
 
 
 def labels_for(shape, vocab, seed=0):
