@@ -4,7 +4,6 @@ computation on a tiny random Llama, and (in a subprocess, as megatron's CPU shim
 the pytest process) the megatron adapter against a plain float64 re-computation from its own
 logits, then `nemo-anchored eval` end to end on a saved checkpoint."""
 import argparse
-import importlib.util
 import json
 import os
 import subprocess

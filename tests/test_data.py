@@ -3,7 +3,6 @@ loading (prompt/response and chat messages; masks, padding, length policies, bad
 data-parallel batch order. Expectations are built here from the raw bytes, from transformers'
 own apply_chat_template, or by hand from a tiny word-level vocabulary, not from the code under
 test."""
-import importlib.util
 import json
 import os
 import re

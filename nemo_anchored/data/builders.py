@@ -574,13 +574,3 @@ def data_main(args) -> int:
         message += f"; {len(test)} held-out examples -> {args.test_out} (no shared question)"
     print(message)
     return 0
-
-
-def main(argv=None) -> int:
-    parser = add_data_arguments(argparse.ArgumentParser(
-        prog="nemo-anchored data", description=__doc__.splitlines()[0]))
-    return data_main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -726,13 +726,3 @@ def eval_main(args) -> int:
         os.replace(tmp, out)
         print(f"nemo-anchored eval: results -> {out}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = add_eval_arguments(argparse.ArgumentParser(
-        prog="nemo-anchored eval", description=__doc__.splitlines()[0]))
-    return eval_main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

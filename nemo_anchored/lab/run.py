@@ -352,7 +352,7 @@ class Lab:
         the checkpoint of every outer iteration (scores["trace"])."""
         from nemo_anchored.config import ConfigError, load_config
         from nemo_anchored.parallel.distributed import model_parallel
-        from nemo_anchored.training.checkpoint import latest_checkpoint, load_model_weights
+        from nemo_anchored.training.checkpoint import load_model_weights
         from nemo_anchored.training.trainer import Trainer
 
         cfg = load_config(self.recipe, list(overrides))
