@@ -228,17 +228,13 @@ def _encode_line(raw: bytes, first: bool, tokenizer: Tokenizer) -> Tuple[List[in
             return tokenizer.encode_conversation(record["messages"])
         prompt, response = _prompt_and_response(record)
         if tokenizer.chat_template is None:
-            prompt_ids = [*_optional(tokenizer.bos_id), *tokenizer.encode(prompt)]
+            prompt_ids = tokenizer.encode_prompt(prompt)  # [bos?] + encode(prompt)
             response_ids = [*tokenizer.encode(response), tokenizer.eos_id]
             return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
         return tokenizer.encode_conversation([{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": response}])
     except ConversationError as error:
         raise _BadLine(str(error)) from None
-
-
-def _optional(token: Optional[int]) -> List[int]:
-    return [] if token is None else [token]
 
 
 def _parse_record(raw: bytes, first: bool) -> dict:

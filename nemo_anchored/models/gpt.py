@@ -20,7 +20,9 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from nemo_anchored.config import MODEL_DTYPES
+
+TORCH_DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
 @dataclass
