@@ -10,9 +10,9 @@ TORCH_CPU := torch==2.13.0
 EXT_STAMP := $(VENV)/.ext-built
 ENV_STAMP := $(VENV)/.env-ready
 
-.PHONY: demo train-demo test build bench clean
+.PHONY: demo train-demo test test-fast lint build bench clean
 
-# The embedded default: the quick forgetting lab (DEMO in nemo_anchored/lab/run.py: sft, low_sft,
+# The embedded default: the quick forgetting lab (DEMO in nemo_anchored/lab/settings.py: sft, low_sft,
 # kl_sft, anchored logit/live over the quick lr grids, 2 seeds, from the committed p_base).
 demo: $(EXT_STAMP)
 	$(PY) -m nemo_anchored lab --demo --out runs/lab_demo
@@ -25,8 +25,17 @@ train-demo: $(EXT_STAMP)
 	$(PY) -m nemo_anchored anchor --config recipes/tiny_cpu.yaml \
 		model.base_checkpoint=$(DEMO_SFT)/base model.reference_checkpoint=$(DEMO_SFT)/final
 
-test: $(EXT_STAMP)
+test: lint $(EXT_STAMP)
 	$(PY) -m pytest -q tests
+
+# The tests that start no process and train nothing (the `slow` marker): under a minute.
+test-fast: lint $(EXT_STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# The style the code keeps (ruff.toml, .clang-format), checked before any test runs.
+lint: $(ENV_STAMP)
+	$(VENV)/bin/ruff check -q .
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*
 
 build: $(EXT_STAMP)
 

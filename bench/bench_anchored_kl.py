@@ -67,7 +67,10 @@ def measure_one(backend, rows, cols, mode, dtype, device, repeats) -> dict:
 
     interpolation, anchor = mode.split("-")
     g = torch.Generator(device=device).manual_seed(0)
-    make = lambda: (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
+
+    def make():
+        return (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
+
     z, r = make().requires_grad_(), make()
     c = make() if anchor == "snapshot" else None
     weights = torch.full((rows,), 1.0 / rows, device=device)

@@ -66,7 +66,8 @@ def main():
     args = parser.parse_args()
 
     from nemo_anchored.eval.generate import greedy_generate_ids
-    from nemo_anchored.models.gpt import GPTConfig, build_gpt_model
+    from nemo_anchored.config import GPTConfig
+    from nemo_anchored.models.gpt import build_gpt_model
     from nemo_anchored.parallel.distributed import model_parallel
 
     with model_parallel(1, 1, seed=0):

@@ -52,6 +52,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
+    # 0: the loss path alone (the recorded ratios); 1: the recipes' default, the trust-region
+    # diagnostic and KL to the reference every step.
+    parser.add_argument("--diagnostics-every", type=int, default=0)
     args = parser.parse_args()
 
     model = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
@@ -62,7 +65,7 @@ def main():
              f"trainer.micro_batch_size={args.micro_batch}",
              f"trainer.global_batch_size={2 * args.micro_batch}",
              "logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=none",
-             "logging.diagnostics_every=0"]
+             f"logging.diagnostics_every={args.diagnostics_every}"]
     steps = [f"trainer.max_steps={args.steps}", "anchor.outer_iterations=1",
              f"anchor.inner_steps={args.steps}"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +91,8 @@ def main():
         r["memory_ratio"] = r["peak_memory_mib"] / sft["peak_memory_mib"]
         print(f"{name:>18} | {r['median_step_s']:8.4f} {r['time_ratio']:5.2f}x | "
               f"{r['peak_memory_mib']:9.0f} {r['memory_ratio']:5.2f}x")
-    write_results(RESULTS / f"step_time_{device['kind']}_{args.dtype}.json",
+    suffix = f"_diagnostics{args.diagnostics_every}" if args.diagnostics_every else ""
+    write_results(RESULTS / f"step_time_{device['kind']}_{args.dtype}{suffix}.json",
                   {"device": device, "args": vars(args), "results": results})
 
 

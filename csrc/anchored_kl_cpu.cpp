@@ -3,9 +3,10 @@
 //
 // Each row is walked in blocks of kBlock columns converted to fp32 on the stack (the
 // temperature folded in), so the hot loops run over plain float arrays that the compiler
-// vectorizes (with -fno-trapping-math, which lets it turn the selects into blends), and no [rows x V] temporary exists besides the gradient. Block results go into
-// double row accumulators, so summing 1e5+ columns costs no precision. Rows are split over
-// threads with at::parallel_for.
+// vectorizes (with -fno-trapping-math, which lets it turn the selects into blends), and no
+// [rows x V] temporary exists besides the gradient. Block results go into double row
+// accumulators, so summing 1e5+ columns costs no precision. Rows are split over threads with
+// at::parallel_for.
 #include "anchored_kl.h"
 
 #include <ATen/Parallel.h>
@@ -130,8 +131,7 @@ Params make_params(double alpha, double inv_tau, bool live) {
 }
 
 template <typename T, Interp Mode>
-AKL_CPU_CLONES void row_stats(const RowPtrs<T>& row, int64_t cols, const Params& prm,
-                              float* out) {
+AKL_CPU_CLONES void row_stats(const RowPtrs<T>& row, int64_t cols, const Params& prm, float* out) {
   float zb[kBlock], cb[kBlock], rb[kBlock], ab[kBlock];
   RowSoftmax s[3];
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
@@ -206,7 +206,10 @@ RowPtrs<T> row_ptrs(const Inputs& in, int64_t i) {
 }
 
 // Calls fn(T*, ModeTag) with a null pointer of the inputs' element type and the mode as a
-// compile-time constant.
+// compile-time constant. The double kernels this builds are never called (make_inputs refuses
+// double) but stay: GCC's inlining, and so its code for the other kernels, depends on them.
+// Every dispatch without them that was tried changed that code: bf16 and fp16 results by an
+// ulp, and the float32 kernels for CPUs without AVX-512.
 template <class Fn>
 void dispatch(const Inputs& in, Fn&& fn) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.z.scalar_type(), "anchored_kl", [&] {

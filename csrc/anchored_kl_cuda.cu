@@ -84,13 +84,17 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 template <typename T>
 __device__ T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
 
 // W consecutive columns of one stream, loaded or stored as one access.
 template <typename T, int W>
@@ -168,8 +172,7 @@ struct Problem {
 template <int W, typename T>
 __device__ __forceinline__ Pack<T, W>* grad_row(T* grad, int64_t row, int cols,
                                                 int first_pack = 0) {
-  return grad == nullptr ? nullptr
-                         : reinterpret_cast<Pack<T, W>*>(grad + row * cols) + first_pack;
+  return grad == nullptr ? nullptr : reinterpret_cast<Pack<T, W>*>(grad + row * cols) + first_pack;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,12 +451,11 @@ __global__ void __launch_bounds__(kResidentThreads, kResidentBlocksPerSm)
   Pack<T, W>* kept_c = p.live ? kept_z : kept_r + capacity;
 
   SoftmaxState s[N];
-  stats_pass<Mode>(pb.template row<W>(row, begin), n, p, s,
-                   [&](int j, const Packs<T, W>& x) {
-                     kept_z[j] = x.z;
-                     kept_r[j] = x.r;
-                     if (!p.live) kept_c[j] = x.c;
-                   });
+  stats_pass<Mode>(pb.template row<W>(row, begin), n, p, s, [&](int j, const Packs<T, W>& x) {
+    kept_z[j] = x.z;
+    kept_r[j] = x.r;
+    if (!p.live) kept_c[j] = x.c;
+  });
   block_reduce(s, stats_scratch);
   if (threadIdx.x == 0)
 #pragma unroll
@@ -476,8 +478,8 @@ __global__ void __launch_bounds__(kResidentThreads, kResidentBlocksPerSm)
   // the packs it stored itself (walk gives thread t the packs i = t mod T whatever its Unroll),
   // so no barrier is needed for them.
   const RowView<T, W> kept{kept_z, kept_c, kept_r};
-  float kl[1] = {kl_grad_pass<Mode, 1>(kept, n, p, lse, grad_row<W>(grad, row, pb.cols, begin),
-                                       false)};
+  float kl[1] = {
+      kl_grad_pass<Mode, 1>(kept, n, p, lse, grad_row<W>(grad, row, pb.cols, begin), false)};
   block_reduce(kl, kl_scratch);
   if (threadIdx.x == 0) peer_shared(block_kl, 0)[rank] = kl[0];
   // Also keeps every block's shared memory alive until the reads of block_stats are done.
@@ -568,8 +570,7 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
 // blocks per SM (one loads while another computes), else up to a whole SM's. Returns false,
 // launching nothing, when no size fits.
 template <typename T, Interp Mode>
-bool launch_resident(const Problem<T>& pb, int64_t rows, float* kl, T* grad,
-                     cudaStream_t stream) {
+bool launch_resident(const Problem<T>& pb, int64_t rows, float* kl, T* grad, cudaStream_t stream) {
   constexpr int W = kPackWidth<T>;
   const auto kernel = fused_resident_kernel<T, Mode>;
   int device = 0;
@@ -579,9 +580,8 @@ bool launch_resident(const Problem<T>& pb, int64_t rows, float* kl, T* grad,
   // Clusters need the device's support and device code built for sm_90 or later (not sm_80
   // code JIT-compiled from PTX for a newer GPU, where cluster_sync is a block barrier).
   const int max_cluster =
-      device_attribute(cudaDevAttrClusterLaunch, device) != 0 && func.ptxVersion >= 90
-          ? kMaxCluster
-          : 1;
+      device_attribute(cudaDevAttrClusterLaunch, device) != 0 && func.ptxVersion >= 90 ? kMaxCluster
+                                                                                       : 1;
   const int64_t per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   const int64_t reserved = device_attribute(cudaDevAttrReservedSharedMemoryPerBlock, device);
   const int64_t per_block = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
@@ -629,8 +629,7 @@ torch::Tensor row_stats_cuda(const Inputs& in) {
   const c10::cuda::CUDAGuard guard(in.z.device());
   check_sizes(in);
   const int64_t rows = in.z.size(0);
-  auto stats = torch::empty({rows, num_streams(in.mode), 2},
-                            in.z.options().dtype(torch::kFloat32));
+  auto stats = torch::empty({rows, num_streams(in.mode), 2}, in.z.options().dtype(torch::kFloat32));
   if (rows == 0) return stats;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
@@ -639,8 +638,9 @@ torch::Tensor row_stats_cuda(const Inputs& in) {
     const Problem<T> pb = make_problem<T>(in);
     with_pack_width<T>(rows_aligned(in, {}), [&](auto width) {
       constexpr int W = decltype(width)::value;
-      row_stats_kernel<T, Mode, W><<<static_cast<unsigned>(rows), block_threads(pb.cols / W),
-                                     0, stream>>>(pb, stats.data_ptr<float>());
+      row_stats_kernel<T, Mode, W>
+          <<<static_cast<unsigned>(rows), block_threads(pb.cols / W), 0, stream>>>(
+              pb, stats.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -663,8 +663,9 @@ std::tuple<torch::Tensor, torch::Tensor> kl_grad_cuda(const Inputs& in, const to
     T* g = need_grad ? static_cast<T*>(grad.data_ptr()) : nullptr;
     with_pack_width<T>(rows_aligned(in, grad), [&](auto width) {
       constexpr int W = decltype(width)::value;
-      kl_grad_kernel<T, Mode, W><<<static_cast<unsigned>(rows), block_threads(pb.cols / W), 0,
-                                   stream>>>(pb, lse.data_ptr<float>(), kl.data_ptr<float>(), g);
+      kl_grad_kernel<T, Mode, W>
+          <<<static_cast<unsigned>(rows), block_threads(pb.cols / W), 0, stream>>>(
+              pb, lse.data_ptr<float>(), kl.data_ptr<float>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -688,9 +689,9 @@ std::tuple<torch::Tensor, torch::Tensor> fused_cuda(const Inputs& in, bool need_
     if (aligned && launch_resident<T, Mode>(pb, rows, kl.data_ptr<float>(), g, stream)) return;
     with_pack_width<T>(aligned, [&](auto width) {
       constexpr int W = decltype(width)::value;
-      fused_streaming_kernel<T, Mode, W><<<static_cast<unsigned>(rows),
-                                           block_threads(pb.cols / W), 0, stream>>>(
-          pb, kl.data_ptr<float>(), g);
+      fused_streaming_kernel<T, Mode, W>
+          <<<static_cast<unsigned>(rows), block_threads(pb.cols / W), 0, stream>>>(
+              pb, kl.data_ptr<float>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -51,10 +51,9 @@ std::tuple<torch::Tensor, torch::Tensor> kl_grad(const torch::Tensor& z,
                                                  bool need_grad) {
   check_device(z);
   const Inputs in = make_inputs(z, c, r, alpha, inv_tau, mode);
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == z.size(0) &&
-                  lse.size(1) == num_streams(in.mode) && lse.size(2) == 2 &&
-                  lse.scalar_type() == torch::kFloat && lse.device() == z.device() &&
-                  lse.is_contiguous(),
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == z.size(0) && lse.size(1) == num_streams(in.mode) &&
+                  lse.size(2) == 2 && lse.scalar_type() == torch::kFloat &&
+                  lse.device() == z.device() && lse.is_contiguous(),
               "lse must be a contiguous float32 [rows, streams, 2] tensor on the logits' device");
 #ifdef WITH_CUDA
   if (z.is_cuda()) return kl_grad_cuda(in, lse, need_grad);
@@ -64,8 +63,8 @@ std::tuple<torch::Tensor, torch::Tensor> kl_grad(const torch::Tensor& z,
 
 std::tuple<torch::Tensor, torch::Tensor> fused(const torch::Tensor& z,
                                                const std::optional<torch::Tensor>& c,
-                                               const torch::Tensor& r, double alpha,
-                                               double inv_tau, int64_t mode, bool need_grad) {
+                                               const torch::Tensor& r, double alpha, double inv_tau,
+                                               int64_t mode, bool need_grad) {
   check_device(z);
   const Inputs in = make_inputs(z, c, r, alpha, inv_tau, mode);
 #ifdef WITH_CUDA

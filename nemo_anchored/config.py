@@ -8,7 +8,7 @@ group starts, so a mistake costs one clear message naming the key, not a cluster
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -36,21 +36,23 @@ class TrainerConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Architecture (nemo_anchored.models.gpt.GPTConfig) and where the weights come from."""
+class GPTConfig:
+    """Architecture of a decoder-only, Llama-style transformer (RoPE, RMSNorm, SwiGLU): the
+    ``model:`` keys of a recipe that the model builder reads (nemo_anchored.models.gpt)."""
 
     num_layers: int = MISSING
     hidden_size: int = MISSING
     num_attention_heads: int = MISSING
     vocab_size: int = MISSING
     max_seq_len: int = MISSING
-    num_query_groups: Optional[int] = None
-    ffn_hidden_size: Optional[int] = None
-    kv_channels: Optional[int] = None
+    num_query_groups: Optional[int] = None  # None: multi-head attention (one group per head)
+    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
+    kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
     tie_embeddings: bool = True
     add_qkv_bias: bool = False
     rotary_base: float = 10000.0
-    # Llama 3.1/3.2 RoPE scaling (low/high frequency factors 1 and 4, original context 8192).
+    # Llama 3.1/3.2 RoPE frequency scaling (megatron-core fixes low_freq_factor=1,
+    # high_freq_factor=4, original_max_position_embeddings=8192; only the factor varies).
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
     norm_epsilon: float = 1e-5
@@ -59,6 +61,49 @@ class ModelConfig:
     attention_dropout: float = 0.0
     dtype: str = "float32"  # float32 | bfloat16 | float16
     make_vocab_size_divisible_by: int = 128
+
+    @classmethod
+    def of(cls, model_section) -> "GPTConfig":
+        """The architecture in a recipe's ``model`` section (a ModelConfig or a DictConfig)."""
+        return cls(**{f.name: model_section[f.name] for f in fields(cls)})
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by``, whatever
+        the TP size (which must divide it).
+
+        megatron-core's training scripts pad to a multiple of ``divisible_by * TP`` instead,
+        which gives every TP size its own embedding shape; a layout-independent padding keeps
+        checkpoints loadable at any TP.
+        """
+        divisor = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // divisor) * divisor
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+def check_layout(arch: GPTConfig, tp: int, pp: int, *, tp_key: str, pp_key: str) -> None:
+    """The TP x PP layouts a model can be split into; ``ConfigError`` naming ``tp_key`` or
+    ``pp_key`` (the recipe key or command-line flag the sizes came from) otherwise."""
+    _require(tp >= 1, tp_key, "must be >= 1")
+    _require(pp >= 1, pp_key, "must be >= 1")
+    groups = arch.query_groups
+    _require(groups % tp == 0, tp_key, f"TP={tp} must divide the query groups ({groups}) and "
+             f"heads ({arch.num_attention_heads})")
+    padded = arch.padded_vocab_size
+    _require(padded % tp == 0, tp_key, f"TP={tp} must divide the padded vocabulary ({padded} = "
+             f"model.vocab_size rounded up to model.make_vocab_size_divisible_by="
+             f"{arch.make_vocab_size_divisible_by})")
+    _require(arch.num_layers % pp == 0, pp_key,
+             f"PP={pp} must divide model.num_layers={arch.num_layers}")
+
+
+@dataclass
+class ModelConfig(GPTConfig):
+    """The architecture and where the weights come from."""
+
     # A nemo-anchored checkpoint directory with the base weights (p_base); None: initialise
     # from trainer.seed (tiny recipes only).
     base_checkpoint: Optional[str] = None
@@ -213,7 +258,8 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len"):
         _require(m[key] >= 1, f"model.{key}", "must be >= 1")
     _one_of(m.dtype, "model.dtype", MODEL_DTYPES)
-    groups = m.num_query_groups or m.num_attention_heads
+    arch = GPTConfig.of(m)
+    groups = arch.query_groups
     _require(m.num_attention_heads % groups == 0, "model.num_query_groups",
              f"{groups} does not divide num_attention_heads={m.num_attention_heads}")
     _require(m.kv_channels is not None or m.hidden_size % m.num_attention_heads == 0,
@@ -225,17 +271,8 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
     _require(0 <= m.attention_dropout < 1, "model.attention_dropout", "must be in [0, 1)")
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    _require(tp >= 1, "parallelism.tensor_model_parallel_size", "must be >= 1")
-    _require(pp >= 1, "parallelism.pipeline_model_parallel_size", "must be >= 1")
-    _require(groups % tp == 0, "parallelism.tensor_model_parallel_size",
-             f"TP={tp} must divide the query groups ({groups}) and heads "
-             f"({m.num_attention_heads})")
-    padded = -(-m.vocab_size // m.make_vocab_size_divisible_by) * m.make_vocab_size_divisible_by
-    _require(padded % tp == 0, "parallelism.tensor_model_parallel_size",
-             f"TP={tp} must divide the padded vocabulary ({padded} = model.vocab_size rounded "
-             f"up to model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by})")
-    _require(m.num_layers % pp == 0, "parallelism.pipeline_model_parallel_size",
-             f"PP={pp} must divide model.num_layers={m.num_layers}")
+    check_layout(arch, tp, pp, tp_key="parallelism.tensor_model_parallel_size",
+                 pp_key="parallelism.pipeline_model_parallel_size")
     _require(not p.sequence_parallel or tp > 1, "parallelism.sequence_parallel",
              "needs tensor_model_parallel_size > 1")
     _require(world_size % (tp * pp) == 0, "parallelism",

@@ -17,7 +17,7 @@
 # Steps: convert the model (once), build the data (once), the SFT reference, then anchored and
 # the baselines (PARALLEL=N runs N of them at once, e.g. on one large GPU: on an H100 an sft run
 # of the old medcalc setting, micro-batch 8 x 768 tokens, peaked at 17.7 GiB; size N to fit), evaluate
-# every final model and the base, and write RUNS/results.md (nemo_anchored.eval.report).
+# every final model and the base, and write RUNS/results.md (nemo-anchored report).
 set -euo pipefail
 TASK=${1:?usage: scripts/experiment.sh gsm_symbolic|medcalc [short|full]}
 SETTING=${2:-short}
@@ -99,4 +99,4 @@ for name in base sft anchored low_sft kl_sft dft stm; do
   jobs_run=$((jobs_run + 1)); if [ "$jobs_run" -ge "$PARALLEL" ]; then wait -n || true; jobs_run=$((jobs_run - 1)); fi
 done
 wait || true
-$PY -m nemo_anchored.eval.report "$RUNS" --domain "$TASK" | tee "$RUNS/results.md"
+$NA report "$RUNS" --domain "$TASK" | tee "$RUNS/results.md"

@@ -32,32 +32,26 @@ import torch
 import torch.distributed as dist
 
 from tests.launch import CheckLog
-from nemo_anchored.models.gpt import GPTConfig, build_gpt_model, full_state_dict_key
+from nemo_anchored.checkpoint.format import MARKER, CheckpointError, latest_checkpoint
+from nemo_anchored.checkpoint.sharded import load_checkpoint, load_model_weights, save_checkpoint
+from nemo_anchored.config import GPTConfig
+from nemo_anchored.models.gpt import build_gpt_model, full_state_dict_key
 from nemo_anchored.parallel.distributed import (
     init_process_group,
     model_parallel,
     set_seed,
     shutdown,
 )
-from nemo_anchored.training.checkpoint import (
-    MARKER,
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-)
 
-# After nemo_anchored: importing it installs the CPU shims megatron-core needs here.
-from megatron.core import parallel_state, tensor_parallel  # noqa: E402
-from megatron.core.distributed import (  # noqa: E402
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 CFG = GPTConfig(
     num_layers=2,

@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from tests.launch import CheckLog
 from nemo_anchored.models.co_resident import CoResidentModels
+from nemo_anchored.config import GPTConfig
 from nemo_anchored.models.gpt import (
-    GPTConfig,
     build_gpt_model,
     full_state_dict_key,
     load_full_state_dict,
@@ -38,8 +38,7 @@ from nemo_anchored.parallel.distributed import (
 )
 from nemo_anchored.parallel.schedule import forward_backward, wrap_for_training
 
-# After nemo_anchored: importing it installs the CPU shims megatron-core needs here.
-from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+from megatron.core import parallel_state, tensor_parallel
 
 CFG = GPTConfig(
     num_layers=4,
@@ -263,7 +262,7 @@ def two_process_checks():
         stack.refresh_snapshot()
         refreshed = capture_logits(ddp, batches[0])
         # Load the policy's shard as reference weights: the reference must match it too.
-        stack.load_reference_state_dict(stack.policy.state_dict())
+        stack.reference.load_state_dict(stack.policy.state_dict(), strict=True)
         reloaded = capture_logits(ddp, batches[0])
         if refreshed is not None:
             policy, reference, snapshot = (real_columns(t) for t in refreshed)
@@ -272,7 +271,7 @@ def two_process_checks():
             expect("snapshot", "PP2: reference still differs from the moved policy",
                    (reference - policy).abs().max() > 1e-3)
             policy, reference, _ = (real_columns(t) for t in reloaded)
-            check("snapshot", "PP2: reference == policy after load_reference_state_dict",
+            check("snapshot", "PP2: reference == policy after loading the policy's weights",
                   (reference - policy).abs().max(), 0.0)
 
     everything = [None] * dist.get_world_size()

@@ -124,8 +124,8 @@ def load_safetensors_folder(folder: Path) -> dict:
 
 def error_of(fn) -> str:
     """The text of the ConversionError / CheckpointError ``fn`` raises ('' if none)."""
-    from nemo_anchored.models.hf_convert import ConversionError
-    from nemo_anchored.training.checkpoint import CheckpointError
+    from nemo_anchored.models.hf_layout import ConversionError
+    from nemo_anchored.checkpoint.format import CheckpointError
 
     try:
         fn()
@@ -261,7 +261,8 @@ def bad_input_checks(work: Path, sources: dict, converted: dict) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import MistralConfig
 
-    from nemo_anchored.models.hf_convert import convert_hf_to_mcore, convert_mcore_to_hf
+    from nemo_anchored.models.hf_export import convert_mcore_to_hf
+    from nemo_anchored.models.hf_import import convert_hf_to_mcore
 
     bad = work / "bad"
 
@@ -325,7 +326,7 @@ def bad_input_checks(work: Path, sources: dict, converted: dict) -> None:
 
     message = error_of(convert(sources["llama_tied"], tp=4))
     expect("errors", f"--tp not dividing the query groups: {message!r}",
-           "--tp 4" in message and "query groups (2)" in message)
+           message.startswith("--tp: TP=4") and "query groups (2)" in message)
 
     message = error_of(lambda: convert_hf_to_mcore(sources["qwen2"], converted["qwen2"]))
     expect("errors", f"an existing --out is never overwritten: {message!r}",
@@ -414,21 +415,17 @@ def gather_vocab(logits, vocab_size):
 
 def model_config(converted: Path):
     """GPTConfig from the model.yaml the conversion wrote (what a recipe would use)."""
-    import dataclasses
-
     import yaml
 
-    from nemo_anchored.models.gpt import GPTConfig
+    from nemo_anchored.config import GPTConfig
 
-    section = yaml.safe_load((converted / "model.yaml").read_text())["model"]
-    names = {f.name for f in dataclasses.fields(GPTConfig)}
-    return GPTConfig(**{k: v for k, v in section.items() if k in names})
+    return GPTConfig.of(yaml.safe_load((converted / "model.yaml").read_text())["model"])
 
 
 def logits_checks(work: Path) -> None:
     from nemo_anchored.models.gpt import build_gpt_model
     from nemo_anchored.parallel.distributed import model_parallel
-    from nemo_anchored.training.checkpoint import load_model_weights
+    from nemo_anchored.checkpoint.sharded import load_model_weights
 
     for name in ("llama_tied", "llama3_untied", "qwen2", "smollm2"):
         converted = work / "mcore" / name

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nemo_anchored.ops import anchor_diagnostics, anchored_kl, fused_available
+from nemo_anchored.ops.anchored_kl import anchored_kl_and_diagnostics
 from tests.reference import anchored_kl_loss_and_grad as run
 from tests.reference import (anchor_log_probs, anchored_kl_reference, kl, logits,
                              max_row_relative_error, relative_error)
@@ -199,6 +200,29 @@ def test_entropy_diagnostic(backend):
     assert max_row_relative_error(d["entropy"], entropy) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("interpolation,mode", [("logit", "live"), ("logit", "snapshot"),
+                                                ("prob", "live"), ("prob", "snapshot")])
+def test_loss_with_diagnostics_is_both_calls_in_one(backend, interpolation, mode):
+    # The trainer's diagnosed steps: the loss and its gradient bit for bit those of
+    # anchored_kl, the diagnostics those of anchor_diagnostics, and KL(p_theta || p_ref).
+    shape = (3, 5, 301)
+    z, r = logits(shape, seed=40), logits(shape, seed=41)
+    c = logits(shape, seed=42) if mode == "snapshot" else None
+    options = dict(alpha=0.3, interpolation=interpolation, temperature=0.8, backend=backend)
+    zz = z.clone().requires_grad_()
+    loss, d = anchored_kl_and_diagnostics(zz, r, current_logits=c, **options)
+    (grad,) = torch.autograd.grad(loss.sum(), zz)
+    expected_loss, expected_grad = run(z, r, c, **options)
+    assert torch.equal(loss.detach(), expected_loss) and torch.equal(grad, expected_grad)
+    expected = anchor_diagnostics(z, r, current_logits=c, **options)
+    assert set(d) == set(expected) | {"kl_policy_ref"}
+    for key, value in expected.items():
+        assert torch.equal(d[key], value), key
+    log_p, log_ref = (torch.log_softmax(x.double() / 0.8, -1) for x in (z, r))
+    assert max_row_relative_error(d["kl_policy_ref"], kl(log_p, log_ref)) <= 1e-5
+
+
 def test_proposition_5_4_geometric_recursion():
     # Exact projection in probability space: p_{t+1} = q(t). The anchor is read back from the
     # operator's own gradient at the snapshot (p - q), so this checks what the trainer optimises.
@@ -267,7 +291,7 @@ def test_no_gradient_needed():
     (dict(policy=torch.zeros(3, 0)), "policy_logits must have"),
     (dict(policy=torch.zeros(3, 10, dtype=torch.float64), backend="fused"), "backend='fused'"),
 ])
-@pytest.mark.parametrize("fn", [anchored_kl, anchor_diagnostics])
+@pytest.mark.parametrize("fn", [anchored_kl, anchor_diagnostics, anchored_kl_and_diagnostics])
 def test_bad_arguments_raise_value_error(fn, kwargs, pattern):
     args = dict(policy=torch.zeros(3, 10), reference=torch.zeros(3, 10), current=None,
                 alpha=0.5, interpolation="logit", temperature=1.0, backend="auto")

@@ -15,9 +15,11 @@ import torch.distributed as dist
 
 from tests.launch import spawn_tp_ranks
 
+pytestmark = pytest.mark.slow  # spawned gloo ranks
+
 WORLD = 4
 V_FULL = 4 * 251  # shards of 502 (TP = 2) and 251 (TP = 4): not powers of two
-PADDED = 13  # trailing columns of the full vocabulary that are padding (-inf): inside the last shard
+PADDED = 13  # trailing padded (-inf) columns of the full vocabulary: inside the last shard
 
 
 def full_logits(seed, dtype, rows=(3, 5), scale=3.0):
@@ -34,7 +36,8 @@ def shard(x, index, size):
 
 def check_case(group, index, size, backend, interpolation, mode, dtype, temperature, seed):
     from nemo_anchored.ops import anchor_diagnostics, anchored_kl
-    from tests.reference import (anchored_kl_reference, max_row_relative_error,
+    from nemo_anchored.ops.anchored_kl import anchored_kl_and_diagnostics
+    from tests.reference import (anchored_kl_reference, kl, max_row_relative_error,
                                  relative_error)
 
     z, r = full_logits(seed, dtype), full_logits(seed + 1, dtype)
@@ -69,6 +72,15 @@ def check_case(group, index, size, backend, interpolation, mode, dtype, temperat
         for key in ("anchor_step_kl", "bound", "kl_cur_ref", "entropy"):
             assert max_row_relative_error(d[key], full[key]) <= 1e-5, (key,) + label
         assert (d["anchor_step_kl"] <= d["bound"] * (1 + 1e-5)).all()
+
+        both_loss, both = anchored_kl_and_diagnostics(
+            shard(z, index, size), shard(r, index, size), current_logits=c_local, alpha=0.4,
+            interpolation=interpolation, tp_group=group, backend=backend)
+        assert torch.equal(both_loss, loss.detach()), label
+        for key in d:
+            assert torch.equal(both[key], d[key]), (key,) + label
+        log_p, log_ref = (torch.log_softmax(x.double(), -1) for x in (z, r))
+        assert max_row_relative_error(both["kl_policy_ref"], kl(log_p, log_ref)) <= 1e-5, label
 
 
 def check_non_finite(group, index, size, backend):

@@ -18,14 +18,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from nemo_anchored.data import ByteTokenizer, HFTokenizer  # noqa: E402
 from nemo_anchored.data.builders import build  # noqa: E402
-from nemo_anchored.eval.benchmarks import (BenchmarkDataError, TransformersLM,  # noqa: E402
-                                           add_eval_arguments, evaluate_built, evaluate_humaneval,
-                                           evaluate_mmlu, first_number, humaneval_completion,
-                                           humaneval_messages, humaneval_program, load_humaneval,
-                                           load_mmlu, load_task_examples, mmlu_messages,
-                                           run_program,
-                                           score_countdown, score_gsm_symbolic, score_medcalc,
-                                           score_response, subsample)
+from nemo_anchored.cli import eval as eval_command  # noqa: E402
+from nemo_anchored.eval.adapters import TransformersLM  # noqa: E402
+from nemo_anchored.eval.benchmarks import (evaluate_built, evaluate_humaneval,  # noqa: E402
+                                           evaluate_mmlu, humaneval_messages, mmlu_messages)
+from nemo_anchored.eval.loaders import (BenchmarkDataError, load_humaneval,  # noqa: E402
+                                        load_mmlu, load_task_examples, subsample)
+from nemo_anchored.eval.scoring import (first_number, humaneval_completion,  # noqa: E402
+                                        humaneval_program, run_program, score_countdown,
+                                        score_gsm_symbolic, score_medcalc, score_response)
 
 REPO = Path(__file__).resolve().parents[1]
 BYTES = ByteTokenizer()
@@ -80,6 +81,7 @@ def problems():
     return {p["task_id"]: p for p in load_humaneval()}
 
 
+@pytest.mark.slow
 def test_humaneval_programs_pass_fail_and_time_out(problems):
     assert len(problems) == 164
     chosen = [problems[f"HumanEval/{i}"] for i in (0, 2, 53)]
@@ -235,6 +237,7 @@ def _direct_logprobs(model, ids, vocab_size):
     return torch.log_softmax(logits[:, :vocab_size].double(), dim=-1)
 
 
+@pytest.mark.slow
 def test_mmlu_loglikelihood_through_transformers_equals_direct_computation(tiny_llama):
     model, tokenizer = tiny_llama
     lm = TransformersLM(model, vocab_size=tokenizer.vocab_size, stop_ids=tokenizer.stop_ids)
@@ -271,6 +274,7 @@ def _direct_greedy(model, prompt, max_new_tokens, stop_ids, vocab_size):
     return new
 
 
+@pytest.mark.slow
 def test_transformers_greedy_generation_equals_a_direct_loop_and_stops(tiny_llama):
     """Left-padded batches (prompts of unequal length, a batch size that splits them, the
     longest first in the input) give each prompt's own unpadded greedy continuation."""
@@ -301,12 +305,13 @@ import torch
 from omegaconf import OmegaConf
 from nemo_anchored.config import load_config
 from nemo_anchored.data import ByteTokenizer
-from nemo_anchored.eval.benchmarks import (EvalSettings, MegatronLM, add_eval_arguments,
-                                           eval_main, evaluate_checkpoint, evaluate_mmlu)
+from nemo_anchored.cli import eval as eval_command
+from nemo_anchored.eval.adapters import MegatronLM
+from nemo_anchored.eval.benchmarks import EvalSettings, evaluate_checkpoint, evaluate_mmlu
 from nemo_anchored.models.gpt import build_gpt_model
 from nemo_anchored.parallel.distributed import model_parallel
-from nemo_anchored.training.checkpoint import save_checkpoint
-from nemo_anchored.training.trainer import gpt_config
+from nemo_anchored.checkpoint.sharded import save_checkpoint
+from nemo_anchored.config import GPTConfig
 
 work = Path(sys.argv[1])
 MAX_LEN = 512
@@ -320,7 +325,7 @@ V = tok.vocab_size
 out = {}
 
 with model_parallel(1, 1, seed=0):
-    model = build_gpt_model(gpt_config(cfg)).eval()
+    model = build_gpt_model(GPTConfig.of(cfg.model)).eval()
 
     def logits(ids, net=model):  # a full forward, read directly, recomputed in float64
         with torch.no_grad():
@@ -358,7 +363,7 @@ with model_parallel(1, 1, seed=0):
     out["max_id"] = max(t for g in got for t in g)
     # The KV-cached loop against full forwards, on a model whose next token depends on the
     # context (larger weights: the tiny recipe's model repeats one token whatever the context).
-    sharp = build_gpt_model(replace(gpt_config(cfg), init_method_std=0.3)).eval()
+    sharp = build_gpt_model(replace(GPTConfig.of(cfg.model), init_method_std=0.3)).eval()
     sharp_prompts = [*prompts, tok.encode_prompt("add 9+9=")]  # two prompts share a length
     sharp_got = MegatronLM(sharp, vocab_size=V, stop_ids=set(), batch_size=3).generate(
         sharp_prompts, 24)
@@ -403,7 +408,8 @@ out["e2e_sources"] = {t: tasks[t]["source"] for t in tasks}
 def cli(argv):
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        status = eval_main(add_eval_arguments(argparse.ArgumentParser()).parse_args(argv))
+        status = eval_command.run(eval_command.add_arguments(argparse.ArgumentParser())
+                                  .parse_args(argv))
     return status, err.getvalue()
 
 
@@ -433,6 +439,7 @@ def megatron_checks(tmp_path_factory):
     return json.loads(result.stdout.strip().splitlines()[-1]), work
 
 
+@pytest.mark.slow
 def test_megatron_kv_cached_generation_equals_full_forwards(megatron_checks):
     """24 tokens per prompt, batches of equal-length prompts, a context-sensitive model."""
     out, _ = megatron_checks
@@ -440,6 +447,7 @@ def test_megatron_kv_cached_generation_equals_full_forwards(megatron_checks):
     assert out["kv_equal"]
 
 
+@pytest.mark.slow
 def test_megatron_generation_equals_a_float64_greedy_loop(megatron_checks):
     out, _ = megatron_checks
     assert out["unmasked_picks_padded"]  # the padded columns would win without the mask
@@ -448,6 +456,7 @@ def test_megatron_generation_equals_a_float64_greedy_loop(megatron_checks):
     assert out["stops"]
 
 
+@pytest.mark.slow
 def test_megatron_logprob_equals_a_float64_recomputation(megatron_checks):
     out, _ = megatron_checks
     assert out["logprob_magnitude"] > 1.0  # a real sum of several log-probs, not ~0
@@ -456,6 +465,7 @@ def test_megatron_logprob_equals_a_float64_recomputation(megatron_checks):
     assert out["truncated"] == 2
 
 
+@pytest.mark.slow
 def test_eval_command_on_a_saved_checkpoint(megatron_checks):
     out, work = megatron_checks
     assert out["e2e_mmlu_same_logprobs"]  # the checkpoint's weights, through the run config
@@ -477,7 +487,7 @@ def test_eval_command_on_a_saved_checkpoint(megatron_checks):
 
 
 def test_eval_arguments_parse():
-    args = add_eval_arguments(argparse.ArgumentParser()).parse_args(
+    args = eval_command.add_arguments(argparse.ArgumentParser()).parse_args(
         ["--checkpoint", "c", "--config", "r.yaml", "--tasks", "mmlu,medcalc", "--data",
          "medcalc=t.jsonl", "--limit", "5"])
     assert (args.tasks, args.data, args.limit, args.seed) == ("mmlu,medcalc", ["medcalc=t.jsonl"],

@@ -7,15 +7,16 @@ from fractions import Fraction
 
 import pytest
 
+from nemo_anchored.cli import data as data_command
 from nemo_anchored.data import ByteTokenizer, load_sft_dataset
-from nemo_anchored.data.builders import (CALCULATORS_BY_NAME, MEDCALC_CALCULATORS, TASKS,
-                                         add_data_arguments, build, build_splits,
-                                         countdown_steps, data_main, extract_final_answer,
-                                         medcalc_example, question_of)
-from nemo_anchored.eval.benchmarks import score_response
+from nemo_anchored.data.builders import TASKS, build, build_splits, countdown_steps
+from nemo_anchored.data.medcalc import MEDCALC_CALCULATORS, medcalc_example
+from nemo_anchored.data.task_format import extract_final_answer, question_of
+from nemo_anchored.eval.scoring import score_response
 
 # Small sizes: countdown's generator searches expressions (~10-40 ms an example).
 SIZES = {"gsm_symbolic": 60, "countdown": 12, "medcalc": 300}
+CALCULATORS_BY_NAME = {c.name: c for c in MEDCALC_CALCULATORS}
 
 
 @pytest.fixture(scope="module")
@@ -183,12 +184,12 @@ def test_unknown_task_and_bad_sizes():
 def _parse(argv):
     import argparse
 
-    return add_data_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return data_command.add_arguments(argparse.ArgumentParser()).parse_args(argv)
 
 
 def test_data_build_writes_disjoint_jsonl_the_sft_loader_reads(tmp_path, capsys):
     train_path, test_path = tmp_path / "d" / "train.jsonl", tmp_path / "d" / "test.jsonl"
-    status = data_main(_parse(["build", "medcalc", "--n", "20", "--seed", "3", "--out",
+    status = data_command.run(_parse(["build", "medcalc", "--n", "20", "--seed", "3", "--out",
                                str(train_path), "--test-n", "8", "--test-out", str(test_path)]))
     assert status == 0 and "20 training examples" in capsys.readouterr().out
     train = [json.loads(line) for line in train_path.read_text().splitlines()]
@@ -201,12 +202,12 @@ def test_data_build_writes_disjoint_jsonl_the_sft_loader_reads(tmp_path, capsys)
 
 def test_data_build_rejects_inconsistent_arguments(tmp_path, capsys):
     out = str(tmp_path / "a.jsonl")
-    assert data_main(_parse(["build", "countdown", "--n", "2", "--out", out,
+    assert data_command.run(_parse(["build", "countdown", "--n", "2", "--out", out,
                              "--test-n", "2"])) == 2
     assert "go together" in capsys.readouterr().err
-    assert data_main(_parse(["build", "countdown", "--n", "2", "--out", out, "--test-n", "1",
+    assert data_command.run(_parse(["build", "countdown", "--n", "2", "--out", out, "--test-n", "1",
                              "--test-out", out])) == 2
-    assert data_main(_parse(["build", "countdown", "--n", "-2", "--out", out])) == 2
+    assert data_command.run(_parse(["build", "countdown", "--n", "-2", "--out", out])) == 2
     assert not (tmp_path / "a.jsonl").exists()
     with pytest.raises(SystemExit):
         _parse(["build", "gsm8k", "--n", "2", "--out", out])

@@ -1,4 +1,4 @@
-"""Distributed checkpoints (nemo_anchored.training.checkpoint) across layouts, on CPU with gloo.
+"""Distributed checkpoints (nemo_anchored.checkpoint.sharded) across layouts, on CPU with gloo.
 
 Two subprocess runs of tests/checkpoint_worker.py feed all tests: one torchrun world of 2
 processes (resume at TP=2; resharding TP=2 <-> TP=1, PP=2 and the distributed optimizer; crash
@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.launch import assert_topic, worker_checks
+
+pytestmark = pytest.mark.slow  # torchrun
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 

@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+pytestmark = pytest.mark.slow  # nvcc: minutes
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 ARCHS = ("80", "90")

@@ -14,6 +14,8 @@ import pytest
 
 from tests.launch import assert_topic, worker_checks
 
+pytestmark = pytest.mark.slow  # torchrun
+
 WORKER = Path(__file__).with_name("engine_parallel_worker.py")
 
 

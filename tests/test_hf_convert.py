@@ -1,4 +1,4 @@
-"""Hugging Face <-> megatron-core conversion (nemo_anchored.models.hf_convert), against
+"""Hugging Face <-> megatron-core conversion (nemo_anchored.models.hf_import, hf_export), against
 transformers as the independent reference.
 
 One torchrun run of tests/hf_convert_worker.py (2 processes) feeds all tests: its rank 0 builds
@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.launch import assert_topic, worker_checks
+
+pytestmark = pytest.mark.slow  # torchrun, conversions and transformers models
 
 WORKER = Path(__file__).with_name("hf_convert_worker.py")
 

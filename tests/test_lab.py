@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from nemo_anchored.lab.run import (LAB_METHODS, SUMMARY_METHODS, matched_point, markdown_table,
-                                   pareto_frontier, summarize, sweep_table)
+from nemo_anchored.lab.report import markdown_table
+from nemo_anchored.lab.settings import LAB_METHODS, SUMMARY_METHODS
+from nemo_anchored.lab.summary import matched_point, pareto_frontier, summarize, sweep_table
 from nemo_anchored.lab.tasks import GENERAL_TASKS, make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,8 +163,9 @@ def _run(script, timeout=120):
 GENERATE_SCRIPT = r"""
 import json, torch
 from nemo_anchored.data import ByteTokenizer
-from nemo_anchored.eval import exact_match, greedy_generate
-from nemo_anchored.models.gpt import GPTConfig, build_gpt_model
+from nemo_anchored.eval.generate import exact_match, greedy_generate
+from nemo_anchored.config import GPTConfig
+from nemo_anchored.models.gpt import build_gpt_model
 from nemo_anchored.parallel.distributed import model_parallel
 
 tok = ByteTokenizer()
@@ -208,6 +210,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_greedy_generation_stops_and_masks_padded_vocab():
     out = _run(GENERATE_SCRIPT)
     assert out["eos"] == [[ord("x"), ord("y")]]  # stopped at eos, eos not included
@@ -219,6 +222,7 @@ def test_greedy_generation_stops_and_masks_padded_vocab():
     assert out["again"] and out["training_restored"]
 
 
+@pytest.mark.slow
 def test_max_new_tokens_cap():
     script = GENERATE_SCRIPT.replace(
         'out["max"] = greedy_generate(m, tok, ["abcd"], max_new_tokens=3)',
@@ -230,7 +234,8 @@ def test_max_new_tokens_cap():
 LAB_SCRIPT = r"""
 import json, sys
 from pathlib import Path
-from nemo_anchored.lab.run import Lab, LabSettings
+from nemo_anchored.lab.run import Lab
+from nemo_anchored.lab.settings import LabSettings
 
 def main():
     s = LabSettings(seeds=1, methods=("sft", "anchored_logit"), general_train=128,
@@ -261,6 +266,7 @@ def tiny_labs(tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 def test_tiny_lab_end_to_end(tiny_labs):
     out = tiny_labs[0]
     results = json.loads((out / "results.json").read_text())
@@ -292,6 +298,7 @@ def test_tiny_lab_end_to_end(tiny_labs):
     assert "| anchored_logit | 0.001 | 2 |" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_same_seed_same_results(tiny_labs):
     a, b = (json.loads((out / "results.json").read_text()) for out in tiny_labs)
     assert a["points"] == b["points"] and a["base"] == b["base"]
@@ -301,7 +308,7 @@ def test_same_seed_same_results(tiny_labs):
 def test_committed_base_matches_the_quick_settings_and_its_checksums(tmp_path):
     from nemo_anchored.lab.base import (CommittedBaseError, pretrain_fingerprint,
                                         verified_committed_base)
-    from nemo_anchored.lab.run import COMMITTED_BASE, DEMO, QUICK, RECIPE
+    from nemo_anchored.lab.settings import COMMITTED_BASE, DEMO, QUICK, RECIPE
 
     for settings in (QUICK, DEMO):  # the demo must not pretrain: regenerate after any change
         found = verified_committed_base(COMMITTED_BASE, pretrain_fingerprint(RECIPE, settings))

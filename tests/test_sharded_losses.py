@@ -279,5 +279,6 @@ def check_all(rank, tp2, tp4):
         check_bad_arguments(group, index, size)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_matches_full_vocabulary_reference():
     spawn_tp_ranks(check_all, world=WORLD)

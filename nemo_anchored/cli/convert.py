@@ -1,11 +1,12 @@
 """`nemo-anchored convert hf-to-mcore | mcore-to-hf`: the arguments, and the call into
-nemo_anchored.models.hf_convert (imported only when a conversion runs: it loads megatron-core)."""
+nemo_anchored.models.hf_import / hf_export (imported only when a conversion runs: they load
+megatron-core)."""
 import sys
 
 from nemo_anchored.config import MODEL_DTYPES
 
 
-def add_convert_arguments(parser) -> None:
+def add_arguments(parser) -> None:
     directions = parser.add_subparsers(dest="direction", required=True)
     to_mcore = directions.add_parser(
         "hf-to-mcore", help="a Hugging Face Llama/Qwen2 folder -> a nemo-anchored base directory")
@@ -30,10 +31,11 @@ def add_convert_arguments(parser) -> None:
                        help="weights' dtype (default: the checkpoint's)")
 
 
-def main_from_args(args) -> int:
-    from nemo_anchored.models.hf_convert import (MODEL_YAML, TOKENIZER_SUBDIR, ConversionError,
-                                                 convert_hf_to_mcore, convert_mcore_to_hf)
-    from nemo_anchored.training.checkpoint import CheckpointError
+def run(args) -> int:
+    from nemo_anchored.checkpoint.format import CheckpointError
+    from nemo_anchored.models.hf_export import convert_mcore_to_hf
+    from nemo_anchored.models.hf_import import convert_hf_to_mcore
+    from nemo_anchored.models.hf_layout import MODEL_YAML, TOKENIZER_SUBDIR, ConversionError
 
     try:
         if args.direction == "hf-to-mcore":

@@ -1,6 +1,6 @@
-"""Evaluation: greedy decoding and exact match (generate.py), the benchmarks and their command
-(benchmarks.py), KL between a model and a reference (divergence.py), the experiment's table
-(report.py)."""
-from nemo_anchored.eval.generate import exact_match, greedy_generate
+"""Evaluation: greedy decoding and exact match (generate.py), the benchmarks (benchmarks.py, with
+their data in loaders.py, scorers in scoring.py and model adapters in adapters.py), KL between a
+model and a reference (divergence.py), the experiment's table (report.py).
 
-__all__ = ["exact_match", "greedy_generate"]
+Nothing is imported here: the command line reads the benchmarks' settings without loading torch.
+"""

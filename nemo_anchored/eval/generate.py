@@ -142,17 +142,6 @@ def continuation_logprobs(model, prompt_ids: Sequence[int], continuation_ids: Se
     return torch.log_softmax(logits[:, :vocab_size].double().cpu(), dim=-1)
 
 
-def continuation_logprob(model, prompt_ids: Sequence[int], continuation_ids: Sequence[int], *,
-                         vocab_size: int) -> float:
-    """Sum of the log-probabilities of ``continuation_ids`` given ``prompt_ids`` (float64)."""
-    if any(not 0 <= token < vocab_size for token in continuation_ids):
-        raise ValueError(f"continuation_logprob: a continuation id is outside the vocabulary "
-                         f"[0, {vocab_size})")
-    rows = continuation_logprobs(model, prompt_ids, continuation_ids, vocab_size=vocab_size)
-    picked = rows[torch.arange(len(continuation_ids)), torch.tensor(list(continuation_ids))]
-    return float(picked.sum())
-
-
 def exact_match(model, tokenizer, examples: Sequence[Mapping[str, str]], *,
                 max_new_tokens: int = 16, by_task: bool = False):
     """Fraction of ``examples`` ({"prompt", "response"}) whose greedy continuation decodes to

@@ -1,18 +1,16 @@
 """The experiment's table: every method's domain score and general scores, from the
 ``eval_NAME.json`` files that `nemo-anchored eval --out` wrote into one directory.
 
-    python -m nemo_anchored.eval.report RUNS_DIR --domain gsm_symbolic
+    nemo-anchored report RUNS_DIR --domain gsm_symbolic   (cli/report.py)
 
 "General retention" is the mean general score over the base's (MMLU and HumanEval), so 100%
 means nothing forgotten. Writes nothing itself: scripts/experiment.sh tees it to results.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 ORDER = ("base", "sft", "anchored", "low_sft", "kl_sft", "dft", "stm")
 GENERAL = ("mmlu", "humaneval")
@@ -50,20 +48,3 @@ def table(scores: Dict[str, dict], domain: str) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " | "
                      + ("n/a" if kept is None else f"{kept:.0%}") + " |")
     return "\n".join(lines)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--domain", required=True, help="the domain task's name")
-    args = parser.parse_args(argv)
-    try:
-        print(table(load_scores(args.folder), args.domain))
-    except FileNotFoundError as error:
-        print(f"report: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
+
+from nemo_anchored.atomic import copy_tree, write_text
 
 REGENERATE = "nemo-anchored lab --pretrain-only --out assets/lab_base"
 _PRETRAIN_KEYS = ("general_train", "general_eval", "data_seed", "pretrain_epochs", "pretrain_lr",
@@ -77,17 +78,12 @@ def verified_committed_base(folder: Path, fingerprint: dict) -> Optional[Path]:
 
 def write_committed_base(folder: Path, final_checkpoint: Path, fingerprint: dict,
                          scores: dict) -> Path:
-    """Copy a pretrained final checkpoint to ``folder``/checkpoint with base.json (the
-    checkpoint lands under a temporary name first, base.json last: an interrupted write leaves
-    no base.json that vouches for it)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Copy a pretrained final checkpoint to ``folder``/checkpoint with base.json (the old
+    base.json is removed first and the new one written last: an interrupted write leaves no
+    base.json that vouches for the checkpoint)."""
     (folder / "base.json").unlink(missing_ok=True)
-    tmp, checkpoint = folder / "checkpoint.tmp", folder / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(final_checkpoint, tmp)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    tmp.rename(checkpoint)
+    checkpoint = copy_tree(final_checkpoint, folder / "checkpoint")
     record = {"command": REGENERATE, "fingerprint": fingerprint, "base_scores": scores,
               "sha256": {p.name: _sha256(p) for p in sorted(checkpoint.iterdir())}}
-    (folder / "base.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_text(folder / "base.json", json.dumps(record, indent=1) + "\n")
     return checkpoint

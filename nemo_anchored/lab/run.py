@@ -1,4 +1,4 @@
-"""`nemo-anchored lab --out DIR [--quick|--demo|--full] [--seeds N]`: the forgetting lab.
+"""The forgetting lab: domain gain against general-skill loss, every method.
 
     1. tasks      OUT/data/*.jsonl: general skills (get, rev, srt, cd) and the iGSM-like domain
     2. p_base     the committed base (assets/lab_base, nemo_anchored/lab/base.py) when it was
@@ -10,261 +10,32 @@
     4. evaluate   greedy exact match on the held-out domain and general sets and KL(model ||
                   p_base) on the general set, every final model (anchored: also after every
                   outer iteration)
-    5. report     OUT/results.json, OUT/pareto.png, OUT/results.md (the Markdown table, also
-                  printed), a progress bar over the runs while it trains
-
-The summary number per method is its general accuracy at matched domain accuracy: among its
-learning rates whose seed-mean domain accuracy reaches at least 90% of the best seed-mean SFT
-domain accuracy, the one with the best seed-mean general accuracy (``matched_point``). A method
-with no such learning rate gets null scores and a note, never a made-up number.
+    5. report     OUT/results.json (with the summary of lab/summary.py: each method at matched
+                  domain accuracy), OUT/pareto.png, OUT/results.md (the Markdown tables of
+                  lab/report.py, also printed), a progress bar over the runs while it trains
 
 Everything runs in one process (one process group; megatron's groups are rebuilt per run),
-through the project's own Trainer; `python -m nemo_anchored.lab.run` is the same command.
+through the project's own Trainer; `nemo-anchored lab` (cli/lab.py) runs it.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from nemo_anchored.atomic import write_text
+from nemo_anchored.data.builders import write_jsonl
 from nemo_anchored.lab.base import (REGENERATE, pretrain_fingerprint, verified_committed_base,
                                     write_committed_base)
+from nemo_anchored.lab.report import anchored_trace_table, markdown_table, plot_pareto
+from nemo_anchored.lab.settings import COMMITTED_BASE, METHOD_OVERRIDES, RECIPE, LabSettings
+from nemo_anchored.lab.summary import MATCH_FRACTION, summarize
 from nemo_anchored.lab.tasks import GENERAL_TASKS, make_splits
-
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "recipes" / "lab_tiny.yaml"
-COMMITTED_BASE = ROOT / "assets" / "lab_base"
-SUMMARY_METHODS = ("base", "sft", "low_sft", "kl_sft", "dft", "stm", "anchored_logit",
-                   "anchored_prob", "anchored_live")
-LAB_METHODS = SUMMARY_METHODS[1:]
-MATCH_FRACTION = 0.9
-
-# Trainer overrides per lab method (the anchored variants share the trainer's `anchored`).
-_METHOD_OVERRIDES = {
-    "sft": ["method=sft"],
-    "low_sft": ["method=low_sft"],
-    "kl_sft": ["method=kl_sft"],
-    "dft": ["method=dft"],
-    "stm": ["method=stm"],
-    "anchored_logit": ["method=anchored", "anchor.interpolation=logit", "anchor.mode=snapshot"],
-    "anchored_prob": ["method=anchored", "anchor.interpolation=prob", "anchor.mode=snapshot"],
-    "anchored_live": ["method=anchored", "anchor.interpolation=logit", "anchor.mode=live"],
-}
-
-
-@dataclasses.dataclass
-class LabSettings:
-    """Everything that defines a lab run (recorded in results.json under "config")."""
-
-    seeds: int = 3
-    methods: Sequence[str] = LAB_METHODS
-    # data
-    general_train: int = 3000
-    general_eval: int = 200
-    domain_train: int = 1024  # x epochs / batch 32 = 128 fine-tuning steps in the quick setting
-    domain_eval: int = 200
-    data_seed: int = 0
-    # p_base: pretraining on the general mix
-    pretrain_epochs: int = 10
-    pretrain_lr: float = 3e-3
-    pretrain_warmup_steps: int = 20
-    # fine-tuning: the data budget is `epochs` passes over D for every method
-    epochs: int = 4
-    # sft, kl_sft, dft, stm, anchored_*: on the quick setting SFT barely moves the domain at
-    # 3e-5 (held-out ~0.05, base ~0.0), is half-way at 3e-4 and learns it (~0.8-0.9) at 1e-3.
-    # 3e-3 was added after the first 3-seed run, in which anchored (logit) ended at 0.770, just
-    # under the matched-domain bar (0.774) at the top of the grid: a grid that stops where a
-    # method is still climbing cannot place it on the matched-domain axis (README, results).
-    lrs: Sequence[float] = (3e-5, 3e-4, 1e-3, 3e-3)
-    low_lrs: Sequence[float] = (1e-5, 3e-5, 1e-4)  # low_sft: the sft objective, lower lrs
-    reference_lr: float = 1e-3  # the SFT setting of the reference (must be in `lrs` to reuse)
-    # anchored: T outer iterations x K inner epochs = `epochs`
-    outer_iterations: int = 2
-    inner_epochs: int = 2
-    alpha: float = 0.5
-    kl_lambda: float = 0.2
-    stm_threshold: float = 2.5
-    max_new_tokens: int = 8
-    model_overrides: Sequence[str] = ()  # e.g. ("model.num_layers=4",)
-    keep_checkpoints: bool = False  # False: delete each run's step checkpoints (final stays)
-    # An existing p_base checkpoint (e.g. OUT/runs/pretrain/final of an earlier lab with the
-    # same model and data settings): skips the pretraining.
-    base_checkpoint: Optional[str] = None
-
-    def check(self) -> None:
-        unknown = set(self.methods) - set(LAB_METHODS)
-        if unknown:
-            raise ValueError(f"unknown lab method(s) {sorted(unknown)}; known: {LAB_METHODS}")
-        if self.outer_iterations * self.inner_epochs != self.epochs:
-            raise ValueError(f"anchored budget T x K = {self.outer_iterations} x "
-                             f"{self.inner_epochs} must equal epochs={self.epochs} (same data "
-                             "budget for every method)")
-        if "sft" not in self.methods:
-            raise ValueError("methods must include sft (the matched-domain rule uses its curve)")
-        if self.seeds < 1:
-            raise ValueError("seeds must be >= 1")
-
-
-QUICK = LabSettings()
-# `make demo`: the quick lab's data, model, base and lr grids with fewer methods and seeds, so it
-# ends within a few minutes on 2 CPU cores.
-DEMO = dataclasses.replace(QUICK, seeds=2, methods=("sft", "low_sft", "kl_sft", "anchored_logit",
-                                                    "anchored_live"))
-FULL = LabSettings(general_train=3400, general_eval=400, domain_train=1024, domain_eval=400,
-                   pretrain_epochs=30, epochs=6, outer_iterations=3, inner_epochs=2,
-                   lrs=(3e-5, 1e-4, 3e-4, 1e-3, 3e-3), low_lrs=(3e-6, 1e-5, 3e-5),
-                   reference_lr=1e-3,
-                   model_overrides=("model.num_layers=4", "model.hidden_size=128",
-                                    "model.ffn_hidden_size=384"))
-
-
-# ------------------------------------------------------------------------------- aggregation
-
-def mean_std(values: Sequence[float]) -> tuple:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
-    values = list(values)
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
-
-
-def sweep_table(points: Sequence[dict]) -> Dict[str, List[dict]]:
-    """Per method, per lr (ascending): seed-mean and std of domain and general accuracy."""
-    groups: Dict[str, Dict[float, List[dict]]] = {}
-    for p in points:
-        groups.setdefault(p["method"], {}).setdefault(float(p["lr"]), []).append(p)
-    table = {}
-    for method, by_lr in groups.items():
-        rows = []
-        for lr in sorted(by_lr):
-            runs = by_lr[lr]
-            d, d_std = mean_std([r["domain"] for r in runs])
-            g, g_std = mean_std([r["general"] for r in runs])
-            rows.append({"lr": lr, "domain": d, "general": g, "domain_std": d_std,
-                         "general_std": g_std, "seeds": len(runs)})
-        table[method] = rows
-    return table
-
-
-def matched_point(rows: Sequence[dict], threshold: float) -> dict:
-    """The summary entry of one method from its sweep rows: among rows with seed-mean domain
-    >= threshold, the one with the best general (ties: higher domain, then lower lr). None
-    scores and a note when no row qualifies."""
-    ok = [r for r in rows if r["domain"] >= threshold - 1e-12]
-    if not ok:
-        best_domain = max((r["domain"] for r in rows), default=None)
-        return {"domain": None, "general": None, "domain_std": None, "general_std": None,
-                "lr": None, "note": f"no learning rate reaches the matched domain accuracy "
-                f"{threshold:.3f} (best seed-mean domain: "
-                f"{'n/a' if best_domain is None else f'{best_domain:.3f}'})"}
-    best = max(ok, key=lambda r: (r["general"], r["domain"], -r["lr"]))
-    return {k: best[k] for k in ("domain", "general", "domain_std", "general_std", "lr")}
-
-
-def summarize(points: Sequence[dict], base: dict) -> dict:
-    """results.json's "methods", "sweep" and "matched_domain_threshold" from the run points."""
-    sweep = sweep_table(points)
-    sft_rows = sweep.get("sft", [])
-    if not sft_rows:
-        raise ValueError("the matched-domain rule needs sft runs")
-    best_sft = max(r["domain"] for r in sft_rows)
-    threshold = MATCH_FRACTION * best_sft
-    methods = {"base": {"domain": base["domain"], "general": base["general"],
-                        "domain_std": None, "general_std": None, "lr": None,
-                        "note": "one pretrained base, evaluated once: no seed spread"}}
-    for method in LAB_METHODS:
-        if method in sweep:
-            methods[method] = matched_point(sweep[method], threshold)
-    return {"methods": methods, "sweep": sweep, "best_sft_domain": best_sft,
-            "matched_domain_threshold": threshold}
-
-
-def _fmt(mean, std) -> str:
-    if mean is None:
-        return "n/a"
-    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
-
-
-def markdown_table(summary: dict) -> str:
-    lines = [f"Matched domain accuracy: >= {MATCH_FRACTION:.0%} of the best SFT domain accuracy "
-             f"({summary['best_sft_domain']:.3f}) = {summary['matched_domain_threshold']:.3f}",
-             "", "| method | lr | domain | general | note |", "|---|---|---|---|---|"]
-    if summary["best_sft_domain"] == 0:
-        lines.insert(1, "WARNING: SFT never learned the domain (best 0.000): every run "
-                        "qualifies and the matched-domain comparison says nothing")
-    for method, m in summary["methods"].items():
-        lr = "-" if m.get("lr") is None else f"{m['lr']:g}"
-        lines.append(f"| {method} | {lr} | {_fmt(m['domain'], m['domain_std'])} | "
-                     f"{_fmt(m['general'], m['general_std'])} | {m.get('note', '')} |")
-    lines += ["", "All runs (seed mean ± std):", "",
-              "| method | lr | domain | general | seeds |", "|---|---|---|---|---|"]
-    for method, rows in summary["sweep"].items():
-        for r in rows:
-            lines.append(f"| {method} | {r['lr']:g} | {_fmt(r['domain'], r['domain_std'])} | "
-                         f"{_fmt(r['general'], r['general_std'])} | {r['seeds']} |")
-    return "\n".join(lines)
-
-
-def pareto_frontier(rows: Sequence[dict]) -> List[dict]:
-    """The rows not dominated in (domain, general), sorted by domain."""
-    front = [r for r in rows if not any(
-        o["domain"] >= r["domain"] and o["general"] >= r["general"] and
-        (o["domain"] > r["domain"] or o["general"] > r["general"]) for o in rows)]
-    return sorted(front, key=lambda r: (r["domain"], -r["general"]))
-
-
-def plot_pareto(path: Path, points: Sequence[dict], summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 6))
-    colors = plt.get_cmap("tab10")
-    for i, (method, rows) in enumerate(summary["sweep"].items()):
-        color = colors(i % 10)
-        runs = [p for p in points if p["method"] == method]
-        ax.scatter([p["domain"] for p in runs], [p["general"] for p in runs], s=10,
-                   alpha=0.35, color=color)
-        ax.errorbar([r["domain"] for r in rows], [r["general"] for r in rows],
-                    xerr=[r["domain_std"] for r in rows], yerr=[r["general_std"] for r in rows],
-                    fmt="o", ms=5, color=color, capsize=2, lw=0.8)
-        front = pareto_frontier(rows)
-        ax.plot([r["domain"] for r in front], [r["general"] for r in front], "-", color=color,
-                label=method)
-    base = summary["methods"]["base"]
-    ax.scatter([base["domain"]], [base["general"]], marker="*", s=200, color="black",
-               label="base", zorder=5)
-    ax.axvline(summary["matched_domain_threshold"], color="gray", ls=":", lw=1,
-               label=f"matched domain ({MATCH_FRACTION:.0%} of best SFT)")
-    ax.set_xlabel("domain accuracy (held-out, greedy exact match)")
-    ax.set_ylabel("general accuracy (held-out, greedy exact match)")
-    ax.set_title("trade-off per method over the lr sweep (points: runs; markers: seed mean ± std;"
-                 "\nlines: each method's frontier)", fontsize=9)
-    top = max([p["domain"] for p in points] + [base["domain"] or 0.0])
-    ax.set_xlim(-0.02, min(1.02, top * 1.15 + 0.05))
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------- the lab
-
-def _write_jsonl(path: Path, examples) -> None:
-    with open(path, "w") as f:
-        for e in examples:
-            f.write(json.dumps(e) + "\n")
 
 
 def eval_batch(recipe: Path, path: Path) -> dict:
@@ -289,38 +60,6 @@ def kl_to_reference(model, batch: dict, reference_logprobs) -> float:
     from nemo_anchored.eval.divergence import mean_kl
 
     return mean_kl(response_logprobs(model, batch), reference_logprobs, batch["loss_mask"])
-
-
-def anchored_trace_table(details: Sequence[dict]) -> str:
-    """Per anchored method and lr (seed means): domain, general and KL to p_base after each
-    outer iteration, with sft's final point at the same lr for comparison."""
-    groups: Dict[tuple, List[dict]] = {}
-    for d in details:
-        if "trace" in d:
-            groups.setdefault((d["method"], d["lr"]), []).append(d)
-    if not groups:
-        return ""
-    sft = {}
-    for d in details:
-        if d["method"] == "sft":
-            sft.setdefault(d["lr"], []).append(d)
-    lines = ["Anchored runs after each outer iteration (seed means; KL: per response token of "
-             "the general held-out set, KL(p_theta || p_base)):", "",
-             "| method | lr | outer | domain | general | KL to base |", "|---|---|---|---|---|---|"]
-    for (method, lr), runs in sorted(groups.items()):
-        for i in range(min(len(r["trace"]) for r in runs)):
-            at = [r["trace"][i] for r in runs]
-            lines.append(f"| {method} | {lr:g} | {i + 1} | "
-                         f"{statistics.fmean(t['domain'] for t in at):.3f} | "
-                         f"{statistics.fmean(t['general'] for t in at):.3f} | "
-                         f"{statistics.fmean(t['kl_to_base_general'] for t in at):.3f} |")
-        if lr in sft:
-            ref = sft[lr]
-            lines.append(f"| sft (final) | {lr:g} | - | "
-                         f"{statistics.fmean(r['domain'] for r in ref):.3f} | "
-                         f"{statistics.fmean(r['general'] for r in ref):.3f} | "
-                         f"{statistics.fmean(r['kl_to_base_general'] for r in ref):.3f} |")
-    return "\n".join(lines)
 
 
 class Lab:
@@ -350,9 +89,9 @@ class Lab:
         """One Trainer run in its own model-parallel scope; returns (final path, scores) or
         (None, None) when the run fails (recorded in self.failed). Anchored runs also score
         the checkpoint of every outer iteration (scores["trace"])."""
+        from nemo_anchored.checkpoint.sharded import load_model_weights
         from nemo_anchored.config import ConfigError, load_config
         from nemo_anchored.parallel.distributed import model_parallel
-        from nemo_anchored.training.checkpoint import load_model_weights
         from nemo_anchored.training.trainer import Trainer
 
         cfg = load_config(self.recipe, list(overrides))
@@ -398,15 +137,14 @@ class Lab:
     def _checkpoint_model(self, path: Path):
         """The lab's model with the weights of the checkpoint at ``path``, in its own
         model-parallel scope."""
-        from nemo_anchored.config import load_config
+        from nemo_anchored.checkpoint.sharded import load_model_weights
+        from nemo_anchored.config import GPTConfig, load_config
         from nemo_anchored.models.gpt import build_gpt_model
         from nemo_anchored.parallel.distributed import model_parallel
-        from nemo_anchored.training.checkpoint import load_model_weights
-        from nemo_anchored.training.trainer import gpt_config
 
         cfg = load_config(self.recipe, [*self.s.model_overrides], check_paths=False)
         with model_parallel(1, 1, seed=0):
-            model = build_gpt_model(gpt_config(cfg))
+            model = build_gpt_model(GPTConfig.of(cfg.model))
             load_model_weights(path, model)
             yield model
 
@@ -414,7 +152,7 @@ class Lab:
         """Greedy exact match on the held-out sets, and KL(model || p_base) per response token
         of the general set (how far the model moved where it should not have)."""
         from nemo_anchored.data import ByteTokenizer
-        from nemo_anchored.eval import exact_match
+        from nemo_anchored.eval.generate import exact_match
 
         tok, n = ByteTokenizer(), self.s.max_new_tokens
         domain = exact_match(model, tok, self.domain["eval"], max_new_tokens=n)
@@ -487,7 +225,7 @@ class Lab:
         for kind, splits in (("general", self.general), ("domain", self.domain)):
             for split, examples in splits.items():
                 paths[kind, split] = data / f"{kind}_{split}.jsonl"
-                _write_jsonl(paths[kind, split], examples)
+                write_jsonl(paths[kind, split], examples)
         self.general_eval_batch = eval_batch(self.recipe, paths["general", "eval"])
         self.base_logprobs = None
         init_process_group()
@@ -521,7 +259,7 @@ class Lab:
                          f"anchor.alpha={s.alpha}", f"anchor.outer_iterations={s.outer_iterations}",
                          f"anchor.inner_epochs={s.inner_epochs}",
                          f"baselines.kl_lambda={s.kl_lambda}",
-                         f"baselines.stm_threshold={s.stm_threshold}", *_METHOD_OVERRIDES[method]]
+                         f"baselines.stm_threshold={s.stm_threshold}", *METHOD_OVERRIDES[method]]
                 if method == "kl_sft" or method.startswith("anchored"):
                     extra.append(f"model.reference_checkpoint={references[seed]}")
                 final, scores = self._train(name, self._overrides(
@@ -556,10 +294,10 @@ class Lab:
             "point_details": details,
             "config": self._config_record(wall, base_final),
         }
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        write_text(out / "results.json", json.dumps(results, indent=1))
         plot_pareto(out / "pareto.png", points, summary)
         table = markdown_table(summary) + "\n\n" + anchored_trace_table(details)
-        (out / "results.md").write_text(table + "\n")
+        write_text(out / "results.md", table + "\n")
         self.log("")
         self.log(table)
         self.log(f"\nlab: {len(points)} points from {len(self.timings)} trainings (each seed's "
@@ -596,27 +334,6 @@ class Lab:
         }
 
 
-# ------------------------------------------------------------------------------- command line
-
-def add_lab_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--out", required=True, help="output directory (results.json, "
-                        "pareto.png, results.md, data/, runs/)")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the quick CPU setting (default)")
-    size.add_argument("--demo", action="store_true", help="the quick setting with fewer "
-                      f"methods ({', '.join(DEMO.methods)}) and {DEMO.seeds} seeds (make demo)")
-    size.add_argument("--full", action="store_true", help="a larger, longer setting")
-    parser.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 3)")
-    parser.add_argument("--base-checkpoint", default=None,
-                        help="start from this p_base instead of the committed one or pretraining")
-    parser.add_argument("--pretrain-only", action="store_true",
-                        help="pretrain p_base and write it, with checksums and settings, to "
-                        f"--out (how assets/lab_base is made: `{REGENERATE}`)")
-    parser.add_argument("--keep-checkpoints", action="store_true",
-                        help="keep each run's step checkpoints (the final weights are kept)")
-    return parser
-
-
 def pretrain_only(out: Path, settings: LabSettings) -> Path:
     """Pretrain p_base in a scratch directory and write it as a committed base to ``out``."""
     import tempfile
@@ -632,32 +349,3 @@ def pretrain_only(out: Path, settings: LabSettings) -> Path:
     print(f"lab: p_base (domain {scores['domain']:.3f}, general {scores['general']:.3f}) "
           f"written to {checkpoint}, settings and SHA-256 in {out / 'base.json'}")
     return checkpoint
-
-
-def main_from_args(args) -> int:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    settings = dataclasses.replace(FULL if args.full else DEMO if args.demo else QUICK)
-    if args.seeds is not None:
-        settings.seeds = args.seeds
-    settings.keep_checkpoints = args.keep_checkpoints
-    settings.base_checkpoint = args.base_checkpoint
-    try:
-        settings.check()
-    except ValueError as error:
-        print(f"nemo-anchored lab: {error}", file=sys.stderr)
-        return 2
-    if args.pretrain_only:
-        pretrain_only(Path(args.out), settings)
-    else:
-        Lab(Path(args.out), settings).run()
-    return 0
-
-
-def main(argv=None) -> int:
-    parser = add_lab_arguments(argparse.ArgumentParser(
-        prog="nemo-anchored lab", description=__doc__.splitlines()[0]))
-    return main_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

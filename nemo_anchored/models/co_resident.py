@@ -144,10 +144,6 @@ class CoResidentModels(MegatronModule):
             raise RuntimeError("this stack has no snapshot model")
         self.snapshot.load_state_dict(self.module.state_dict(), strict=True)
 
-    def load_reference_state_dict(self, state_dict) -> None:
-        """Load this rank's shard of the reference weights (same layout as ``reference``)."""
-        self.reference.load_state_dict(state_dict, strict=True)
-
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """The policy's distributed-checkpoint state: frozen models are not training state."""
         return self.module.sharded_state_dict(prefix, sharded_offsets, metadata)

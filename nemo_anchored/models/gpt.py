@@ -1,11 +1,10 @@
 """Llama-style megatron-core GPT models from a plain config, plus layout-independent weights.
 
 The model keeps megatron-core's tensor-parallel conventions, but the vocabulary is padded to a
-multiple of ``make_vocab_size_divisible_by`` alone (see ``padded_vocab_size``); a forward
-without labels returns
-vocab-sharded logits ``[b, s, V_padded / TP]`` (``parallel_output=True``). The padded columns
-are not part of the vocabulary: ``mask_padded_vocab`` sets their logits to -inf so they carry no
-probability mass (the anchored loss treats -inf columns as absent).
+multiple of ``make_vocab_size_divisible_by`` alone (``GPTConfig.padded_vocab_size``); a forward
+without labels returns vocab-sharded logits ``[b, s, V_padded / TP]`` (``parallel_output=True``).
+The padded columns are not part of the vocabulary: ``mask_padded_vocab`` sets their logits to
+-inf so they carry no probability mass (the anchored loss treats -inf columns as absent).
 
 ``load_full_state_dict`` fills a model of any TP x PP layout from an unsharded (TP=1, PP=1) state
 dict, driven by the tensor-parallel attributes megatron puts on each parameter, so layouts can be
@@ -14,58 +13,14 @@ compared exactly and unsharded checkpoints (e.g. converted Hugging Face weights)
 
 import importlib.util
 import re
-from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
-from nemo_anchored.config import MODEL_DTYPES
+from nemo_anchored.config import MODEL_DTYPES, GPTConfig, check_layout
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
-
-
-@dataclass
-class GPTConfig:
-    """Architecture of a decoder-only, Llama-style transformer (RoPE, RMSNorm, SwiGLU)."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    vocab_size: int
-    max_seq_len: int
-    num_query_groups: Optional[int] = None  # None: multi-head attention (one group per head)
-    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
-    kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
-    tie_embeddings: bool = True
-    add_qkv_bias: bool = False
-    rotary_base: float = 10000.0
-    # Llama 3.1/3.2 RoPE frequency scaling (megatron-core fixes low_freq_factor=1,
-    # high_freq_factor=4, original_max_position_embeddings=8192; only the factor varies).
-    rope_scaling: bool = False
-    rope_scaling_factor: float = 8.0
-    norm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    dtype: str = "float32"  # "float32", "bfloat16" or "float16"
-    make_vocab_size_divisible_by: int = 128
-    # Needs Transformer Engine's norms (GPU machines): megatron's torch norms refuse it.
-    sequence_parallel: bool = False
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype]
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:
-    """The next multiple of ``divisible_by``, whatever the TP size (which must divide it).
-
-    megatron-core's training scripts pad to a multiple of ``divisible_by * TP`` instead, which
-    gives every TP size its own embedding shape; a layout-independent padding keeps
-    checkpoints loadable at any TP (config validation checks that TP divides it).
-    """
-    return -(-vocab_size // divisible_by) * divisible_by
 
 
 def transformer_engine_available() -> bool:
@@ -76,13 +31,14 @@ def _leave_uninitialised(weight: torch.Tensor) -> None:
     """An init method that keeps the allocated memory as it is."""
 
 
-def transformer_config(cfg: GPTConfig, initialize: bool = True):
+def transformer_config(cfg: GPTConfig, initialize: bool = True, sequence_parallel: bool = False):
     """The megatron ``TransformerConfig`` for ``cfg`` in the current parallel layout
-    (``initialize=False``: weights are allocated but not initialised)."""
+    (``initialize=False``: weights are allocated but not initialised; ``sequence_parallel``
+    needs Transformer Engine's norms, on GPU machines: megatron's torch norms refuse it)."""
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    dtype = cfg.torch_dtype
+    dtype = TORCH_DTYPES[cfg.dtype]
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     # Not perform_initialization=False: megatron then also skips setting the tensor-parallel
     # attributes of its weights, which sharding and checkpoints rely on.
@@ -115,13 +71,13 @@ def transformer_config(cfg: GPTConfig, initialize: bool = True):
         deallocate_pipeline_outputs=True,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=pp_size,
-        sequence_parallel=cfg.sequence_parallel,
+        sequence_parallel=sequence_parallel,
         **skip_init,
     )
 
 
 def build_gpt_model(cfg: GPTConfig, use_transformer_engine: Optional[bool] = None,
-                    initialize: bool = True):
+                    initialize: bool = True, sequence_parallel: bool = False):
     """Build this rank's part of a megatron-core ``GPTModel`` (its pipeline stage, its TP shard).
 
     Uses the Transformer Engine layer spec when TE is installed (GPU machines) and the
@@ -142,14 +98,13 @@ def build_gpt_model(cfg: GPTConfig, use_transformer_engine: Optional[bool] = Non
         layer_spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by)
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if padded_vocab % tp_size:
-        raise ValueError(f"TP={tp_size} does not divide the padded vocabulary {padded_vocab}")
+    check_layout(cfg, parallel_state.get_tensor_model_parallel_world_size(),
+                 parallel_state.get_pipeline_model_parallel_world_size(),
+                 tp_key="tensor-parallel size", pp_key="pipeline-parallel size")
     model = GPTModel(
-        config=transformer_config(cfg, initialize),
+        config=transformer_config(cfg, initialize, sequence_parallel),
         transformer_layer_spec=layer_spec,
-        vocab_size=padded_vocab,
+        vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_seq_len,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -167,7 +122,7 @@ def build_gpt_model(cfg: GPTConfig, use_transformer_engine: Optional[bool] = Non
     # what megatron's Float16Module does to the module; that wrapper is not used because it
     # would also copy every last-stage output (three models' logits) to fp32.
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    return model.to(device=device, dtype=cfg.torch_dtype)
+    return model.to(device=device, dtype=TORCH_DTYPES[cfg.dtype])
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ Per token, with logits divided by the temperature and every softmax over the FUL
 
 Each tensor-parallel rank holds a contiguous shard of the vocabulary (megatron-core's
 ``parallel_output=True`` layout). The evaluation is a local pass, a tiny cross-rank merge, a
-local pass (see ../shared/design/anchored_learning.md):
+local pass (vocab_parallel.py; the derivation: docs/design/sharded_loss.md):
 
 1. ``row_stats``: per row and stream, the local max and sum of exp(x - max);
 2. ``combine_softmax_stats``: one all-gather of those few floats per row, merged into the
@@ -27,13 +27,17 @@ here, because checking would cost a device sync per call: the trainer checks the
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-INTERPOLATIONS = {"logit": 0, "prob": 1}
+from nemo_anchored.ops.vocab_parallel import (all_reduce_sum, check_like_policy, check_logits,
+                                              check_shards_agree, combine_softmax_stats,
+                                              g_small, group_size, per_token_loss, rows,
+                                              softmax_stats)
+
 BACKENDS = ("auto", "torch", "fused")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,47 +47,37 @@ except ImportError:  # not built: the torch backend still works
     _C = None
 
 
-def num_streams(mode: int) -> int:
-    """Softmax streams per row: logit mode [policy, anchor]; prob mode [policy, current, ref]."""
-    return 2 if mode == INTERPOLATIONS["logit"] else 3
+class Interpolation(enum.IntEnum):
+    """How q mixes the current model and the reference; the values are csrc's ``Interp``."""
+
+    LOGIT = 0
+    PROB = 1
 
 
-# --------------------------------------------------------------------------------------------
-# Step 2: the cross-rank merge, shared by both kernel sets.
+_INTERPOLATIONS = {mode.name.lower(): mode for mode in Interpolation}  # the public names
 
 
-def combine_softmax_stats(stats: torch.Tensor, tp_group) -> torch.Tensor:
-    """Local (max, sum-exp) [rows, streams, 2] -> full-vocabulary (max, log sum-exp), same shape.
+@dataclasses.dataclass(frozen=True)
+class AnchorSpec:
+    """Everything the kernels take besides the logits, validated once."""
 
-    One all-gather of the per-row statistics, then a log-sum-exp merge on every rank: the same
-    float arithmetic everywhere, so every rank gets the same numbers bit for bit. The LSE stays
-    split in two so log-probabilities can be formed as (x - max) - log_sum (see
-    csrc/anchored_kl_math.h).
-    """
-    gathered = _all_gather(stats, tp_group)
-    maxes, sums = gathered[..., 0], gathered[..., 1]
-    top = maxes.amax(dim=0)  # propagates NaN
-    top_safe = torch.where(top == -math.inf, torch.zeros_like(top), top)
-    total = (sums * torch.exp(maxes - top_safe)).sum(dim=0)
-    return torch.stack([top_safe, torch.log(total)], dim=-1)
+    alpha: float  # q's weight toward the reference: in (0, 1]; 0 in the diagnostics (q = p_cur)
+    interpolation: Interpolation
+    inv_tau: float  # 1 / temperature
 
-
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-# torch >= 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    """[group size, *x.shape]: every rank's x, in rank order (x itself when unsharded)."""
-    size = _group_size(group)
-    if size == 1:
-        return x.unsqueeze(0)
-    out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))  # gloo wants it flat in dim 0
-    _all_gather_single(out, x.contiguous(), group=group)
-    return out.view((size,) + tuple(x.shape))
+    @classmethod
+    def validated(cls, alpha, interpolation, temperature) -> AnchorSpec:
+        """From the public arguments; ValueError naming the one out of range."""
+        if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                or not 0.0 < alpha <= 1.0):
+            raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
+        if interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, "
+                             f"got {interpolation!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not math.isfinite(temperature) or temperature <= 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        return cls(float(alpha), _INTERPOLATIONS[interpolation], 1.0 / float(temperature))
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,22 +85,8 @@ def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
 # z, c, r are 2-D [rows, V_local]; c is None in live mode (current = policy).
 
 
-def softmax_stats(*streams: torch.Tensor) -> torch.Tensor:
-    """Local (max, sum of exp(x - max)) per row of each [rows, V_local] stream: [rows, n, 2],
-    in float32 (float64 for float64 streams). A row of -inf gives (-inf, 0)."""
-    stats = []
-    for x in streams:
-        top = x.amax(dim=-1, keepdim=True)  # propagates NaN
-        top_safe = torch.where(top == -math.inf, torch.zeros_like(top), top)
-        stats.append(torch.cat([top, torch.exp(x - top_safe).sum(-1, keepdim=True)], -1))
-    out = torch.stack(stats, dim=1)
-    return out if out.dtype == torch.float64 else out.float()
-
-
 class TorchKernels:
     """Plain PyTorch. Computes in float32, or float64 for float64 inputs (the reference)."""
-
-    name = "torch"
 
     @staticmethod
     def _scaled(x: torch.Tensor, inv_tau: float) -> torch.Tensor:
@@ -117,14 +97,17 @@ class TorchKernels:
     def _anchor(c, r, alpha):
         return r if alpha == 1.0 else c if alpha == 0.0 else (1 - alpha) * c + alpha * r
 
-    def row_stats(self, z, c, r, alpha, inv_tau, mode):
-        z = self._scaled(z, inv_tau)
-        c = z if c is None else self._scaled(c, inv_tau)
-        r = self._scaled(r, inv_tau)
-        return softmax_stats(*([z, self._anchor(c, r, alpha)] if mode == 0 else [z, c, r]))
+    def row_stats(self, z, c, r, spec: AnchorSpec):
+        z = self._scaled(z, spec.inv_tau)
+        c = z if c is None else self._scaled(c, spec.inv_tau)
+        r = self._scaled(r, spec.inv_tau)
+        if spec.interpolation == Interpolation.LOGIT:
+            return softmax_stats(z, self._anchor(c, r, spec.alpha))
+        return softmax_stats(z, c, r)
 
-    def kl_grad(self, z_in, c, r, lse, alpha, inv_tau, mode, need_grad):
+    def kl_grad(self, z_in, c, r, spec: AnchorSpec, lse, need_grad):
         # Mirrors column_element in csrc/anchored_kl_math.h, whose comments explain the forms.
+        alpha, inv_tau = spec.alpha, spec.inv_tau
         z = self._scaled(z_in, inv_tau)
         c = z if c is None else self._scaled(c, inv_tau)
         r = self._scaled(r, inv_tau)
@@ -137,7 +120,7 @@ class TorchKernels:
             return (top[:, i, None] - top[:, j, None]) + (log_sum[:, i, None] - log_sum[:, j, None])
 
         lp = log_softmax_at(z, 0)
-        if mode == 0:
+        if spec.interpolation == Interpolation.LOGIT:
             lq = log_softmax_at(self._anchor(c, r, alpha), 1)
             x = (1 - alpha) * (c - z) + alpha * (r - z) - lse_difference(1, 0)
         else:
@@ -151,7 +134,7 @@ class TorchKernels:
         x = torch.where(torch.isfinite(x), x, lq - lp)
         small = x.abs() < 0.5
         xs = torch.where(small, x, torch.zeros_like(x))
-        term = torch.where(small, p * _g_small(xs), torch.where(q == 0, p, q * x - q + p))
+        term = torch.where(small, p * g_small(xs), torch.where(q == 0, p, q * x - q + p))
         partial = term.sum(dim=-1)
         grad = None
         if need_grad:
@@ -160,35 +143,24 @@ class TorchKernels:
         return partial, grad
 
 
-# (k - 1) / k! for k = 17 down to 2: the series of g below to float64 precision at |x| < 0.5.
-_G_SERIES = [(k - 1) / math.factorial(k) for k in range(17, 1, -1)]
-
-
-def _g_small(x):
-    """x e^x - e^x + 1 for |x| < 0.5 from its series sum_k (k-1)/k! x^k: nothing cancels."""
-    acc = torch.full_like(x, _G_SERIES[0])
-    for coefficient in _G_SERIES[1:]:
-        acc = acc * x + coefficient
-    return acc * x * x
-
-
 class FusedKernels:
-    """The C++/CUDA extension (nemo_anchored._C)."""
-
-    name = "fused"
-
-    @staticmethod
-    def row_stats(z, c, r, alpha, inv_tau, mode):
-        return _C.row_stats(z, c, r, alpha, inv_tau, mode)
+    """The C++/CUDA extension (nemo_anchored._C). Its bindings take the spec as
+    (alpha, inv_tau, mode), the order of csrc's ``Inputs``, after the tensors."""
 
     @staticmethod
-    def kl_grad(z, c, r, lse, alpha, inv_tau, mode, need_grad):
-        partial, grad = _C.kl_grad(z, c, r, lse, alpha, inv_tau, mode, need_grad)
+    def row_stats(z, c, r, spec: AnchorSpec):
+        return _C.row_stats(z, c, r, spec.alpha, spec.inv_tau, int(spec.interpolation))
+
+    @staticmethod
+    def kl_grad(z, c, r, spec: AnchorSpec, lse, need_grad):
+        partial, grad = _C.kl_grad(z, c, r, lse, spec.alpha, spec.inv_tau,
+                                   int(spec.interpolation), need_grad)
         return partial, (grad if need_grad else None)
 
     @staticmethod
-    def unsharded(z, c, r, alpha, inv_tau, mode, need_grad):
-        kl, grad = _C.fused(z, c, r, alpha, inv_tau, mode, need_grad)
+    def unsharded(z, c, r, spec: AnchorSpec, need_grad):
+        kl, grad = _C.fused(z, c, r, spec.alpha, spec.inv_tau, int(spec.interpolation),
+                            need_grad)
         return kl, (grad if need_grad else None)
 
 
@@ -200,70 +172,94 @@ def fused_available(device: torch.device | str = "cpu") -> bool:
     return device.type == "cpu" or (device.type == "cuda" and _C.built_with_cuda())
 
 
-def _kl_rows(z, c, r, alpha, mode, inv_tau, tp_group, kernels, need_grad):
+def _kl_rows(z, c, r, spec: AnchorSpec, tp_group, kernels, need_grad):
     """Per-row KL over the full vocabulary (same on every rank) and the local gradient shard."""
-    if _group_size(tp_group) == 1 and hasattr(kernels, "unsharded"):
-        return kernels.unsharded(z, c, r, alpha, inv_tau, mode, need_grad)
-    stats = kernels.row_stats(z, c, r, alpha, inv_tau, mode)
-    lse = combine_softmax_stats(stats, tp_group)
-    partial, grad = kernels.kl_grad(z, c, r, lse, alpha, inv_tau, mode, need_grad)
-    if _group_size(tp_group) > 1:
-        dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=tp_group)
-    return partial, grad
+    if group_size(tp_group) == 1 and hasattr(kernels, "unsharded"):
+        return kernels.unsharded(z, c, r, spec, need_grad)
+    lse = combine_softmax_stats(kernels.row_stats(z, c, r, spec), tp_group)
+    partial, grad = kernels.kl_grad(z, c, r, spec, lse, need_grad)
+    return all_reduce_sum(partial, tp_group), grad
+
+
+# --------------------------------------------------------------------------------------------
+# The diagnostics: KLs between the three models from one set of softmax statistics.
+
+
+def _model_lse(z, c, r, spec: AnchorSpec, tp_group, kernels):
+    """Full-vocabulary (max, log_sum) [rows, 3, 2] of the policy, current (the policy again in
+    live mode) and reference logits: prob mode's statistics, in which alpha plays no part."""
+    three_models = dataclasses.replace(spec, interpolation=Interpolation.PROB)
+    return combine_softmax_stats(kernels.row_stats(z, c, r, three_models), tp_group)
+
+
+def _local_kl(source, target, lse, spec: AnchorSpec, kernels):
+    """This rank's share of KL(p_source || p_target) per row, lse = [target, source] pairs: the
+    anchored KL in logit mode at alpha = 0, where q is the current slot's softmax (the
+    reference slot, unused then, repeats the target)."""
+    q_is_current = AnchorSpec(0.0, Interpolation.LOGIT, spec.inv_tau)
+    partial, _ = kernels.kl_grad(target, source, target, q_is_current, lse, need_grad=False)
+    return partial
+
+
+def _local_entropy_term(z, lse, spec: AnchorSpec):
+    """This rank's share of sum_v p_v (z_v - max) per row; H(p) = log_sum - its total.
+    lse: the policy's (max, log_sum) [rows, 2]."""
+    top, log_sum = lse[:, None, 0], lse[:, None, 1]
+    zs = z.to(lse.dtype) * spec.inv_tau
+    p = torch.exp((zs - top) - log_sum)
+    return torch.where(p > 0, p * (zs - top), torch.zeros_like(p)).sum(-1)
+
+
+def _diagnostic_rows(z, c, r, step, spec: AnchorSpec, tp_group, kernels, *, policy_ref: bool):
+    """anchor_diagnostics' values per row (fp32), given the anchor step KL(q || p_cur) [rows];
+    with policy_ref also ``kl_policy_ref`` = KL(p_theta || p_ref)."""
+    lse = _model_lse(z, c, r, spec, tp_group, kernels)
+    policy, current, reference = 0, 1, 2
+    models = {policy: z, current: z if c is None else c, reference: r}
+
+    def local_kl(source, target):
+        return _local_kl(models[source], models[target], lse[:, [target, source]], spec, kernels)
+
+    # Every row's local shares, summed over the ranks in one all-reduce.
+    shares = {"kl_cur_ref": local_kl(current, reference),
+              "entropy": _local_entropy_term(z, lse[:, policy], spec)}
+    if spec.interpolation == Interpolation.PROB:
+        shares["kl_ref_cur"] = local_kl(reference, current)
+    if policy_ref and c is not None:  # in live mode, KL(p_theta || p_ref) is kl_cur_ref
+        shares["kl_policy_ref"] = local_kl(policy, reference)
+    totals = all_reduce_sum(torch.stack(list(shares.values()), dim=-1), tp_group)
+    total = dict(zip(shares, totals.unbind(-1)))
+
+    kl_cur_ref = total["kl_cur_ref"].float()
+    if spec.interpolation == Interpolation.LOGIT:
+        alpha = spec.alpha
+        bound = (alpha / (1.0 - alpha) if alpha < 1.0 else math.inf) * kl_cur_ref
+    else:
+        bound = spec.alpha * total["kl_ref_cur"].float()
+    out = {"anchor_step_kl": step.float(), "bound": bound, "kl_cur_ref": kl_cur_ref,
+           "entropy": (lse[:, policy, 1] - total["entropy"]).float()}
+    if policy_ref:
+        out["kl_policy_ref"] = total["kl_policy_ref"].float() if c is not None else kl_cur_ref
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # Argument checking.
 
 
-@dataclass(frozen=True)
-class _Call:
-    alpha: float
-    mode: int
-    inv_tau: float
-    tp_group: object
-    kernels: object
-
-
-_checked_shards: set = set()
-
-
 def _check_arguments(policy, reference, current, alpha, interpolation, temperature, tp_group,
-                     backend) -> _Call:
-    if not isinstance(policy, torch.Tensor) or not policy.is_floating_point():
-        raise ValueError("policy_logits must be a floating-point tensor")
-    if policy.dim() < 1 or policy.shape[-1] == 0:
-        raise ValueError(f"policy_logits must have a non-empty vocabulary dimension, got "
-                         f"shape {tuple(policy.shape)}")
-    for name, other in (("reference_logits", reference), ("current_logits", current)):
-        if other is None and name == "current_logits":
-            continue
-        if not isinstance(other, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor")
-        if other.shape != policy.shape:
-            raise ValueError(f"{name} has shape {tuple(other.shape)}, policy_logits "
-                             f"{tuple(policy.shape)}: they must match")
-        if other.dtype != policy.dtype:
-            raise ValueError(f"{name} has dtype {other.dtype}, policy_logits {policy.dtype}: "
-                             "they must match")
-        if other.device != policy.device:
-            raise ValueError(f"{name} is on {other.device}, policy_logits on {policy.device}: "
-                             "they must be on one device")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, "
-                         f"got {interpolation!r}")
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature) or temperature <= 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+                     backend):
+    """(spec, kernels) of a call, after checking every argument."""
+    check_logits(policy, "policy_logits")
+    check_like_policy(reference, "reference_logits", policy)
+    if current is not None:
+        check_like_policy(current, "current_logits", policy)
+    spec = AnchorSpec.validated(alpha, interpolation, temperature)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     kernels = _choose_kernels(policy, backend)
-    if _group_size(tp_group) > 1:
-        _check_shards_agree(policy, tp_group)
-    return _Call(float(alpha), INTERPOLATIONS[interpolation], 1.0 / float(temperature),
-                 tp_group, kernels)
+    check_shards_agree(policy, tp_group)
+    return spec, kernels
 
 
 def _choose_kernels(policy, backend):
@@ -282,60 +278,14 @@ def _choose_kernels(policy, backend):
     return FusedKernels() if fused_ok else TorchKernels()
 
 
-def _check_shards_agree(policy, tp_group):
-    """Every rank of tp_group must hold the same number of rows and vocabulary columns.
-
-    One tiny all-gather the first time a (group, shape) pair is seen; afterwards free.
-    """
-    rows = policy.numel() // policy.shape[-1]
-    key = (id(tp_group), rows, policy.shape[-1])
-    if key in _checked_shards:
-        return
-    mine = torch.tensor([[rows, policy.shape[-1]]], dtype=torch.int64, device=policy.device)
-    everyone = _all_gather(mine, tp_group)[:, 0]
-    if not bool((everyone == mine).all()):
-        shapes = [tuple(s) for s in everyone.tolist()]
-        raise ValueError(f"tp_group: the ranks disagree on the shard shape (rows, V_local): "
-                         f"{shapes}; every rank must hold an equal vocabulary shard of the "
-                         "same tokens")
-    _checked_shards.add(key)
-
-
-def _rows(x):
-    return None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
+def _detached_rows(policy, current, reference):
+    """(z, c, r): the inputs as the kernels take them, c None in live mode."""
+    return (rows(policy.detach()), None if current is None else rows(current.detach()),
+            rows(reference.detach()))
 
 
 # --------------------------------------------------------------------------------------------
 # Public API.
-
-
-class _HandWrittenGradient(torch.autograd.Function):
-    """A per-token loss whose gradient w.r.t. the logits is written during the forward pass
-    (by ``loss_and_grad(need_grad=True) -> (loss rows, gradient rows)``)."""
-
-    @staticmethod
-    def forward(ctx, logits, loss_and_grad):
-        loss, grad = loss_and_grad(need_grad=True)
-        ctx.save_for_backward(grad)
-        ctx.logits_shape = logits.shape
-        return loss.view(logits.shape[:-1])
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        # In place: the buffer is ours, and a second backward is refused by autograd's version
-        # check. Multiplying by the fp32 scale rounds once to the logits' dtype.
-        scale_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        grad.mul_(grad_loss.reshape(-1, 1).to(scale_dtype))
-        return grad.view(ctx.logits_shape), None
-
-
-def per_token_loss(logits, loss_and_grad):
-    """The loss shaped like logits.shape[:-1], differentiable when the logits require grad."""
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _HandWrittenGradient.apply(logits, loss_and_grad)
-    loss, _ = loss_and_grad(need_grad=False)
-    return loss.view(logits.shape[:-1])
 
 
 def anchored_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
@@ -361,13 +311,11 @@ def anchored_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
         fp32 per-token loss (fp64 for fp64 inputs), identical on every rank of ``tp_group``.
         Mask and average it in the caller, e.g. ``(loss * mask).sum() / mask.sum()``.
     """
-    call = _check_arguments(policy_logits, reference_logits, current_logits, alpha,
-                            interpolation, temperature, tp_group, backend)
-    reference_logits = reference_logits.detach()
-    current_logits = None if current_logits is None else current_logits.detach()
+    spec, kernels = _check_arguments(policy_logits, reference_logits, current_logits, alpha,
+                                     interpolation, temperature, tp_group, backend)
+    z, c, r = _detached_rows(policy_logits, current_logits, reference_logits)
     return per_token_loss(policy_logits, lambda need_grad: _kl_rows(
-        _rows(policy_logits), _rows(current_logits), _rows(reference_logits), call.alpha,
-        call.mode, call.inv_tau, tp_group, call.kernels, need_grad=need_grad))
+        z, c, r, spec, tp_group, kernels, need_grad=need_grad))
 
 
 @torch.no_grad()
@@ -384,38 +332,31 @@ def anchor_diagnostics(policy_logits: torch.Tensor, reference_logits: torch.Tens
         kl_cur_ref: KL(p_cur || p_ref);
         entropy: the policy's entropy.
     """
-    call = _check_arguments(policy_logits, reference_logits, current_logits, alpha,
-                            interpolation, temperature, tp_group, backend)
-    shape = policy_logits.shape[:-1]
-    z, r = _rows(policy_logits), _rows(reference_logits)
-    c = z if current_logits is None else _rows(current_logits)
-    logit = INTERPOLATIONS["logit"]
-
-    def kl_rows(target_policy, anchor_current, alpha_, mode):
-        # KL(q || p_target) with q built from (anchor_current, r): live mode semantics when the
-        # two are the same tensor. alpha_ = 0 in logit mode gives q = p_cur, alpha_ = 1 q = p_ref.
-        current = None if anchor_current is target_policy else anchor_current
-        kl, _ = _kl_rows(target_policy, current, r, alpha_, mode, call.inv_tau, tp_group,
-                         call.kernels, need_grad=False)
-        return kl.view(shape).float()
-
-    step = kl_rows(c, c, call.alpha, call.mode)
-    kl_cur_ref = kl_rows(r, c, 0.0, logit)
-    if call.mode == logit:
-        ratio = call.alpha / (1.0 - call.alpha) if call.alpha < 1.0 else math.inf
-        bound = ratio * kl_cur_ref
-    else:
-        bound = call.alpha * kl_rows(c, c, 1.0, logit)
-    return {"anchor_step_kl": step, "bound": bound, "kl_cur_ref": kl_cur_ref,
-            "entropy": _entropy(z, call.inv_tau, tp_group).view(shape)}
+    spec, kernels = _check_arguments(policy_logits, reference_logits, current_logits, alpha,
+                                     interpolation, temperature, tp_group, backend)
+    z, c, r = _detached_rows(policy_logits, current_logits, reference_logits)
+    step, _ = _kl_rows(z if c is None else c, None, r, spec, tp_group, kernels, need_grad=False)
+    d = _diagnostic_rows(z, c, r, step, spec, tp_group, kernels, policy_ref=False)
+    return {key: value.view(policy_logits.shape[:-1]) for key, value in d.items()}
 
 
-def _entropy(z, inv_tau, tp_group):
-    """H(p) = LSE(z) - sum_v p_v z_v, with the LSE over the full vocabulary."""
-    zs = z.float() * inv_tau
-    top, log_sum = combine_softmax_stats(softmax_stats(zs), tp_group).unbind(-1)
-    p = torch.exp((zs - top) - log_sum)
-    partial = torch.where(p > 0, p * (zs - top), torch.zeros_like(p)).sum(-1)
-    if _group_size(tp_group) > 1:
-        dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=tp_group)
-    return (log_sum[:, 0] - partial).float()
+def anchored_kl_and_diagnostics(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
+                                current_logits: torch.Tensor | None = None, alpha: float = 0.5,
+                                interpolation: str = "logit", temperature: float = 1.0,
+                                tp_group=None, backend: str = "auto"):
+    """(anchored_kl(...), anchor_diagnostics(...) plus ``kl_policy_ref`` = KL(p_theta || p_ref))
+    with the same arguments, for a step that logs both, computing nothing twice: in live mode
+    the anchor step KL(q || p_cur) is the loss itself and KL(p_cur || p_ref) is
+    KL(p_theta || p_ref)."""
+    spec, kernels = _check_arguments(policy_logits, reference_logits, current_logits, alpha,
+                                     interpolation, temperature, tp_group, backend)
+    z, c, r = _detached_rows(policy_logits, current_logits, reference_logits)
+    loss = per_token_loss(policy_logits, lambda need_grad: _kl_rows(
+        z, c, r, spec, tp_group, kernels, need_grad=need_grad))
+    with torch.no_grad():
+        if c is None:
+            step = loss.detach().reshape(-1)
+        else:
+            step, _ = _kl_rows(c, None, r, spec, tp_group, kernels, need_grad=False)
+        d = _diagnostic_rows(z, c, r, step, spec, tp_group, kernels, policy_ref=True)
+    return loss, {key: value.view(loss.shape) for key, value in d.items()}

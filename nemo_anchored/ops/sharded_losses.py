@@ -1,19 +1,17 @@
 """The baselines' losses on vocab-sharded logits: token cross-entropy, reverse KL, DFT and STM.
 
-Per token, every softmax over the FULL vocabulary (see ../shared/design/anchored_learning.md,
-"Baselines"):
+Per token, every softmax over the FULL vocabulary (see docs/design/baselines.md):
 
     SFT:     ce = -log p(y),                      d ce / d z = p - onehot(y)
     KL-SFT:  ce + lambda * KL(p || p_ref),        d KL / d z = p * (log p - log p_ref - KL)
     DFT:     -sg(p(y)) log p(y) = exp(-ce).detach() * ce
     STM:     keep the tokens with exp(ce_base) <= threshold (ce_base under the base model)
 
-The layout and evaluation are those of anchored_kl.py (megatron-core's ``parallel_output=True``:
+The layout and evaluation are vocab_parallel.py's (megatron-core's ``parallel_output=True``:
 each tensor-parallel rank holds a contiguous shard [..., V_local] of the vocabulary): a local
 pass for the softmax statistics, a tiny cross-rank merge (``combine_softmax_stats``, plus one
-all-reduce of a float per row), and a local pass for the loss and its gradient shard. The
-gradient is written by hand during the forward pass: autograd through a cross-rank sum would
-need an all-reduce in its backward as well, which megatron-core's region helpers lack.
+all-reduce of a float per row), and a local pass for the loss and its gradient shard, written
+by hand during the forward pass.
 
 Accumulation is in fp32 whatever the input dtype (float64 stays float64, for tests); gradients
 are rounded once to the logits' dtype. The inputs are never modified (megatron-core's
@@ -27,16 +25,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
-from nemo_anchored.ops.anchored_kl import (_check_shards_agree, _g_small, _group_size, _rows,
-                                           combine_softmax_stats, per_token_loss,
-                                           softmax_stats)
-
-
-def _group_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
+from nemo_anchored.ops.vocab_parallel import (all_reduce_sum, check_like_policy, check_logits,
+                                              check_shards_agree, combine_softmax_stats,
+                                              g_small, group_rank, group_size, per_token_loss,
+                                              rows, softmax_stats)
 
 # --------------------------------------------------------------------------------------------
 # Per-row losses and gradient shards on 2-D [rows, V_local] logits.
@@ -49,7 +42,7 @@ def _cross_entropy_rows(z, labels, tp_group, need_grad):
     """
     # 1. Local pass: softmax statistics, and the label's logit where this rank holds it.
     stats = softmax_stats(z if z.dtype == torch.float64 else z.float())
-    local = labels - _group_rank(tp_group) * z.shape[-1]
+    local = labels - group_rank(tp_group) * z.shape[-1]
     held = (local >= 0) & (local < z.shape[-1])
     index = torch.where(held, local, 0).unsqueeze(-1)
     label_logit = torch.where(held, z.gather(-1, index).squeeze(-1).to(stats.dtype), 0.0)
@@ -57,8 +50,7 @@ def _cross_entropy_rows(z, labels, tp_group, need_grad):
     # 2. Merge: the full-vocabulary log-sum-exp; the label's logit from the one rank holding it
     # (the others add an exact 0, so the sum is exact and the same on every rank).
     top, log_sum = combine_softmax_stats(stats, tp_group)[:, 0].unbind(-1)
-    if _group_size(tp_group) > 1:
-        dist.all_reduce(label_logit, op=dist.ReduceOp.SUM, group=tp_group)
+    all_reduce_sum(label_logit, tp_group)
     loss = (top - label_logit) + log_sum
     if not need_grad:
         return loss, None
@@ -92,7 +84,7 @@ def _reverse_kl_rows(z, r, tp_group, need_grad):
     # too) contribute p_ref; p > 0 with p_ref = 0 gives y = +inf and an infinite KL.
     small = y.abs() < 0.5
     y_small = torch.where(small, y, torch.zeros_like(y))
-    term = torch.where(small, p_ref * _g_small(y_small),
+    term = torch.where(small, p_ref * g_small(y_small),
                        torch.where(p == 0, p_ref, p * y - p + p_ref))
     partials = [term.sum(dim=-1)]
     if need_grad:
@@ -101,9 +93,7 @@ def _reverse_kl_rows(z, r, tp_group, need_grad):
         # not small next to y where the models nearly agree).
         p_times_y = torch.where(p > 0, p * y, torch.zeros_like(p))
         partials.append(p_times_y.sum(dim=-1))
-    partials = torch.stack(partials, dim=-1)
-    if _group_size(tp_group) > 1:
-        dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=tp_group)
+    partials = all_reduce_sum(torch.stack(partials, dim=-1), tp_group)
     kl = partials[:, 0].contiguous()
     if not need_grad:
         return kl, None
@@ -112,15 +102,7 @@ def _reverse_kl_rows(z, r, tp_group, need_grad):
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checking (as anchored_kl's _check_arguments: ValueError naming the argument).
-
-
-def _check_logits(logits, name):
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor")
-    if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"{name} must have a non-empty vocabulary dimension, got shape "
-                         f"{tuple(logits.shape)}")
+# Argument checking (ValueError naming the argument, as vocab_parallel's checks).
 
 
 def _check_labels(labels, logits, tp_group):
@@ -136,17 +118,12 @@ def _check_labels(labels, logits, tp_group):
                          "be on one device")
     if labels.numel() == 0:
         return
-    vocab = logits.shape[-1] * _group_size(tp_group)
+    vocab = logits.shape[-1] * group_size(tp_group)
     low, high = torch.stack(torch.aminmax(labels)).tolist()  # one device sync for both bounds
     if low < 0 or high >= vocab:
         raise ValueError(f"labels must lie in [0, {vocab}) (indices into the full vocabulary), "
                          f"got values in [{low}, {high}]; leave ignored positions out with a "
                          "loss mask, not an out-of-range label")
-
-
-def _check_sharded(logits, tp_group):
-    if _group_size(tp_group) > 1:
-        _check_shards_agree(logits, tp_group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,10 +146,10 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
         fp32 per-token loss (fp64 for fp64 logits), identical on every rank of ``tp_group``.
         Mask and average it in the caller, e.g. ``(loss * mask).sum() / mask.sum()``.
     """
-    _check_logits(logits, "logits")
+    check_logits(logits, "logits")
     _check_labels(labels, logits, tp_group)
-    _check_sharded(logits, tp_group)
-    z, y = _rows(logits.detach()), labels.reshape(-1).long()
+    check_shards_agree(logits, tp_group)
+    z, y = rows(logits.detach()), labels.reshape(-1).long()
     return per_token_loss(logits, lambda need_grad: _cross_entropy_rows(z, y, tp_group, need_grad))
 
 
@@ -194,22 +171,12 @@ def reverse_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
     Returns:
         fp32 per-token loss (fp64 for fp64 logits), identical on every rank of ``tp_group``.
     """
-    _check_logits(policy_logits, "policy_logits")
-    if not isinstance(reference_logits, torch.Tensor):
-        raise ValueError("reference_logits must be a tensor")
-    if reference_logits.shape != policy_logits.shape:
-        raise ValueError(f"reference_logits has shape {tuple(reference_logits.shape)}, "
-                         f"policy_logits {tuple(policy_logits.shape)}: they must match")
-    if reference_logits.dtype != policy_logits.dtype:
-        raise ValueError(f"reference_logits has dtype {reference_logits.dtype}, policy_logits "
-                         f"{policy_logits.dtype}: they must match")
-    if reference_logits.device != policy_logits.device:
-        raise ValueError(f"reference_logits is on {reference_logits.device}, policy_logits on "
-                         f"{policy_logits.device}: they must be on one device")
-    _check_sharded(policy_logits, tp_group)
-    z, r = _rows(policy_logits.detach()), _rows(reference_logits.detach())
+    check_logits(policy_logits, "policy_logits")
+    check_like_policy(reference_logits, "reference_logits", policy_logits)
+    check_shards_agree(policy_logits, tp_group)
+    z, r = rows(policy_logits.detach()), rows(reference_logits.detach())
     return per_token_loss(policy_logits,
-                      lambda need_grad: _reverse_kl_rows(z, r, tp_group, need_grad))
+                          lambda need_grad: _reverse_kl_rows(z, r, tp_group, need_grad))
 
 
 def dft_loss(ce: torch.Tensor) -> torch.Tensor:

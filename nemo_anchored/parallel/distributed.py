@@ -3,7 +3,8 @@
 Under torchrun the rendezvous comes from its environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT). Without torchrun a single process joins a world of size 1, so scripts
 and tests run the same code path unlaunched. The backend is NCCL when CUDA is available and gloo
-otherwise (with ``cpu_compat`` installed first so megatron-core runs on the CPU).
+otherwise. ``init_process_group`` is where ``megatron_compat.install()`` is called, before
+anything is built with megatron-core.
 """
 
 import contextlib
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nemo_anchored.parallel.cpu_compat import install_cpu_compat
+from nemo_anchored.parallel import megatron_compat
 
 
 @dataclass(frozen=True)
@@ -34,18 +35,10 @@ class ParallelContext:
     dp_rank: int
     dp_size: int
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
-
 
 def init_process_group(timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed from torchrun's environment, or as a world of one process."""
-    install_cpu_compat()
+    megatron_compat.install()
     if dist.is_initialized():
         return
     use_cuda = torch.cuda.is_available()

@@ -12,14 +12,12 @@ Data: every pipeline stage iterates the same micro-batches. A micro-batch is a d
 
 import contextlib
 from functools import partial
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
-
-from nemo_anchored.models.co_resident import ResidentLogits
 
 MicroBatch = Dict[str, Any]
 
@@ -33,8 +31,11 @@ ResidentLossFn = Callable[
 ]
 
 
-def _loss_on_last_stage(loss_fn: ResidentLossFn, batch: MicroBatch, logits: ResidentLogits):
-    return loss_fn(logits.policy, logits.reference, logits.snapshot, batch)
+def _loss_on_last_stage(loss_fn: ResidentLossFn, batch: MicroBatch, logits: Sequence[torch.Tensor]):
+    # logits: the model's last-stage output, one tensor (or None) per resident model in the
+    # order (policy, reference, snapshot), e.g. models.co_resident.ResidentLogits.
+    policy, reference, snapshot = logits
+    return loss_fn(policy, reference, snapshot, batch)
 
 
 def _forward_step(loss_fn: ResidentLossFn, data_iterator: Iterator[MicroBatch], model):

@@ -14,6 +14,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from nemo_anchored.atomic import write_text
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, total_steps: int, resume_step: int, enabled: bool,
@@ -30,7 +32,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                        purge_step=resume_step + 1)
         # Made at the first step, so the set-up messages print before it.
         self.bar_settings = dict(total=total_steps, initial=resume_step) if progress else None
 
@@ -39,7 +42,7 @@ class MetricsLogger:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log_step(self, record: dict) -> None:
         if not self.enabled:

@@ -24,28 +24,24 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from omegaconf import OmegaConf
 
-from nemo_anchored.config import ConfigError
+from nemo_anchored.atomic import write_text
+from nemo_anchored.checkpoint.format import latest_checkpoint
+from nemo_anchored.checkpoint.sharded import load_checkpoint, load_model_weights, save_checkpoint
+from nemo_anchored.config import ConfigError, GPTConfig
 from nemo_anchored.data import BatchOrder, build_tokenizer, load_sft_dataset
 from nemo_anchored.models.co_resident import CoResidentModels
-from nemo_anchored.models.gpt import GPTConfig, build_gpt_model
-from nemo_anchored.ops import fused_available, stm_keep_mask, token_cross_entropy
+from nemo_anchored.models.gpt import build_gpt_model
+from nemo_anchored.ops import fused_available
 from nemo_anchored.parallel.distributed import ParallelContext
 from nemo_anchored.parallel.schedule import forward_backward, wrap_for_training
-from nemo_anchored.training.checkpoint import (latest_checkpoint, load_checkpoint,
-                                               load_model_weights, save_checkpoint)
 from nemo_anchored.training.methods import MethodLoss
 from nemo_anchored.training.metrics import MetricsLogger
-
-from megatron.core import parallel_state  # noqa: E402  (after the CPU shims)
-from megatron.core.distributed import DistributedDataParallelConfig  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
-
-# The per-micro-batch sums reported by MethodLoss, reduced in this order.
-_SUM_KEYS = ("loss", "tokens", "ce", "anchored_kl", "kl_policy_ref", "anchor_step_kl",
-             "anchor_bound", "tokens_over_bound", "diagnostic_tokens", "entropy")
 
 
 @dataclasses.dataclass
@@ -81,8 +77,10 @@ class Trainer:
         self.model = wrap_for_training(self.stack, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             use_distributed_optimizer=cfg.parallelism.use_distributed_optimizer))
-        stm_keep = self._stm_keep_mask() if cfg.method == "stm" else None
-        self.loss = MethodLoss(cfg, stm_keep=stm_keep)
+        self.loss = MethodLoss.for_config(cfg)
+        # The method's own pass over the data (stm's token filter), before any step.
+        self.prepare_summary = self.loss.prepare(self._forward_over_dataset, self.dataset,
+                                                 ctx.device)
 
         steps_per_epoch = self.order.steps_per_epoch
         if self.anchored:
@@ -103,18 +101,20 @@ class Trainer:
                               "(CUDA_VISIBLE_DEVICES=) or use device=auto")
 
     def _build_models(self) -> CoResidentModels:
-        cfg, gpt = self.cfg, gpt_config(self.cfg)
-        policy = build_gpt_model(gpt)
+        cfg, gpt = self.cfg, GPTConfig.of(self.cfg.model)
+        sequence_parallel = cfg.parallelism.sequence_parallel
+        policy = build_gpt_model(gpt, sequence_parallel=sequence_parallel)
         # Grads are summed over valid tokens and divided by the global batch's count.
         policy.config.calculate_per_token_loss = True
         if cfg.model.base_checkpoint:
             load_model_weights(Path(cfg.model.base_checkpoint), policy)
         reference = snapshot = None
         if cfg.method in ("kl_sft", "anchored"):
-            reference = build_gpt_model(gpt)
+            reference = build_gpt_model(gpt, sequence_parallel=sequence_parallel)
             load_model_weights(Path(cfg.model.reference_checkpoint), reference)
         if self.anchored and cfg.anchor.mode == "snapshot":
-            snapshot = build_gpt_model(gpt)  # filled at each outer iteration's start
+            # Filled at each outer iteration's start.
+            snapshot = build_gpt_model(gpt, sequence_parallel=sequence_parallel)
         return CoResidentModels(policy, reference, snapshot)
 
     def _build_optimizer(self):
@@ -138,41 +138,18 @@ class Trainer:
             wd_incr_steps=max(horizon, 1), wd_incr_style="constant")
         return optimizer, scheduler
 
-    def _stm_keep_mask(self) -> torch.Tensor:
-        """STM's token filter, once before training: keep a response token when its
-        perplexity under the base model (the policy at this point) is <= the threshold."""
+    def _forward_over_dataset(self, loss_fn) -> List[Dict[str, torch.Tensor]]:
+        """``loss_fn``'s outputs (last stage) for every example once, in order, from the models
+        in eval mode without backward: the methods' passes before training."""
         n, mbs = len(self.dataset), self.cfg.trainer.micro_batch_size
         batches = [self.dataset.batch(torch.arange(i, i + mbs).clamp_max(n - 1))
                    for i in range(0, n, mbs)]
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-
-        def base_ce(policy, reference, snapshot, batch):
-            ce = token_cross_entropy(policy, batch["labels"].to(policy.device),
-                                     tp_group=tp_group)
-            return ce.sum(), torch.tensor(1, dtype=torch.int), {"ce": ce, "index": batch["index"]}
-
         self.stack.eval()
-        outputs = forward_backward(self.model, iter(batches), base_ce, forward_only=True,
+        outputs = forward_backward(self.model, iter(batches), loss_fn, forward_only=True,
                                    num_microbatches=len(batches),
                                    seq_length=self.cfg.data.seq_length, micro_batch_size=mbs)
         self.stack.train()
-        keep = torch.zeros(n, self.cfg.data.seq_length, dtype=torch.bool)
-        for out in outputs:  # last stage only; other stages never read the mask
-            keep[out["index"]] = stm_keep_mask(out["ce"], self.cfg.baselines.stm_threshold).cpu()
-        response = self.dataset.loss_mask > 0
-        counts = torch.tensor([(keep & response).sum(), response.sum()], dtype=torch.float64,
-                              device=self.ctx.device)
-        dist.broadcast(counts, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-        kept, total = counts.tolist()
-        if kept == 0:
-            raise ConfigError(f"baselines.stm_threshold: none of the {int(total)} response "
-                              f"tokens has a base-model perplexity <= "
-                              f"{self.cfg.baselines.stm_threshold}; nothing would be trained")
-        self.stm_summary = f"stm keeps {int(kept)} of {int(total)} response tokens " \
-                           f"({kept / total:.1%}) with base perplexity <= " \
-                           f"{self.cfg.baselines.stm_threshold}"
-        return keep
+        return outputs
 
     # -------------------------------------------------------------------------------- training
 
@@ -236,7 +213,7 @@ class Trainer:
 
     def _train_step(self, pos: Position, optimizer, scheduler) -> None:
         cfg, t = self.cfg, self.cfg.trainer
-        epoch, step_in_epoch = divmod(pos.global_step, self.order.steps_per_epoch)
+        epoch, step_in_epoch = self.order.epoch_and_step(pos.global_step)
         batches = self.order.micro_batches(self.dataset, epoch, step_in_epoch)
         start = time.perf_counter()
         self.model.zero_grad_buffer()
@@ -264,16 +241,16 @@ class Trainer:
 
     def _reduce_sums(self, outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Sums over micro-batches (last stage), data-parallel ranks, then shared by all ranks."""
-        device = self.ctx.device
-        totals = torch.full((len(_SUM_KEYS),), math.nan, dtype=torch.float64, device=device)
+        device, keys = self.ctx.device, self.loss.sum_keys
+        totals = torch.full((len(keys),), math.nan, dtype=torch.float64, device=device)
         if outputs:
-            for i, key in enumerate(_SUM_KEYS):
+            for i, key in enumerate(keys):
                 if key in outputs[0]:
                     totals[i] = sum(out[key].double().to(device) for out in outputs)
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
-        return dict(zip(_SUM_KEYS, totals.tolist()))
+        return dict(zip(keys, totals.tolist()))
 
     def _record(self, pos, epoch, s, grad_norm, optimizer, elapsed) -> dict:
         # A batch with no valid token (possible under stm) trains nothing: no loss to report.
@@ -287,16 +264,7 @@ class Trainer:
                   "peak_memory_mib": _peak_memory_mib()}
         if self.anchored:
             record.update(outer=pos.outer, inner_step=pos.inner_step + 1)
-        for key in ("ce", "anchored_kl", "kl_policy_ref"):
-            if not math.isnan(s[key]):
-                record[key] = s[key] / tokens
-        if not math.isnan(s["diagnostic_tokens"]):
-            n = s["diagnostic_tokens"]
-            record.update(anchor_step_kl=s["anchor_step_kl"] / n,
-                          anchor_bound=s["anchor_bound"] / n,
-                          tokens_over_bound=int(s["tokens_over_bound"]),
-                          fraction_over_bound=s["tokens_over_bound"] / n,
-                          entropy=s["entropy"] / n)
+        record.update(self.loss.metrics(s, tokens))
         return record
 
     # ------------------------------------------------------------------------- checkpoints
@@ -320,7 +288,7 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resolved = OmegaConf.to_yaml(self.cfg)
-        (self.run_dir / "config.yaml").write_text(resolved)
+        write_text(self.run_dir / "config.yaml", resolved)
         c = self.ctx
         self.log.info(f"resolved config (saved to {self.run_dir / 'config.yaml'}):\n{resolved}")
         self.log.info(f"layout: world {c.world_size} = TP {c.tp_size} x PP {c.pp_size} x "
@@ -329,8 +297,8 @@ class Trainer:
         self.log.info(f"data: {self.dataset.report.summary()}; {self.order.steps_per_epoch} "
                       f"steps per epoch ({self.order.unused_per_epoch} examples unused per "
                       "epoch: not a multiple of the global batch)")
-        if self.cfg.method == "stm":
-            self.log.info(self.stm_summary)
+        if self.prepare_summary is not None:
+            self.log.info(self.prepare_summary)
         if self.cfg.method == "anchored":
             backend = self.cfg.anchor.backend
             if backend == "auto":
@@ -339,13 +307,6 @@ class Trainer:
             self.log.info(f"anchored KL kernels: {backend}")
         if resume is not None:
             self.log.info(f"resumed from {resume} at step {pos.global_step}")
-
-
-def gpt_config(cfg) -> GPTConfig:
-    """The model architecture of a run config (its model section and sequence parallelism)."""
-    fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"sequence_parallel"}
-    return GPTConfig(**{k: cfg.model[k] for k in fields},
-                     sequence_parallel=cfg.parallelism.sequence_parallel)
 
 
 def _peak_memory_mib() -> float:

@@ -25,20 +25,19 @@ On-disk layout of one checkpoint directory ``<root>/<name>/``::
                                     torch CPU, torch CUDA, megatron's TP tracker) and trainer
                                     state
 
-Atomicity: every rank writes into the sibling ``<name>.tmp``; after a barrier, rank 0 writes
-``complete.json`` into it and renames it to ``<name>``. A directory without the marker (a crash
-mid-save) is never loaded. Re-saving to an existing ``<name>`` moves the old one to
-``<name>.old`` for the moment of the swap, then deletes it. ``save_checkpoint`` deletes a
-leftover ``<name>.tmp`` of the same name before writing; ``latest_checkpoint`` only reads and
-never deletes (another job may be writing there), it skips ``*.tmp`` and unmarked directories.
+Atomicity (``nemo_anchored.checkpoint.format``): every rank writes into the sibling
+``<name>.tmp``; after a barrier, rank 0 writes ``complete.json`` into it and renames it to
+``<name>``. A directory without the marker (a crash mid-save) is never loaded. Re-saving to an
+existing ``<name>`` moves the old one to ``<name>.old`` for the moment of the swap, then deletes
+it. ``save_checkpoint`` deletes a leftover ``<name>.tmp`` of the same name before writing;
+``latest_checkpoint`` only reads and never deletes (another job may be writing there), it skips
+``*.tmp`` and unmarked directories.
 
 Every rank must see the same filesystem (as dist_checkpointing requires). ``save_checkpoint``,
 ``load_checkpoint`` and ``load_model_weights`` are collective: call them on every rank.
 """
 
-import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -48,85 +47,29 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
-
-# Installs the CPU shims before megatron-core is imported (see nemo_anchored.parallel).
-import nemo_anchored.parallel  # noqa: F401
-from megatron.core import parallel_state, tensor_parallel  # noqa: E402
-from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
-from megatron.core.dist_checkpointing.serialization import (  # noqa: E402
-    get_default_save_sharded_strategy,
-)
-from megatron.core.dist_checkpointing.strategies.fully_parallel import (  # noqa: E402
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
-from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding  # noqa: E402
-from megatron.core.dist_checkpointing.validation import StrictHandling  # noqa: E402
-from megatron.core.optimizer import distrib_optimizer  # noqa: E402
+from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
+
+from nemo_anchored.atomic import tmp_path
+from nemo_anchored.checkpoint.format import (FORMAT_VERSION, CheckpointError, check_serialisable,
+                                             publish, read_marker)
+from nemo_anchored.parallel.megatron_compat import prepare_distributed_optimizer_for_load
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MARKER = "complete.json"
-_TMP_SUFFIX = ".tmp"
-_OLD_SUFFIX = ".old"
 SNAPSHOT_PREFIX = "snapshot."
 _OPTIMIZER_PREFIX = "optimizer."
 _RANK_STATE_KEY = "rank_state"
 # torch.distributed.checkpoint reports every rank's failure as one CheckpointException, raised on
 # all ranks alike; it derives from BaseException, not Exception.
 _CHECKPOINT_FAILURES = (Exception, CheckpointException)
-
-
-# megatron's distributed optimizer with torch's Adam (no Apex or Transformer Engine, as on CPU
-# machines) cannot load its state as shipped: see the two functions below.
-_TORCH_ADAM_DISTRIBUTED_OPTIMIZER = not distrib_optimizer.HAVE_APEX_OR_TE
-
-
-def _give_fresh_distributed_optimizer_state(optimizer) -> None:
-    """Zero adam state for a distributed optimizer that has not stepped yet.
-
-    ``DistributedOptimizer.state_dict`` reads every parameter's torch-Adam ``step``, which torch
-    creates at the first step, so a fresh optimizer cannot describe its state for loading. The
-    load overwrites this state.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, distrib_optimizer.DistributedOptimizer) or opt.init_state_fn is None:
-            continue
-        opt.init_state_fn(opt.optimizer, opt.config)
-        for group in opt.optimizer.param_groups:
-            for param in group["params"]:
-                opt.optimizer.state[param].setdefault("step", torch.tensor(0.0))
-
-
-def _install_step_fix_for_distributed_optimizer_load() -> None:
-    """``DistributedOptimizer.load_state_dict`` puts ONE ``step`` tensor into every parameter's
-    torch-Adam state (from the param groups), then copies each parameter's state from the
-    checkpoint, whose per-parameter states have no ``step``: a KeyError. Were it to get past
-    that, Adam would increment the shared tensor once per parameter at each step. Each
-    parameter gets its own copy of the step instead, kept as loaded."""
-    cls = distrib_optimizer.DistributedOptimizer
-    set_states = cls._set_main_param_and_optimizer_states
-
-    def set_states_keeping_step(self, model_param, tensors):
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        state = self.optimizer.state[main_param]
-        if "step" in state and "step" not in tensors:
-            state["step"] = state["step"].clone()
-            tensors = {**tensors, "step": state["step"]}
-        set_states(self, model_param, tensors)
-
-    cls._set_main_param_and_optimizer_states = set_states_keeping_step
-
-
-if _TORCH_ADAM_DISTRIBUTED_OPTIMIZER:
-    _install_step_fix_for_distributed_optimizer_load()
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, or does not fit what is being loaded."""
 
 
 def _sharding_metadata() -> Dict[str, Any]:
@@ -197,10 +140,6 @@ def _check_fits(path: Path, marker: Dict[str, Any], model) -> None:
         )
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(path.name + _TMP_SUFFIX)
-
-
 def _global_step(state: Any) -> Optional[int]:
     """The value of the first ``global_step`` key in ``state``, searched through nested dicts
     (the trainer keeps it in ``state["position"]``)."""
@@ -213,66 +152,6 @@ def _global_step(state: Any) -> Optional[int]:
         if step is not None:
             return step
     return None
-
-
-def _json_default(value):
-    if hasattr(value, "tolist"):  # tensors and numpy values in metric accumulators
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or creation inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_marker(path: Path) -> Dict[str, Any]:
-    """The marker of a complete checkpoint at ``path``; raises ``CheckpointError`` otherwise."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist (or is not a directory)")
-    marker_path = path / MARKER
-    if not marker_path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete: no {MARKER} (the save did not finish)"
-        )
-    try:
-        marker = json.loads(marker_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER}: {err}") from err
-    version = marker.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path}: format version {version}, this code reads {FORMAT_VERSION}"
-        )
-    return marker
-
-
-def latest_checkpoint(root) -> Optional[Path]:
-    """The complete checkpoint directly under ``root`` with the highest global step (newest
-    save time among equals), or None. ``*.tmp`` and unmarked directories are skipped, not
-    deleted. A ``<name>.old`` left by a crash in the middle of re-saving ``<name>`` is complete
-    and counts like any other checkpoint."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    best, best_key = None, None
-    for child in root.iterdir():
-        if not child.is_dir() or child.name.endswith(_TMP_SUFFIX):
-            continue
-        try:
-            marker = read_marker(child)
-        except CheckpointError:
-            continue
-        step = marker.get("global_step")
-        key = (-1 if step is None else step, marker.get("saved_at", 0.0))
-        if best_key is None or key > best_key:
-            best, best_key = child, key
-    return best
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -317,8 +196,8 @@ def _sharded_state_dict(model, optimizer, snapshot, *, is_loading: bool) -> Dict
         state["snapshot"] = snapshot.sharded_state_dict(metadata=_sharding_metadata())
         add_prefix_for_sharding(state["snapshot"], SNAPSHOT_PREFIX)
     if optimizer is not None:
-        if is_loading and _TORCH_ADAM_DISTRIBUTED_OPTIMIZER:
-            _give_fresh_distributed_optimizer_state(optimizer)
+        if is_loading:
+            prepare_distributed_optimizer_for_load(optimizer)
         # Maps the optimizer's state onto the model's global tensors (by parameter identity).
         state["optimizer"] = optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata=_sharding_metadata()
@@ -337,7 +216,7 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
     marker). Each rank's own ``state`` and RNG states are saved too, captured on entry.
     """
     path = Path(path)
-    tmp = _tmp_path(path)
+    tmp = tmp_path(path)
     state = dict(state or {})
     rank_state = _rank_state({"rng": _capture_rng(), "trainer_state": state})
     marker = {
@@ -352,7 +231,7 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
     }
 
     def prepare():
-        json.dumps(state, default=_json_default)  # fail before any data is written
+        check_serialisable(marker)  # fail before any data is written
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
         tmp.mkdir(parents=True)
 
@@ -383,17 +262,7 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
 
     def finish():
         marker["saved_at"] = time.time()
-        with open(tmp / MARKER, "w") as f:
-            json.dump(marker, f, indent=1, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        old = path.with_name(path.name + _OLD_SUFFIX)
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, path, marker)
 
     _on_rank0(finish, f"cannot finalise checkpoint {path}")
     return path

@@ -1,0 +1,106 @@
+"""`nemo-anchored eval`: benchmarks on a checkpoint or an exported model
+(nemo_anchored/eval/benchmarks.py).
+
+    nemo-anchored eval --checkpoint CKPT --config RUN_DIR/config.yaml --tasks mmlu,humaneval
+        [--limit N] [--seed S] [--data TASK=FILE.jsonl ...] [--out results.json]
+    nemo-anchored eval --hf HF_DIR --tasks ...   (an exported model, through transformers)
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from nemo_anchored.atomic import write_text
+from nemo_anchored.data.builders import TASKS as BUILT_TASKS
+from nemo_anchored.eval.benchmarks import (DEFAULT_GENERATED_N, DEFAULT_MAX_NEW_TOKENS, TASKS,
+                                           EvalSettings, evaluate_checkpoint, evaluate_hf)
+from nemo_anchored.eval.loaders import load_task_examples
+from nemo_anchored.eval.scoring import HUMANEVAL_TIMEOUT_S
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--checkpoint", help="checkpoint directory (its policy weights are "
+                        "evaluated through megatron-core), e.g. RUN_DIR/final; needs --config")
+    parser.add_argument("--config", help="the run's config.yaml (model architecture and "
+                        "data.tokenizer)")
+    parser.add_argument("--hf", help="instead of --checkpoint/--config: a Hugging Face model "
+                        "folder (`nemo-anchored convert mcore-to-hf`), run with transformers")
+    parser.add_argument("--tasks", required=True,
+                        help=f"comma-separated, from: {', '.join(TASKS)}")
+    parser.add_argument("--limit", type=int, default=None, help="examples per task "
+                        f"(deterministic sample; built tasks without --data: default "
+                        f"{DEFAULT_GENERATED_N})")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, and the seed of "
+                        "built tasks generated here")
+    parser.add_argument("--data", action="append", default=[], metavar="TASK=FILE.jsonl",
+                        help="a built task's held-out examples (the --test-out of `nemo-anchored "
+                        "data build`); repeatable")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generation budget (default per task: "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_NEW_TOKENS.items()) + ")")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward")
+    parser.add_argument("--timeout", type=float, default=HUMANEVAL_TIMEOUT_S,
+                        help="seconds per HumanEval program")
+    parser.add_argument("--out", default=None, help="results JSON (scores, per-example "
+                        "records, settings)")
+    return parser
+
+
+def _parse_tasks(text: str) -> List[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise ValueError(f"--tasks: {', '.join(unknown) or 'none given'}; expected some of "
+                         f"{', '.join(TASKS)}")
+    return list(dict.fromkeys(tasks))
+
+
+def _parse_data(items: Sequence[str]) -> Dict[str, str]:
+    data = {}
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep or task not in BUILT_TASKS or not path:
+            raise ValueError(f"--data {item!r}: expected TASK=FILE.jsonl with TASK one of "
+                             f"{', '.join(BUILT_TASKS)}")
+        data[task] = path
+    return data
+
+
+def run(args) -> int:
+    """Run `nemo-anchored eval`; returns the exit status (2: bad arguments, config, data or
+    checkpoint)."""
+    from nemo_anchored.config import ConfigError
+    from nemo_anchored.checkpoint.format import CheckpointError
+
+    try:
+        tasks = _parse_tasks(args.tasks)
+        settings = EvalSettings(limit=args.limit, seed=args.seed, data=_parse_data(args.data),
+                                max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError("--limit must be >= 1")
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        for task, path in settings.data.items():
+            if task not in tasks:
+                raise ValueError(f"--data {task}={path}: {task} is not in --tasks")
+            load_task_examples(task, path)  # fail before the model is built
+        if bool(args.hf) == bool(args.checkpoint or args.config):
+            raise ValueError("give either --hf DIR or --checkpoint CKPT --config CONFIG")
+        if args.hf:
+            if not Path(args.hf, "config.json").is_file():
+                raise ValueError(f"--hf {args.hf}: no config.json (not a Hugging Face model "
+                                 "folder)")
+            results = evaluate_hf(args.hf, tasks, settings, batch_size=args.batch_size)
+        else:
+            if not (args.checkpoint and args.config):
+                raise ValueError("--checkpoint and --config go together")
+            results = evaluate_checkpoint(args.checkpoint, args.config, tasks, settings,
+                                          batch_size=args.batch_size)
+    except (ConfigError, CheckpointError, ValueError) as error:
+        print(f"nemo-anchored eval: {error}", file=sys.stderr)
+        return 2
+    if args.out:
+        out = write_text(args.out, json.dumps(results, indent=1))
+        print(f"nemo-anchored eval: results -> {out}")
+    return 0

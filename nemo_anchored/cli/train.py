@@ -1,0 +1,59 @@
+"""`nemo-anchored sft|anchor --config RECIPE.yaml [key=value ...]`: the two training stages.
+
+The configuration is validated before any process group starts; a configuration or data error
+is reported by rank 0 only (under torchrun every rank runs this) and exits with status 2.
+"""
+import argparse
+import os
+import sys
+
+from omegaconf import OmegaConf
+
+from nemo_anchored.config import SFT_METHODS, ConfigError, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="OmegaConf dot-list overrides, e.g. optim.lr=1e-5")
+    return parser
+
+
+def _method_overrides(command: str, recipe_method: str, overrides: list) -> list:
+    """The command fixes the stage: `anchor` runs method=anchored; `sft` runs the method given
+    on the command line, else the recipe's (sft when the recipe is an anchored one)."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("method=")]
+    if command == "anchor":
+        if given and given[-1] != "anchored":
+            raise ConfigError(f"method={given[-1]}: `nemo-anchored anchor` runs method=anchored; "
+                              f"use `nemo-anchored sft` for {', '.join(SFT_METHODS)}")
+        return ["method=anchored", *overrides]
+    if given and given[-1] not in SFT_METHODS:
+        raise ConfigError(f"method={given[-1]}: `nemo-anchored sft` runs "
+                          f"{', '.join(SFT_METHODS)}; use `nemo-anchored anchor` for anchored")
+    return ["method=sft", *overrides] if not given and recipe_method == "anchored" else overrides
+
+
+def run(args) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        recipe_method = OmegaConf.load(args.config).get("method", "sft") \
+            if os.path.isfile(args.config) else "sft"
+        overrides = _method_overrides(args.command, recipe_method, list(args.overrides))
+        cfg = load_config(args.config, overrides,
+                          world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as error:
+        if rank == 0:
+            print(f"nemo-anchored: configuration error: {error}", file=sys.stderr)
+        return 2
+
+    from nemo_anchored.data import DataError
+    from nemo_anchored.training.trainer import run as train
+
+    try:
+        train(cfg)
+    except (ConfigError, DataError) as error:
+        if rank == 0:
+            print(f"nemo-anchored: {error}", file=sys.stderr)
+        return 2
+    return 0

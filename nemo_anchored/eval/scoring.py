@@ -1,0 +1,130 @@
+"""Scoring a model's response: HumanEval programs run in a sandboxed interpreter, and the
+built tasks' final answers checked by their task's scorer (the rules, per task, are in
+eval/benchmarks.py's docstring)."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+from nemo_anchored.data.task_format import extract_final_answer
+
+MEDCALC_RELATIVE_TOLERANCE = 0.05
+HUMANEVAL_TIMEOUT_S = 10.0
+
+
+# -------------------------------------------------------------------------------- HumanEval
+
+_FENCED = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def humaneval_completion(problem: dict, response: str) -> str:
+    """What follows the prompt in the program: a full definition of the entry point (it
+    replaces the prompt's stub, which stays valid Python: a function whose body is its
+    docstring), or the body that continues the stub."""
+    blocks = _FENCED.findall(response)
+    defines = re.compile(rf"^def {re.escape(problem['entry_point'])}\s*\(", re.MULTILINE)
+    code = next((b for b in blocks if defines.search(b)), blocks[0] if blocks else response)
+    return "\n" + code if defines.search(code) else code
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    return (f"{problem['prompt']}{completion}\n\n{problem['test']}\n\n"
+            f"check({problem['entry_point']})\n")
+
+
+# Runs first in every program: no network (sockets refuse to open; subclassing keeps working)
+# and a cap on memory.
+_PRELUDE = """\
+import resource as _resource, socket as _socket
+_resource.setrlimit(_resource.RLIMIT_AS, (4 << 30, 4 << 30))
+class _NoSocket(_socket.socket):
+    def __init__(self, *args, **kwargs):
+        raise OSError("network access is disabled in evaluated programs")
+def _no_lookup(*args, **kwargs):
+    raise OSError("network access is disabled in evaluated programs")
+_socket.socket, _socket.getaddrinfo = _NoSocket, _no_lookup
+del _resource, _socket, _no_lookup
+"""
+
+
+def run_program(program: str, timeout: float = HUMANEVAL_TIMEOUT_S) -> str:
+    """Run ``program`` in a fresh isolated interpreter: "passed" (exit status 0), "failed: ..."
+    (the last line of its stderr) or "timed out" (its whole process group is killed)."""
+    with tempfile.TemporaryDirectory(prefix="nemo_anchored_eval_") as workdir:
+        script = Path(workdir) / "program.py"
+        script.write_text(_PRELUDE + program, encoding="utf-8")
+        env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+        proc = subprocess.Popen([sys.executable, "-I", str(script)], cwd=workdir, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the program and its children
+            proc.communicate()
+            return "timed out"
+    if proc.returncode == 0:
+        return "passed"
+    lines = stderr.decode("utf-8", errors="replace").strip().splitlines()
+    return f"failed: {lines[-1] if lines else f'exit status {proc.returncode}'}"
+
+
+# ------------------------------------------------------------------------------ built tasks
+
+@functools.lru_cache(maxsize=None)
+def _gym_scorer(name: str):
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(name, size=1, seed=0).score_answer
+
+
+def score_gsm_symbolic(answer: Optional[str], example: dict) -> bool:
+    return answer is not None and \
+        _gym_scorer("gsm_symbolic")(answer, {"answer": example["answer"]}) == 1.0
+
+
+_COUNTDOWN_EXPRESSION = re.compile(r"[0-9+\-*/() ]{1,200}")
+
+
+def score_countdown(answer: Optional[str], example: dict) -> bool:
+    if answer is None or not _COUNTDOWN_EXPRESSION.fullmatch(answer) or "**" in answer:
+        return False
+    meta = example["metadata"]
+    entry = {"metadata": {"numbers": meta["numbers"], "target": meta["target"]}}
+    return _gym_scorer("countdown")(answer, entry) == 1.0
+
+
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+
+
+def first_number(text: Optional[str]) -> Optional[float]:
+    """The first number in ``text`` (thousands separators allowed), or None."""
+    match = _NUMBER.search(text or "")
+    return None if match is None else float(match.group().replace(",", ""))
+
+
+def score_medcalc(answer: Optional[str], example: dict) -> bool:
+    value, truth = first_number(answer), float(example["answer"])
+    if value is None:
+        return False
+    if example["metadata"]["output"] == "integer":
+        return round(value) == round(truth)
+    return abs(value - truth) <= MEDCALC_RELATIVE_TOLERANCE * abs(truth)
+
+
+SCORERS: Dict[str, Callable[[Optional[str], dict], bool]] = {
+    "gsm_symbolic": score_gsm_symbolic, "countdown": score_countdown,
+    "medcalc": score_medcalc}
+
+
+def score_response(task: str, response: str, example: dict) -> Tuple[Optional[str], bool]:
+    """(the final answer parsed from ``response``, whether ``task``'s scorer accepts it)."""
+    answer = extract_final_answer(response)
+    return answer, SCORERS[task](answer, example)

@@ -1,0 +1,83 @@
+"""The lab's summary of its runs: seed means and sample stds per method and learning rate, and
+per method its general accuracy at matched domain accuracy.
+
+The matched-domain rule: among a method's learning rates whose seed-mean domain accuracy reaches
+at least MATCH_FRACTION (90%) of the best seed-mean SFT domain accuracy, the one with the best
+seed-mean general accuracy (``matched_point``). A method with no such learning rate gets null
+scores and a note, never a made-up number.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Dict, List, Sequence
+
+from nemo_anchored.lab.settings import LAB_METHODS
+
+MATCH_FRACTION = 0.9
+
+
+def mean_std(values: Sequence[float]) -> tuple:
+    """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
+    values = list(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def sweep_table(points: Sequence[dict]) -> Dict[str, List[dict]]:
+    """Per method, per lr (ascending): seed-mean and std of domain and general accuracy."""
+    groups: Dict[str, Dict[float, List[dict]]] = {}
+    for p in points:
+        groups.setdefault(p["method"], {}).setdefault(float(p["lr"]), []).append(p)
+    table = {}
+    for method, by_lr in groups.items():
+        rows = []
+        for lr in sorted(by_lr):
+            runs = by_lr[lr]
+            d, d_std = mean_std([r["domain"] for r in runs])
+            g, g_std = mean_std([r["general"] for r in runs])
+            rows.append({"lr": lr, "domain": d, "general": g, "domain_std": d_std,
+                         "general_std": g_std, "seeds": len(runs)})
+        table[method] = rows
+    return table
+
+
+def matched_point(rows: Sequence[dict], threshold: float) -> dict:
+    """The summary entry of one method from its sweep rows: among rows with seed-mean domain
+    >= threshold, the one with the best general (ties: higher domain, then lower lr). None
+    scores and a note when no row qualifies."""
+    ok = [r for r in rows if r["domain"] >= threshold - 1e-12]
+    if not ok:
+        best_domain = max((r["domain"] for r in rows), default=None)
+        return {"domain": None, "general": None, "domain_std": None, "general_std": None,
+                "lr": None, "note": f"no learning rate reaches the matched domain accuracy "
+                f"{threshold:.3f} (best seed-mean domain: "
+                f"{'n/a' if best_domain is None else f'{best_domain:.3f}'})"}
+    best = max(ok, key=lambda r: (r["general"], r["domain"], -r["lr"]))
+    return {k: best[k] for k in ("domain", "general", "domain_std", "general_std", "lr")}
+
+
+def summarize(points: Sequence[dict], base: dict) -> dict:
+    """results.json's "methods", "sweep" and "matched_domain_threshold" from the run points."""
+    sweep = sweep_table(points)
+    sft_rows = sweep.get("sft", [])
+    if not sft_rows:
+        raise ValueError("the matched-domain rule needs sft runs")
+    best_sft = max(r["domain"] for r in sft_rows)
+    threshold = MATCH_FRACTION * best_sft
+    methods = {"base": {"domain": base["domain"], "general": base["general"],
+                        "domain_std": None, "general_std": None, "lr": None,
+                        "note": "one pretrained base, evaluated once: no seed spread"}}
+    for method in LAB_METHODS:
+        if method in sweep:
+            methods[method] = matched_point(sweep[method], threshold)
+    return {"methods": methods, "sweep": sweep, "best_sft_domain": best_sft,
+            "matched_domain_threshold": threshold}
+
+
+def pareto_frontier(rows: Sequence[dict]) -> List[dict]:
+    """The rows not dominated in (domain, general), sorted by domain."""
+    front = [r for r in rows if not any(
+        o["domain"] >= r["domain"] and o["general"] >= r["general"] and
+        (o["domain"] > r["domain"] or o["general"] > r["general"]) for o in rows)]
+    return sorted(front, key=lambda r: (r["domain"], -r["general"]))

@@ -1,0 +1,185 @@
+"""What the losses on vocab-sharded logits share: softmax statistics and their cross-rank merge,
+the row and shard checks, and the hand-written gradient (as megatron-core's
+``tensor_parallel/cross_entropy.py`` keeps its own).
+
+Layout: megatron-core's ``parallel_output=True``, each rank of the tensor-parallel group holding
+a contiguous shard [..., V_local] of the vocabulary, the same V_local on every rank. A loss over
+the full vocabulary is then a local pass (each row's softmax statistics), a tiny cross-rank merge
+(``combine_softmax_stats``: one all-gather of a few floats per row), and a local pass (the row's
+partial loss and the gradient shard), whose partial sums take one all-reduce.
+
+The gradient is written during the forward pass (``per_token_loss``): autograd through a
+cross-rank sum would need an all-reduce in its backward as well, which megatron-core's region
+helpers lack, and the input shards then need not be kept for backward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+# --------------------------------------------------------------------------------------------
+# The tensor-parallel group.
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# torch >= 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """[group size, *x.shape]: every rank's x, in rank order (x itself when unsharded)."""
+    size = group_size(group)
+    if size == 1:
+        return x.unsqueeze(0)
+    out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))  # gloo wants it flat in dim 0
+    _all_gather_single(out, x.contiguous(), group=group)
+    return out.view((size,) + tuple(x.shape))
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """x summed over the group's ranks, in place; returns x."""
+    if group_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax statistics over the full vocabulary.
+
+
+def softmax_stats(*streams: torch.Tensor) -> torch.Tensor:
+    """Local (max, sum of exp(x - max)) per row of each [rows, V_local] stream: [rows, n, 2],
+    in float32 (float64 for float64 streams). A row of -inf gives (-inf, 0)."""
+    stats = []
+    for x in streams:
+        top = x.amax(dim=-1, keepdim=True)  # propagates NaN
+        top_safe = torch.where(top == -math.inf, torch.zeros_like(top), top)
+        stats.append(torch.cat([top, torch.exp(x - top_safe).sum(-1, keepdim=True)], -1))
+    out = torch.stack(stats, dim=1)
+    return out if out.dtype == torch.float64 else out.float()
+
+
+def combine_softmax_stats(stats: torch.Tensor, tp_group) -> torch.Tensor:
+    """Local (max, sum-exp) [rows, streams, 2] -> full-vocabulary (max, log sum-exp), same shape.
+
+    One all-gather of the per-row statistics, then a log-sum-exp merge on every rank: the same
+    float arithmetic everywhere, so every rank gets the same numbers bit for bit. The LSE stays
+    split in two so log-probabilities can be formed as (x - max) - log_sum (see
+    csrc/anchored_kl_math.h).
+    """
+    gathered = all_gather(stats, tp_group)
+    maxes, sums = gathered[..., 0], gathered[..., 1]
+    top = maxes.amax(dim=0)  # propagates NaN
+    top_safe = torch.where(top == -math.inf, torch.zeros_like(top), top)
+    total = (sums * torch.exp(maxes - top_safe)).sum(dim=0)
+    return torch.stack([top_safe, torch.log(total)], dim=-1)
+
+
+# (k - 1) / k! for k = 17 down to 2: the series of g below to float64 precision at |x| < 0.5.
+_G_SERIES = [(k - 1) / math.factorial(k) for k in range(17, 1, -1)]
+
+
+def g_small(x: torch.Tensor) -> torch.Tensor:
+    """x e^x - e^x + 1 for |x| < 0.5 from its series sum_k (k-1)/k! x^k: nothing cancels."""
+    acc = torch.full_like(x, _G_SERIES[0])
+    for coefficient in _G_SERIES[1:]:
+        acc = acc * x + coefficient
+    return acc * x * x
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (ValueError naming the argument) and rows.
+
+
+def check_logits(logits, name: str) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty vocabulary dimension, got shape "
+                         f"{tuple(logits.shape)}")
+
+
+def check_like_policy(other, name: str, policy: torch.Tensor) -> None:
+    """``other`` (the argument ``name``) must match the policy logits' shape, dtype and device."""
+    if not isinstance(other, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor")
+    if other.shape != policy.shape:
+        raise ValueError(f"{name} has shape {tuple(other.shape)}, policy_logits "
+                         f"{tuple(policy.shape)}: they must match")
+    if other.dtype != policy.dtype:
+        raise ValueError(f"{name} has dtype {other.dtype}, policy_logits {policy.dtype}: "
+                         "they must match")
+    if other.device != policy.device:
+        raise ValueError(f"{name} is on {other.device}, policy_logits on {policy.device}: "
+                         "they must be on one device")
+
+
+_checked_shards: set = set()
+
+
+def check_shards_agree(logits: torch.Tensor, tp_group) -> None:
+    """Every rank of tp_group must hold the same number of rows and vocabulary columns.
+
+    One tiny all-gather the first time a (group, shape) pair is seen; afterwards free.
+    """
+    if group_size(tp_group) == 1:
+        return
+    rows = logits.numel() // logits.shape[-1]
+    key = (id(tp_group), rows, logits.shape[-1])
+    if key in _checked_shards:
+        return
+    mine = torch.tensor([[rows, logits.shape[-1]]], dtype=torch.int64, device=logits.device)
+    everyone = all_gather(mine, tp_group)[:, 0]
+    if not bool((everyone == mine).all()):
+        shapes = [tuple(s) for s in everyone.tolist()]
+        raise ValueError(f"tp_group: the ranks disagree on the shard shape (rows, V_local): "
+                         f"{shapes}; every rank must hold an equal vocabulary shard of the "
+                         "same tokens")
+    _checked_shards.add(key)
+
+
+def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    """x as contiguous 2-D rows [rows, V_local], the kernels' layout (None stays None)."""
+    return None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# The hand-written gradient.
+
+
+class _HandWrittenGradient(torch.autograd.Function):
+    """A per-token loss whose gradient w.r.t. the logits is written during the forward pass
+    (by ``loss_and_grad(need_grad=True) -> (loss rows, gradient rows)``)."""
+
+    @staticmethod
+    def forward(ctx, logits, loss_and_grad):
+        loss, grad = loss_and_grad(need_grad=True)
+        ctx.save_for_backward(grad)
+        ctx.logits_shape = logits.shape
+        return loss.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        # In place: the buffer is ours, and a second backward is refused by autograd's version
+        # check. Multiplying by the fp32 scale rounds once to the logits' dtype.
+        scale_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        grad.mul_(grad_loss.reshape(-1, 1).to(scale_dtype))
+        return grad.view(ctx.logits_shape), None
+
+
+def per_token_loss(logits, loss_and_grad):
+    """The loss shaped like logits.shape[:-1], differentiable when the logits require grad."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _HandWrittenGradient.apply(logits, loss_and_grad)
+    loss, _ = loss_and_grad(need_grad=False)
+    return loss.view(logits.shape[:-1])
