@@ -12,8 +12,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from nemo_anchored.checkpoint.format import CheckpointError, read_marker
+from nemo_anchored.errors import UserError
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype and conversion --dtype
 
@@ -21,7 +25,7 @@ METHODS = ("sft", "low_sft", "kl_sft", "dft", "stm", "anchored")
 SFT_METHODS = METHODS[:-1]  # run by `nemo-anchored sft`; `anchored` by `nemo-anchored anchor`
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A configuration problem, with the offending key in the message."""
 
 
@@ -33,6 +37,9 @@ class TrainerConfig:
     epochs: int = 1  # SFT-stage methods: passes over the data set
     max_steps: Optional[int] = None  # SFT-stage methods: stop after this many steps instead
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    # Stop when the gradient norm has been exactly 0 for this many consecutive steps (a model
+    # collapsed to a constant output by a too-high learning rate learns nothing more); 0: never.
+    stop_on_collapse_steps: int = 20
 
 
 @dataclass
@@ -184,6 +191,10 @@ class CheckpointConfig:
     dir: str = "${logging.dir}/checkpoints"
     save_every: int = 0  # steps; 0: only at outer-iteration ends and at the end
     resume: str = "auto"  # auto: latest complete checkpoint in dir if any | none | a path
+    # A resume whose trainer.global_batch_size, trainer.seed or optim.lr differs from the
+    # checkpoint's is refused (the data order or the updates would change silently); true:
+    # resume anyway, with a warning.
+    allow_changed_settings: bool = False
 
 
 @dataclass
@@ -210,11 +221,9 @@ def load_config(recipe: str | os.PathLike, overrides: List[str] = (), *, world_s
     that will run (torchrun's WORLD_SIZE), for the parallel-layout checks.
     """
     path = Path(recipe)
-    if not path.is_file():
-        raise ConfigError(f"--config: recipe {str(path)!r} does not exist")
+    recipe_cfg = read_recipe(path)
     schema = OmegaConf.structured(RunConfig)
     try:
-        recipe_cfg = OmegaConf.load(path)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected key=value")
@@ -228,6 +237,30 @@ def load_config(recipe: str | os.PathLike, overrides: List[str] = (), *, world_s
     validate(cfg, world_size=world_size, check_paths=check_paths)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def read_recipe(recipe: str | os.PathLike) -> DictConfig:
+    """The recipe file as written (no schema, no overrides); ConfigError naming the file when
+    it is missing, unreadable, not YAML (with the line and column) or not a mapping of sections.
+    """
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"--config: recipe {str(path)!r} does not exist")
+    try:
+        recipe_cfg = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as error:  # a syntax error: where it was found (0-based)
+        mark = error.problem_mark
+        raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: "
+                          f"{error.problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:  # characters YAML does not take
+        raise ConfigError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+    except OSError as error:  # also OmegaConf's answer to a scalar at the top level
+        reason = error.strerror or error
+        raise ConfigError(f"{path}: cannot be read as a recipe: {reason}") from None
+    if not isinstance(recipe_cfg, DictConfig):  # OmegaConf.load's other answer: ListConfig
+        raise ConfigError(f"{path}: the top level is a list, not a mapping of sections "
+                          f"(trainer:, model:, data:, ...)")
+    return recipe_cfg
 
 
 def _omegaconf_message(error: OmegaConfBaseException, path: Path) -> str:
@@ -254,6 +287,8 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
     _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
     _require(t.epochs >= 1, "trainer.epochs", "must be >= 1")
     _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", "must be >= 1 or null")
+    _require(t.stop_on_collapse_steps >= 0, "trainer.stop_on_collapse_steps",
+             "must be >= 0 (0 disables the check)")
 
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len"):
         _require(m[key] >= 1, f"model.{key}", "must be >= 1")
@@ -292,6 +327,9 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
              f"{d.seq_length} must be in [2, model.max_seq_len={m.max_seq_len}]")
 
     _one_of(o.name, "optim.name", ("adamw", "sgd"))
+    _require(o.name == "adamw" or not p.use_distributed_optimizer,
+             "parallelism.use_distributed_optimizer",
+             f"megatron's distributed optimizer supports only optim.name=adamw, not {o.name}")
     _require(o.lr > 0, "optim.lr", "must be > 0")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}]")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -332,3 +370,25 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
         if resume not in ("auto", "none"):
             _require(Path(resume).is_dir(), "checkpoint.resume",
                      f"{resume!r} is not a checkpoint directory (or use auto | none)")
+        if cfg.method == "anchored":
+            _require_trained_reference(m)
+
+
+def _require_trained_reference(m) -> None:
+    """Anchored Learning toward the base trains nothing: the anchor target equals the policy
+    from the first step, so the loss is 0 and the policy never moves. Refused when the
+    reference is the base's own folder, or a run's initial weights (the step-0 checkpoint
+    RUN_DIR/base that a seed-initialised run keeps)."""
+    key, reference, base = "model.reference_checkpoint", Path(m.reference_checkpoint), \
+        m.base_checkpoint
+    use = "use the final checkpoint of an sft run (RUN_DIR/final)"
+    _require(base is None or reference.resolve() != Path(base).resolve(), key,
+             f"{str(reference)!r} is model.base_checkpoint: training toward the base trains "
+             f"nothing (the loss is 0 from the start); {use}")
+    try:
+        step = read_marker(reference).get("global_step")
+    except CheckpointError:
+        return  # not a complete checkpoint: loading it reports why
+    _require(step != 0, key, f"{str(reference)!r} is a step-0 checkpoint (a run's initial "
+             f"weights, RUN_DIR/base), not a trained reference: training toward it trains "
+             f"nothing; {use}")

@@ -13,7 +13,9 @@ megatron's groups in between:
      distributed optimizer's checkpoint resharded.
   D. PP=2: each stage loads its layers of the TP=1 checkpoint and saves them; back at TP=1
      the weights load unchanged.
-Without torchrun, a world of one process runs the resume round trip alone.
+Without torchrun, a world of one process runs the resume round trip, the same with SGD, the
+file checksums, and the error messages of damaged, foreign and incomplete checkpoints and of a
+full disk.
 Models are fp32 on CPU; "bitwise" checks use torch.equal.
 
 Each check has a topic (the pytest test that asserts it), a name and, for numeric checks, a
@@ -21,10 +23,12 @@ value that must not exceed its limit. Rank 0 writes all ranks' checks to --out.
 """
 
 import argparse
+import errno
 import json
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -89,13 +93,22 @@ def raises(topic, name, fn, *needles):
     expect(topic, f"{name}: nothing raised", False)
 
 
+def guarded(topic, fn, *args):
+    """``fn(*args)``; an exception is a failed check of ``topic``, and the other topics run."""
+    try:
+        fn(*args)
+    except Exception as err:  # a failed check, not a crash of the whole worker
+        expect(topic, f"{fn.__name__} raised {type(err).__name__}: {err}", False)
+
+
 # ------------------------------------------------------------------------------ training
 
 
 class Run:
-    """A policy in megatron DDP with adam and a cosine lr schedule, plus a frozen snapshot."""
+    """A policy in megatron DDP with adam (or SGD with momentum) and a cosine lr schedule, plus
+    a frozen snapshot."""
 
-    def __init__(self, cfg=CFG, distributed_optimizer=False):
+    def __init__(self, cfg=CFG, distributed_optimizer=False, optimizer="adam"):
         self.policy = build_gpt_model(cfg, use_transformer_engine=False)
         self.snapshot = build_gpt_model(cfg, use_transformer_engine=False)
         self.snapshot.requires_grad_(False)
@@ -109,8 +122,9 @@ class Run:
         self.policy.config.no_sync_func = self.ddp.no_sync
         self.policy.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=1e-4, clip_grad=1.0,
-                            weight_decay=0.01, use_distributed_optimizer=distributed_optimizer),
+            OptimizerConfig(optimizer=optimizer, lr=1e-3, min_lr=1e-4, clip_grad=1.0,
+                            weight_decay=0.01, sgd_momentum=0.9,
+                            use_distributed_optimizer=distributed_optimizer),
             [self.ddp])
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=1e-4, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=2,
@@ -215,6 +229,13 @@ def full_weights(model):
     return full_tensors(model, lambda p: p.detach())
 
 
+def momentum_buffers(run):
+    """SGD's momentum buffers by parameter name (fp32 params: state keyed by param)."""
+    state = run.optimizer.chained_optimizers[0].optimizer.state
+    return {name: state[p]["momentum_buffer"].clone() for name, p in run.policy.named_parameters()
+            if "momentum_buffer" in state[p]}
+
+
 def full_exp_avg(run):
     """adam's first moments by unsharded parameter name (fp32 params: state keyed by param)."""
     state = run.optimizer.chained_optimizers[0].optimizer.state
@@ -233,6 +254,28 @@ def same_rng(a, b):
     return (a["python"] == b["python"] and np.array_equal(a["numpy"], b["numpy"])
             and torch.equal(a["torch"], b["torch"]) and a["tracker"].keys() == b["tracker"].keys()
             and all(torch.equal(a["tracker"][k], b["tracker"][k]) for k in a["tracker"]))
+
+
+def recomputed_records(ckpt):
+    """Every file of ``ckpt`` but the marker, with its size and CRC-32 recomputed here."""
+    return {p.name: {"bytes": p.stat().st_size, "crc32": f"{zlib.crc32(p.read_bytes()):08x}"}
+            for p in ckpt.iterdir() if p.name != MARKER}
+
+
+def flip_byte(file):
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def edit_marker(ckpt, edit):
+    marker = json.loads((ckpt / MARKER).read_text())
+    edit(marker)
+    (ckpt / MARKER).write_text(json.dumps(marker))
 
 
 def bitwise(a, b):
@@ -308,6 +351,7 @@ def phase_a_resume_tp2(root):
                not torch.equal(other, losses))
 
         crash_and_errors(root, ckpt, run)
+        checksums_of_two_ranks(root, ckpt, run)
     return reference
 
 
@@ -361,6 +405,28 @@ def crash_and_errors(root, ckpt, run):
     on_rank0(lambda: shutil.rmtree(weights_only))
 
 
+def checksums_of_two_ranks(root, ckpt, run):
+    """Each rank records the files it wrote; a damaged file found by one rank stops both."""
+    topic = "checksums"
+    records = json.loads((ckpt / MARKER).read_text()).get("files")
+    expect(topic, "the marker records every file, both ranks' data files among them, with the "
+           "sizes and CRC-32s recomputed here",
+           records == recomputed_records(ckpt)
+           and {name[:4] for name in records if name.endswith(".distcp")} == {"__0_", "__1_"})
+    damaged, name = root / "damaged_by_rank1", sorted(p.name for p in ckpt.glob("__1_*.distcp"))[0]
+
+    def damage():
+        shutil.copytree(ckpt, damaged)
+        flip_byte(damaged / name)
+
+    on_rank0(damage)
+    raises(topic, f"a flipped byte in {name} (rank 1 wrote it) raises on every rank",
+           lambda: load_checkpoint(damaged, model=run.policy, optimizer=run.optimizer,
+                                   scheduler=run.scheduler, snapshot=run.snapshot),
+           str(damaged), f"file {name} is corrupt: checksum mismatch")
+    on_rank0(lambda: shutil.rmtree(damaged))
+
+
 def phase_b_tp1(root, tp2):
     topic = "reshard"
     with model_parallel(1, 1, seed=SEED + 2):
@@ -388,15 +454,25 @@ def phase_b_tp1(root, tp2):
         expect(topic, "TP1 training continues from the resharded state",
                bool(torch.isfinite(losses).all()))
 
-        # Architectures that do not fit: the error names the checkpoint.
-        for what, cfg, needle in (("hidden size", {"hidden_size": 48}, "shape mismatch"),
-                                  ("layers", {"num_layers": 3}, "shape mismatch"),
-                                  ("no qkv bias", {"add_qkv_bias": False}, "linear_qkv.bias"),
-                                  ("vocabulary", {"vocab_size": 1000}, "vocabulary")):
+        # Architectures that do not fit: the error names the checkpoint, the first tensor that
+        # differs with both shapes, and the dimension.
+        for what, cfg, needles in (
+                ("hidden size", {"hidden_size": 48},
+                 ("embedding.word_embeddings.weight of shape (1152, 32), the model (1152, 48)",
+                  "hidden size differs")),
+                ("layers", {"num_layers": 3}, ("shape (2, 32), the model (3, 32)",
+                                               "number of layers differs")),
+                ("ffn hidden size", {"ffn_hidden_size": 96},
+                 ("decoder.layers.mlp.linear_fc2.weight", "ffn hidden size differs")),
+                ("query groups", {"num_query_groups": 4},
+                 ("decoder.layers.self_attention.linear_qkv.weight",
+                  "attention heads, query groups or head size differs")),
+                ("no qkv bias", {"add_qkv_bias": False}, ("linear_qkv.bias",)),
+                ("vocabulary", {"vocab_size": 1000}, ("vocabulary",))):
             model = build_gpt_model(GPTConfig(**{**vars(CFG), **cfg}),
                                     use_transformer_engine=False)
             raises("errors", f"{what} mismatch raises", lambda: load_model_weights(ckpt, model),
-                   str(ckpt), needle)
+                   str(ckpt), *needles)
 
         dist_opt = distributed_optimizer_resume(root / "dist_opt")
 
@@ -498,6 +574,127 @@ def single_process(root):
         expect(topic, "losses after resume bitwise equal", torch.equal(run.steps(1, 2), losses))
         expect(topic, "weights after resume bitwise equal", bitwise(run.weights(), final))
         expect(topic, "latest_checkpoint finds it", latest_checkpoint(root) == ckpt)
+        guarded("sgd", sgd_resume, root / "sgd")
+        guarded("integrity", integrity, root, ckpt, run)
+        guarded("messages", messages, root, ckpt, run)
+
+
+def sgd_resume(ckpt):
+    """SGD with momentum (megatron builds it without a state initialiser): the momentum comes
+    back and the resumed steps equal the uninterrupted ones bitwise."""
+    topic = "sgd"
+    run = Run(optimizer="sgd")
+    run.steps(0, 2)
+    save_checkpoint(ckpt, model=run.policy, optimizer=run.optimizer, scheduler=run.scheduler,
+                    state=run.state(2))
+    momentum = momentum_buffers(run)
+    expect(topic, "every parameter has a non-zero momentum buffer at save",
+           len(momentum) == len(list(run.policy.parameters()))
+           and all(m.abs().max() > 0 for m in momentum.values()))
+    losses, final = run.steps(2, 2), run.weights()
+    set_seed(SEED + 1)
+    run = Run(optimizer="sgd")
+    state = load_checkpoint(ckpt, model=run.policy, optimizer=run.optimizer,
+                            scheduler=run.scheduler)
+    expect(topic, "SGD: trainer state restored", state == run.state(2))
+    expect(topic, "SGD: momentum buffers bitwise restored",
+           bitwise(momentum_buffers(run), momentum))
+    expect(topic, "SGD: losses after resume bitwise equal", torch.equal(run.steps(2, 2), losses))
+    expect(topic, "SGD: weights after resume bitwise equal", bitwise(run.weights(), final))
+
+
+def integrity(root, ckpt, run):
+    """Checksums recorded at save and verified at load; checkpoints without them still load."""
+    topic = "integrity"
+    records = json.loads((ckpt / MARKER).read_text()).get("files")
+    expect(topic, "the marker records every other file with the size and CRC-32 recomputed here",
+           records == recomputed_records(ckpt) and len(records) >= 4)
+    damaged = root / "damaged"
+    shutil.copytree(ckpt, damaged)
+    data_file = sorted(damaged.glob("*.distcp"))[0]
+    flip_byte(data_file)
+    before = run.weights()
+    message = f"file {data_file.name} is corrupt: checksum mismatch"
+    raises(topic, "load_checkpoint with a flipped byte in a data file",
+           lambda: load_checkpoint(damaged, model=run.policy, optimizer=run.optimizer,
+                                   scheduler=run.scheduler, snapshot=run.snapshot),
+           str(damaged), message)
+    raises(topic, "load_model_weights with a flipped byte in a data file",
+           lambda: load_model_weights(damaged, run.policy), str(damaged), message)
+    expect(topic, "nothing was loaded from the damaged checkpoint", bitwise(run.weights(), before))
+    flip_byte(data_file)  # repaired
+    load_model_weights(damaged, run.policy)
+    repaired = run.weights()
+    load_model_weights(ckpt, run.policy)
+    expect(topic, "once repaired it loads, the weights of the original",
+           bitwise(repaired, run.weights()))
+
+    old = root / "saved_before_checksums"
+    shutil.copytree(ckpt, old)
+    edit_marker(old, lambda marker: marker.pop("files", None))
+    state = load_checkpoint(old, model=run.policy, optimizer=run.optimizer,
+                            scheduler=run.scheduler, snapshot=run.snapshot)
+    expect(topic, "a checkpoint whose marker records no checksums still loads",
+           state == run.state(1) and bitwise(run.weights(), repaired))
+
+
+def messages(root, ckpt, run):
+    """What a user is told about a damaged, foreign or incomplete checkpoint and a full disk."""
+    topic = "messages"
+    hf = root / "hf_model"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    raises(topic, "a Hugging Face folder given as a checkpoint",
+           lambda: load_model_weights(hf, run.policy), str(hf), "Hugging Face",
+           f"nemo-anchored convert hf-to-mcore --hf {hf} --out OUT")
+
+    folder = root / "resumable"
+    folder.mkdir()
+    complete, staged = folder / "step_0000001", folder / "step_0000002.tmp"
+    shutil.copytree(ckpt, complete)
+    shutil.copytree(ckpt, staged)  # marked: caught between marker and rename
+    raises(topic, "resuming from a .tmp directory",
+           lambda: load_checkpoint(staged, model=run.policy), str(staged), "incomplete save",
+           f"use {complete}, the latest complete checkpoint")
+
+    # Checkpoints saved before checksums: the tensor index names a missing or truncated data
+    # file; anything else unreadable is called corrupt, not an architecture mismatch.
+    for what, damage, needles in (
+            ("a truncated data file", lambda d: truncate(d / "__0_0.distcp"),
+             ("file __0_0.distcp is truncated",)),
+            ("a missing data file", lambda d: (d / "__0_1.distcp").unlink(),
+             ("file __0_1.distcp is missing",)),
+            ("a truncated common.pt", lambda d: truncate(d / "common.pt"),
+             ("a file is missing, truncated or corrupt",)),
+            ("a truncated tensor index", lambda d: truncate(d / ".metadata"),
+             ("file .metadata (its tensor index) is missing or corrupt",))):
+        old = root / f"old_{what.replace(' ', '_')}"
+        shutil.copytree(ckpt, old)
+        edit_marker(old, lambda marker: marker.pop("files", None))
+        damage(old)
+        raises(topic, f"a checkpoint without checksums with {what}",
+               lambda: load_checkpoint(old, model=run.policy, optimizer=run.optimizer,
+                                       scheduler=run.scheduler, snapshot=run.snapshot),
+               str(old), *needles)
+
+    # A full disk: every write's fsync fails as on a full file system (the writer processes
+    # megatron forks inherit the stand-in).
+    fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    os.fsync = full_disk
+    try:
+        raises(topic, "a full disk during a save",
+               lambda: save_checkpoint(folder / "step_0000003", model=run.policy,
+                                       optimizer=run.optimizer, state=run.state(3)),
+               f"saving checkpoint {folder / 'step_0000003'} failed: no space left on {folder}")
+    finally:
+        os.fsync = fsync
+    expect(topic, "after the failed save the complete checkpoint is still the one to resume",
+           latest_checkpoint(folder) == complete)
 
 
 def main():

@@ -298,14 +298,13 @@ def test_transformers_greedy_generation_equals_a_direct_loop_and_stops(tiny_llam
 # ------------------------------------------------------- megatron adapter, `eval` end to end
 
 MEGATRON_SCRIPT = r"""
-import argparse, contextlib, io, json, sys
+import contextlib, io, json, sys
 from dataclasses import replace
 from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from nemo_anchored.config import load_config
 from nemo_anchored.data import ByteTokenizer
-from nemo_anchored.cli import eval as eval_command
 from nemo_anchored.eval.adapters import MegatronLM
 from nemo_anchored.eval.benchmarks import EvalSettings, evaluate_checkpoint, evaluate_mmlu
 from nemo_anchored.models.gpt import build_gpt_model
@@ -406,11 +405,14 @@ out["e2e_sources"] = {t: tasks[t]["source"] for t in tasks}
 
 
 def cli(argv):
+    from nemo_anchored.cli.main import main
+
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        status = eval_command.run(eval_command.add_arguments(argparse.ArgumentParser())
-                                  .parse_args(argv))
-    return status, err.getvalue()
+        try:
+            main(["eval", *argv])
+        except SystemExit as exit_:
+            return exit_.code, err.getvalue()
 
 
 base = ["--checkpoint", str(work / "ckpt"), "--config", str(config)]

@@ -2,9 +2,10 @@
 
 Two subprocess runs of tests/checkpoint_worker.py feed all tests: one torchrun world of 2
 processes (resume at TP=2; resharding TP=2 <-> TP=1, PP=2 and the distributed optimizer; crash
-leftovers and errors) and one unlaunched single process. Each run produces many named checks
-and each test asserts one topic. Nothing here imports nemo_anchored or megatron-core: the CPU
-shims stay out of the pytest process.
+leftovers, checksums and errors) and one unlaunched single process (resume with adam and with
+SGD; checksums; the messages for damaged, foreign and incomplete checkpoints and a full disk).
+Each run produces many named checks and each test asserts one topic. Nothing here imports
+nemo_anchored or megatron-core: the CPU shims stay out of the pytest process.
 """
 
 from pathlib import Path
@@ -59,7 +60,32 @@ def test_incomplete_checkpoints_never_load(two_process_checks):
 
 
 def test_architecture_mismatch_names_the_checkpoint(two_process_checks):
-    assert_topic(two_process_checks, "errors", 2 * 4)
+    """Another hidden size, number of layers, ffn hidden size or attention layout: the error
+    names the first tensor that differs, both shapes and the dimension; a missing tensor and
+    another vocabulary are named too."""
+    assert_topic(two_process_checks, "errors", 2 * 6)
+
+
+def test_damaged_files_are_named_at_load(single_process_checks, two_process_checks):
+    """save_checkpoint records every file's size and CRC-32 in the marker (each rank those it
+    wrote); a flipped byte in a data file makes load_checkpoint and load_model_weights raise
+    naming the file, on every rank, before anything is loaded; the repaired copy and a
+    checkpoint from before checksums load."""
+    assert_topic(single_process_checks, "integrity", 6)
+    assert_topic(two_process_checks, "checksums", 2 * 2)
+
+
+def test_sgd_resume_is_bitwise_exact(single_process_checks):
+    """SGD with momentum: the momentum buffers come back and the resumed steps' losses and
+    weights equal the uninterrupted run's bitwise (loading used to fail with a TypeError)."""
+    assert_topic(single_process_checks, "sgd", 5)
+
+
+def test_messages_say_what_is_wrong(single_process_checks):
+    """A Hugging Face folder (how to convert it), a .tmp directory (the checkpoint to use
+    instead), damaged files of a checkpoint without checksums (named, or called corrupt), and
+    a full disk during a save (no space left on the folder; the previous checkpoint stays)."""
+    assert_topic(single_process_checks, "messages", 8)
 
 
 def test_single_process_without_launcher(single_process_checks):

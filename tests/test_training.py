@@ -6,6 +6,7 @@ launch run every configuration (tests/training_worker.py) and the tests read the
 """
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from nemo_anchored.training.run_lock import RunLock
 from tests.launch import REPO as ROOT, run_script, worker_env
 
 pytestmark = pytest.mark.slow  # torchrun and training runs
@@ -63,13 +65,23 @@ def runs(tmp_path_factory):
     # 2) TP = 1 baselines, one process.
     launch({"runs": [run(f"{m}_tp1", o) for m, o in METHODS.items()]
             + [run("sft_dp1", ["method=sft", *SGD]), run("adamw_tp1", ADAMW)]}, out, 1)
-    # 3) The same from TP = 2, PP = 2 and DP = 2 layouts, one torchrun launch.
+    # 3) The same from TP = 2, PP = 2 and DP = 2 layouts, one torchrun launch, and two runs
+    # that every rank must stop together: a NaN gradient at step 2 (AdamW at lr 1e20 without
+    # clipping), and a run directory whose lock this process holds.
     layouts = [run(f"{m}_tp2", o, tp=2) for m, o in METHODS.items()] \
         + [run(f"{m}_pp2", o, pp=2) for m, o in METHODS.items()] \
         + [run("sft_dp2", ["method=sft", *SGD]), run("adamw_tp2", ADAMW, tp=2),
            run("adamw_dp2_distributed_optimizer",
-               [*ADAMW, "parallelism.use_distributed_optimizer=true"])]
-    launch({"runs": layouts}, out, 2)
+               [*ADAMW, "parallelism.use_distributed_optimizer=true"]),
+           {**run("diverged_tp2", ["method=sft", "optim.lr=1e20", "optim.clip_grad=0",
+                                   "checkpoint.save_every=1"], tp=2), "expect_error": True},
+           {**run("locked_dp2", ["method=sft"]), "expect_error": True}]
+    lock = RunLock(out / "locked_dp2")
+    lock.acquire()
+    try:
+        launch({"runs": layouts}, out, 2)
+    finally:
+        lock.release()
     return {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")
             if not path.stem.startswith("spec")}
 
@@ -105,7 +117,7 @@ def test_adamw_losses_match_across_layouts(runs):
 def test_final_weights_match_across_layouts(runs):
     # Reload every layout's final checkpoint into one TP = 1 model and compare all tensors.
     finals = {name: run["final"] for name, run in runs.items()
-              if name != "sft" and not name.startswith("adamw")}
+              if name != "sft" and not name.startswith("adamw") and "errors" not in run}
     script = f"""
 import json, torch
 from nemo_anchored.config import load_config
@@ -156,6 +168,21 @@ def test_snapshot_changes_exactly_at_outer_boundaries(runs):
     assert events.count("outer_iteration_start") == 2 == events.count("outer_iteration_end")
 
 
+def test_every_rank_stops_together_before_a_non_finite_update(runs):
+    errors = runs["diverged_tp2"]["errors"]
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+    assert errors[0].startswith("TrainingDiverged: non-finite gradient at step 2")
+    saved = Path(runs["sft"]["final"]).parents[1] / "diverged_tp2" / "checkpoints"
+    assert sorted(p.name for p in saved.iterdir()) == ["step_0000001"]  # not step 2
+
+
+def test_every_rank_stops_when_another_run_holds_the_directory(runs):
+    errors = runs["locked_dp2"]["errors"]
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+    assert errors[0].startswith("RunDirectoryLocked: run directory") and \
+        f"pid {os.getpid()}" in errors[0]
+
+
 def test_live_mode_keeps_two_models_resident(runs):
     assert runs["anchored_live_tp1"]["resident_models"] == 2
     assert runs["anchored_snapshot_tp1"]["resident_models"] == 3
@@ -200,6 +227,8 @@ def test_killed_run_resumes_bitwise(tmp_path, runs):
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed from" in again.stdout + again.stderr
+    # The killed run's lock did not block the directory; its record is reported as stale.
+    assert "ended without releasing its lock" in again.stdout
 
     def losses(run_dir):
         return [(m["step"], m["loss"]) for m in map(json.loads,

@@ -8,7 +8,8 @@ Each run trains recipes/tiny_cpu.yaml with its overrides in its own layout (mega
 are re-initialised between runs; process start-up is what costs seconds here). Per run, rank 0
 writes OUT/NAME.json with what the tests compare: the step records of metrics.jsonl, and after
 every step a fingerprint of the snapshot and of the policy (to see exactly when the snapshot
-changes) plus the number of resident models.
+changes) plus the number of resident models. A run with "expect_error": true is one that must
+stop: OUT/NAME.json then holds {"errors": [...]}, what each rank raised (null: nothing).
 """
 import json
 import os
@@ -74,11 +75,22 @@ def main():
     world = dist.get_world_size()
     for run in spec["runs"]:
         cfg = load_config(RECIPE, run["overrides"], world_size=world)
+        error = None
         with model_parallel(run.get("tp", 1), run.get("pp", 1), seed=cfg.trainer.seed) as ctx:
             trainer = RecordingTrainer(cfg, ctx)
-            trainer.fit()
+            try:
+                trainer.fit()
+            except Exception as raised:
+                if not run.get("expect_error"):
+                    raise
+                error = f"{type(raised).__name__}: {raised}"
             resident = 1 + len(trainer.stack.frozen_models)
-        if dist.get_rank() == 0:
+        if run.get("expect_error"):
+            errors = [None] * world
+            dist.all_gather_object(errors, error)
+            if dist.get_rank() == 0:
+                (out / f"{run['name']}.json").write_text(json.dumps({"errors": errors}))
+        elif dist.get_rank() == 0:
             metrics = [json.loads(line) for line in
                        (Path(cfg.logging.dir) / "metrics.jsonl").read_text().splitlines()]
             (out / f"{run['name']}.json").write_text(json.dumps({

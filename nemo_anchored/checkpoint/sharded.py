@@ -10,7 +10,8 @@ On-disk layout of one checkpoint directory ``<root>/<name>/``::
 
     complete.json       the completeness marker, written last (by global rank 0): format
                         version, global step, save time, layout, vocabulary size, which parts
-                        are present, and a JSON copy of rank 0's trainer state
+                        are present, a JSON copy of rank 0's trainer state, and the size and
+                        CRC-32 of every other file (each rank hashes the files it wrote)
     metadata.json       dist_checkpointing's backend record (torch_dist)
     common.pt           rank 0's plain entries: trainer state, lr scheduler state, the
                         optimizer's param groups
@@ -30,15 +31,21 @@ Atomicity (``nemo_anchored.checkpoint.format``): every rank writes into the sibl
 ``<name>``. A directory without the marker (a crash mid-save) is never loaded. Re-saving to an
 existing ``<name>`` moves the old one to ``<name>.old`` for the moment of the swap, then deletes
 it. ``save_checkpoint`` deletes a leftover ``<name>.tmp`` of the same name before writing;
-``latest_checkpoint`` only reads and never deletes (another job may be writing there), it skips
-``*.tmp`` and unmarked directories.
+``scan_checkpoints`` only reads and never deletes (another job may be writing there), it skips
+``*.tmp`` and reports unmarked directories.
+
+Loading checks, before any tensor is read: the marker, the files against their recorded sizes
+and checksums (spread over the ranks), and the checkpoint's tensor shapes against the model's;
+each failure is a ``CheckpointError`` naming the file or tensor.
 
 Every rank must see the same filesystem (as dist_checkpointing requires). ``save_checkpoint``,
 ``load_checkpoint`` and ``load_model_weights`` are collective: call them on every rank.
 """
 
+import errno
 import logging
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -59,8 +66,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_anchored.atomic import tmp_path
 from nemo_anchored.checkpoint.format import (FORMAT_VERSION, CheckpointError, check_serialisable,
-                                             publish, read_marker)
-from nemo_anchored.parallel.megatron_compat import prepare_distributed_optimizer_for_load
+                                             file_record, publish, read_marker, record_files,
+                                             recorded_files, verify_files)
+from nemo_anchored.checkpoint.shapes import index_mismatch
+from nemo_anchored.parallel.megatron_compat import prepare_optimizer_for_load
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,11 @@ _RANK_STATE_KEY = "rank_state"
 # torch.distributed.checkpoint reports every rank's failure as one CheckpointException, raised on
 # all ranks alike; it derives from BaseException, not Exception.
 _CHECKPOINT_FAILURES = (Exception, CheckpointException)
+# dist_checkpointing's data files, __<global rank>_<n>.distcp, each written by that rank.
+_DATA_FILE = re.compile(r"__(\d+)_\d+\.distcp")
+# How a full disk reads once it has crossed a process boundary as text (the writer processes
+# and the other ranks send their failures pickled, which drops the exception's cause).
+_NO_SPACE_TEXT = f"[Errno {errno.ENOSPC}]"
 
 
 def _sharding_metadata() -> Dict[str, Any]:
@@ -157,23 +171,53 @@ def _global_step(state: Any) -> Optional[int]:
 # ----------------------------------------------------------------------------- collectives
 
 
-def _on_rank0(fn: Callable[[], None], what: str) -> None:
-    """Run ``fn`` on global rank 0; its failure is raised on every rank, so that no rank is
-    left waiting in a collective that rank 0 never joins."""
+def _on_rank0(fn: Callable[[], None], what: str, path: Path) -> None:
+    """Run ``fn`` on global rank 0; its failure (about checkpoint ``path``) is raised on every
+    rank, so that no rank is left waiting in a collective that rank 0 never joins."""
     error = None
     if dist.get_rank() == 0:
         try:
             fn()
         except Exception as err:  # reported to every rank below
-            error = f"{what}: {type(err).__name__}: {err}"
+            error = f"{what}: {_describe(err, path)}"
     box = [error]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise CheckpointError(box[0])
 
 
-def _describe(err: BaseException) -> str:
-    """The gist of a failure; a CheckpointException's text is every rank's traceback."""
+def _raise_on_every_rank(error: Optional[str]) -> None:
+    """Raise the first rank's ``error`` (None: it has none) on every rank (collective)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, error)
+    first = next((e for e in gathered if e is not None), None)
+    if first is not None:
+        raise CheckpointError(first)
+
+
+def _no_space(err: BaseException) -> bool:
+    """Whether a full disk (ENOSPC) is ``err`` or anywhere among its causes, including every
+    rank's failure inside a CheckpointException."""
+    pending, seen = [err], set()
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _NO_SPACE_TEXT in str(exc):
+            return True
+        if isinstance(exc, CheckpointException):
+            pending.extend(failure for failure, _ in exc.failures.values())
+        pending.extend((exc.__cause__, exc.__context__))
+    return False
+
+
+def _describe(err: BaseException, path: Path) -> str:
+    """The gist of a failure about checkpoint ``path``: a full disk says so, on the folder it
+    was written to; a CheckpointException's text is every rank's traceback, so only each
+    rank's cause is kept."""
+    if _no_space(err):
+        return f"no space left on {path.parent}"
     if isinstance(err, CheckpointException):
         causes = sorted({f"{type(exc).__name__}: {exc}" for exc, _ in err.failures.values()})
         return "; ".join(causes)
@@ -197,7 +241,7 @@ def _sharded_state_dict(model, optimizer, snapshot, *, is_loading: bool) -> Dict
         add_prefix_for_sharding(state["snapshot"], SNAPSHOT_PREFIX)
     if optimizer is not None:
         if is_loading:
-            prepare_distributed_optimizer_for_load(optimizer)
+            prepare_optimizer_for_load(optimizer)
         # Maps the optimizer's state onto the model's global tensors (by parameter identity).
         state["optimizer"] = optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata=_sharding_metadata()
@@ -235,7 +279,7 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
         tmp.mkdir(parents=True)
 
-    _on_rank0(prepare, f"cannot prepare checkpoint directory {tmp}")
+    _on_rank0(prepare, f"cannot prepare checkpoint directory {tmp}", path)
 
     sharded = _sharded_state_dict(model, optimizer, snapshot, is_loading=False)
     sharded["trainer_state"] = state  # rank 0's copy, for loads at another layout
@@ -257,18 +301,56 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
             },
         )
     except _CHECKPOINT_FAILURES as err:
-        raise CheckpointError(f"saving checkpoint {path} failed: {_describe(err)}") from err
-    dist.barrier()  # every rank's files are written
+        raise CheckpointError(f"saving checkpoint {path} failed: {_describe(err, path)}") from err
+    records = _file_records(tmp, path)  # collective: every rank's files are written
 
     def finish():
         marker["saved_at"] = time.time()
+        record_files(marker, records)
         publish(tmp, path, marker)
 
-    _on_rank0(finish, f"cannot finalise checkpoint {path}")
+    _on_rank0(finish, f"cannot finalise checkpoint {path}", path)
     return path
 
 
+def _file_records(tmp: Path, path: Path) -> Dict[str, Dict[str, Any]]:
+    """``file_record`` of every file saved into ``tmp`` for checkpoint ``path`` (collective).
+
+    Each rank hashes the data files it wrote itself, and global rank 0 also the rest (the
+    indexes, common.pt): the work is spread like the writing was, and each rank reads bytes it
+    has just written, likely still in its page cache, where rank 0 alone would read the whole
+    checkpoint back from a shared file system.
+    """
+    records, error = {}, None
+    try:
+        for file in tmp.iterdir():
+            match = _DATA_FILE.fullmatch(file.name)
+            writer = int(match.group(1)) if match else 0
+            if writer == dist.get_rank():
+                records[file.name] = file_record(file)
+    except OSError as err:
+        error = f"saving checkpoint {path} failed: {_describe(err, path)}"
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (records, error))
+    errors = [e for _, e in gathered if e is not None]
+    if errors:
+        raise CheckpointError(errors[0])
+    return {name: record for rank_records, _ in gathered for name, record in rank_records.items()}
+
+
 # -------------------------------------------------------------------------------- load
+
+
+def _verify(path: Path, marker: Dict[str, Any]) -> None:
+    """``verify_files`` with the recorded files shared out over the ranks, so that together
+    they read the checkpoint once; any rank's finding is raised on every rank (collective)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    error = None
+    try:
+        verify_files(path, marker, recorded_files(marker)[rank::world])
+    except CheckpointError as err:
+        error = str(err)
+    _raise_on_every_rank(error)
 
 
 def _load(path: Path, sharded: Dict[str, Any], required_prefixes: Sequence[str]):
@@ -276,16 +358,19 @@ def _load(path: Path, sharded: Dict[str, Any], required_prefixes: Sequence[str])
 
     A requested tensor absent from the checkpoint, or a checkpoint tensor of the policy (or of
     another part in ``required_prefixes``) that nothing requested, means the architectures
-    differ. Shape mismatches are raised by torch.distributed.checkpoint on all ranks.
+    differ. The index is checked first (``shapes.index_mismatch``), so what fails while reading is a
+    file (of a checkpoint saved without checksums, or damaged since ``_verify``).
     """
+    # Pipeline stages hold different tensors: one stage's finding stops them all.
+    _raise_on_every_rank(index_mismatch(path, sharded["model"]))
     try:
         loaded, missing, unexpected = dist_checkpointing.load(
             sharded, str(path), strict=StrictHandling.RETURN_ALL
         )
     except _CHECKPOINT_FAILURES as err:
         raise CheckpointError(
-            f"cannot load checkpoint {path} (does the model architecture match?): "
-            f"{_describe(err)}"
+            f"cannot read checkpoint {path}: a file is missing, truncated or corrupt: "
+            f"{_describe(err, path)}"
         ) from err
     unexpected = _all_ranks_keys(unexpected)  # per rank: make every rank raise alike
     other = (SNAPSHOT_PREFIX, _OPTIMIZER_PREFIX, _RANK_STATE_KEY)
@@ -317,6 +402,7 @@ def load_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
         if part is not None and name not in marker["contents"]:
             raise CheckpointError(f"checkpoint {path} holds no {name} state to load")
     same_layout = marker["layout"] == _layout()
+    _verify(path, marker)
 
     sharded = _sharded_state_dict(model, optimizer, snapshot, is_loading=True)
     if same_layout:
@@ -347,7 +433,9 @@ def load_model_weights(path, model) -> None:
     optimizer with fp32 main weights would not see the new weights otherwise; for one that
     already exists call its ``reload_model_params()``)."""
     path = Path(path)
-    _check_fits(path, read_marker(path), model)
+    marker = read_marker(path)
+    _check_fits(path, marker, model)
+    _verify(path, marker)
     sharded = {"model": model.sharded_state_dict(metadata=_sharding_metadata())}
     loaded = _load(path, sharded, [])
     model.load_state_dict(loaded["model"])

@@ -1,8 +1,6 @@
 """`nemo-anchored convert hf-to-mcore | mcore-to-hf`: the arguments, and the call into
 nemo_anchored.models.hf_import / hf_export (imported only when a conversion runs: they load
 megatron-core)."""
-import sys
-
 from nemo_anchored.config import MODEL_DTYPES
 
 
@@ -32,23 +30,18 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from nemo_anchored.checkpoint.format import CheckpointError
     from nemo_anchored.models.hf_export import convert_mcore_to_hf
     from nemo_anchored.models.hf_import import convert_hf_to_mcore
-    from nemo_anchored.models.hf_layout import MODEL_YAML, TOKENIZER_SUBDIR, ConversionError
+    from nemo_anchored.models.hf_layout import MODEL_YAML, TOKENIZER_SUBDIR
 
-    try:
-        if args.direction == "hf-to-mcore":
-            out = convert_hf_to_mcore(
-                args.hf, args.out, tp=args.tp, pp=args.pp, gguf_file=args.gguf_file,
-                dtype=args.dtype, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
-            print(f"nemo-anchored: wrote {out} (model.base_checkpoint={out}, "
-                  f"data.tokenizer={out / TOKENIZER_SUBDIR}, recipe keys in {out / MODEL_YAML})")
-        else:
-            out = convert_mcore_to_hf(args.checkpoint, args.base, args.out,
-                                      max_shard_size=args.max_shard_size, dtype=args.dtype)
-            print(f"nemo-anchored: wrote {out}")
-    except (ConversionError, CheckpointError) as error:
-        print(f"nemo-anchored convert: {error}", file=sys.stderr)
-        return 2
+    if args.direction == "hf-to-mcore":
+        out = convert_hf_to_mcore(
+            args.hf, args.out, tp=args.tp, pp=args.pp, gguf_file=args.gguf_file,
+            dtype=args.dtype, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+        print(f"nemo-anchored: wrote {out} (model.base_checkpoint={out}, "
+              f"data.tokenizer={out / TOKENIZER_SUBDIR}, recipe keys in {out / MODEL_YAML})")
+    else:
+        out = convert_mcore_to_hf(args.checkpoint, args.base, args.out,
+                                  max_shard_size=args.max_shard_size, dtype=args.dtype)
+        print(f"nemo-anchored: wrote {out}")
     return 0

@@ -7,12 +7,12 @@
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 from nemo_anchored.atomic import write_text
 from nemo_anchored.data.builders import TASKS as BUILT_TASKS
+from nemo_anchored.errors import UserError
 from nemo_anchored.eval.benchmarks import (DEFAULT_GENERATED_N, DEFAULT_MAX_NEW_TOKENS, TASKS,
                                            EvalSettings, evaluate_checkpoint, evaluate_hf)
 from nemo_anchored.eval.loaders import load_task_examples
@@ -51,8 +51,8 @@ def _parse_tasks(text: str) -> List[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if not tasks or unknown:
-        raise ValueError(f"--tasks: {', '.join(unknown) or 'none given'}; expected some of "
-                         f"{', '.join(TASKS)}")
+        raise UserError(f"--tasks: {', '.join(unknown) or 'none given'}; expected some of "
+                        f"{', '.join(TASKS)}")
     return list(dict.fromkeys(tasks))
 
 
@@ -61,45 +61,37 @@ def _parse_data(items: Sequence[str]) -> Dict[str, str]:
     for item in items:
         task, sep, path = item.partition("=")
         if not sep or task not in BUILT_TASKS or not path:
-            raise ValueError(f"--data {item!r}: expected TASK=FILE.jsonl with TASK one of "
-                             f"{', '.join(BUILT_TASKS)}")
+            raise UserError(f"--data {item!r}: expected TASK=FILE.jsonl with TASK one of "
+                            f"{', '.join(BUILT_TASKS)}")
         data[task] = path
     return data
 
 
 def run(args) -> int:
-    """Run `nemo-anchored eval`; returns the exit status (2: bad arguments, config, data or
-    checkpoint)."""
-    from nemo_anchored.config import ConfigError
-    from nemo_anchored.checkpoint.format import CheckpointError
-
-    try:
-        tasks = _parse_tasks(args.tasks)
-        settings = EvalSettings(limit=args.limit, seed=args.seed, data=_parse_data(args.data),
-                                max_new_tokens=args.max_new_tokens, timeout=args.timeout)
-        if args.limit is not None and args.limit < 1:
-            raise ValueError("--limit must be >= 1")
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
-        for task, path in settings.data.items():
-            if task not in tasks:
-                raise ValueError(f"--data {task}={path}: {task} is not in --tasks")
-            load_task_examples(task, path)  # fail before the model is built
-        if bool(args.hf) == bool(args.checkpoint or args.config):
-            raise ValueError("give either --hf DIR or --checkpoint CKPT --config CONFIG")
-        if args.hf:
-            if not Path(args.hf, "config.json").is_file():
-                raise ValueError(f"--hf {args.hf}: no config.json (not a Hugging Face model "
-                                 "folder)")
-            results = evaluate_hf(args.hf, tasks, settings, batch_size=args.batch_size)
-        else:
-            if not (args.checkpoint and args.config):
-                raise ValueError("--checkpoint and --config go together")
-            results = evaluate_checkpoint(args.checkpoint, args.config, tasks, settings,
-                                          batch_size=args.batch_size)
-    except (ConfigError, CheckpointError, ValueError) as error:
-        print(f"nemo-anchored eval: {error}", file=sys.stderr)
-        return 2
+    """Run `nemo-anchored eval`; returns the exit status. Bad arguments, config, data or
+    checkpoint raise UserError."""
+    tasks = _parse_tasks(args.tasks)
+    settings = EvalSettings(limit=args.limit, seed=args.seed, data=_parse_data(args.data),
+                            max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    for task, path in settings.data.items():
+        if task not in tasks:
+            raise UserError(f"--data {task}={path}: {task} is not in --tasks")
+        load_task_examples(task, path)  # fail before the model is built
+    if bool(args.hf) == bool(args.checkpoint or args.config):
+        raise UserError("give either --hf DIR or --checkpoint CKPT --config CONFIG")
+    if args.hf and not Path(args.hf, "config.json").is_file():
+        raise UserError(f"--hf {args.hf}: no config.json (not a Hugging Face model folder)")
+    if not args.hf and not (args.checkpoint and args.config):
+        raise UserError("--checkpoint and --config go together")
+    if args.hf:
+        results = evaluate_hf(args.hf, tasks, settings, batch_size=args.batch_size)
+    else:
+        results = evaluate_checkpoint(args.checkpoint, args.config, tasks, settings,
+                                      batch_size=args.batch_size)
     if args.out:
         out = write_text(args.out, json.dumps(results, indent=1))
         print(f"nemo-anchored eval: results -> {out}")

@@ -3,9 +3,9 @@
 import argparse
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
+from nemo_anchored.errors import UserError
 from nemo_anchored.lab.base import REGENERATE
 from nemo_anchored.lab.run import Lab, pretrain_only
 from nemo_anchored.lab.settings import DEMO, FULL, QUICK
@@ -39,9 +39,8 @@ def run(args) -> int:
     settings.base_checkpoint = args.base_checkpoint
     try:
         settings.check()
-    except ValueError as error:
-        print(f"nemo-anchored lab: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # settings that --seeds and friends made inconsistent
+        raise UserError(str(error)) from None
     if args.pretrain_only:
         pretrain_only(Path(args.out), settings)
     else:

@@ -17,9 +17,19 @@
 
 One process: `nemo-anchored ...`; many: `torchrun --nproc_per_node=N -m nemo_anchored ...` with
 the same arguments. The configuration is validated before any process group starts.
+
+A mistake to fix (recipe, data, checkpoint, arguments, a full disk) is reported in one line,
+`nemo-anchored COMMAND: what and where`, with exit status 2; under torchrun once, naming the rank.
 """
 import argparse
+import errno
+import hashlib
+import os
 import sys
+from datetime import timedelta
+from typing import Optional
+
+from nemo_anchored.errors import UserError
 
 # Every sub-command's module builds its parser without loading torch or megatron-core (they
 # are imported when a command runs), so that `--help` and argument errors come at once.
@@ -51,6 +61,58 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_failure(error: Exception) -> Optional[str]:
+    """The one-line report of an expected failure; None for anything else: a bug, whose
+    traceback must stay visible."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"no space left on {error.filename or 'the device'}"
+    return None
+
+
+def _first_to_report(line: str) -> bool:
+    """Whether this rank is the first of the torchrun launch to report ``line``.
+
+    Under torchrun every rank runs the command. Most expected failures are raised identically
+    on every rank (the configuration is validated before any process group starts, every rank
+    reads the whole data file, checkpoint checks and training stops are decided together), but
+    some are one rank's own (its disk, its device), and a rank cannot tell which kind it has.
+    So the ranks count each line in torchrun's key-value store (its agent's, which outlives the
+    ranks' process groups): each distinct failure is printed once, by the first rank to reach
+    it. Without that store (another launcher, or it cannot be reached) every failing rank
+    prints: a failure reported twice beats one never reported.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return True
+    import torch.distributed as dist
+
+    digest = hashlib.sha256(line.encode()).hexdigest()
+    key = f"nemo_anchored/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{digest}"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False, timeout=timedelta(seconds=30))
+        return store.add(key, 1) == 1
+    except RuntimeError:  # torch.distributed's store errors
+        return True
+
+
+def _report(line: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not _first_to_report(line):
+            return
+        line = f"[rank {os.environ.get('RANK', '0')}] {line}"
+    print(line, file=sys.stderr)
+
+
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
-    sys.exit(COMMANDS[args.command][2](args))
+    try:
+        status = COMMANDS[args.command][2](args)
+    except Exception as error:
+        message = _expected_failure(error)
+        if message is None:
+            raise
+        _report(f"nemo-anchored {args.command}: {message}")
+        status = 2
+    sys.exit(status)

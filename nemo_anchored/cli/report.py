@@ -1,9 +1,9 @@
 """`nemo-anchored report RUNS_DIR --domain TASK`: the experiment's table from the eval_NAME.json
 files in RUNS_DIR (nemo_anchored/eval/report.py), printed."""
 import argparse
-import sys
 from pathlib import Path
 
+from nemo_anchored.errors import UserError
 from nemo_anchored.eval.report import load_scores, table
 
 
@@ -15,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     try:
-        print(table(load_scores(args.folder), args.domain))
-    except FileNotFoundError as error:
-        print(f"report: {error}", file=sys.stderr)
-        return 2
+        scores = load_scores(args.folder)
+    except FileNotFoundError as error:  # a folder without eval files
+        raise UserError(str(error)) from None
+    print(table(scores, args.domain))
     return 0

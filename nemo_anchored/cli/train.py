@@ -1,15 +1,12 @@
 """`nemo-anchored sft|anchor --config RECIPE.yaml [key=value ...]`: the two training stages.
 
-The configuration is validated before any process group starts; a configuration or data error
-is reported by rank 0 only (under torchrun every rank runs this) and exits with status 2.
+The configuration is validated before any process group starts (under torchrun every rank runs
+this); its errors, like the data's and checkpoints', are reported by cli/main.py.
 """
 import argparse
 import os
-import sys
 
-from omegaconf import OmegaConf
-
-from nemo_anchored.config import SFT_METHODS, ConfigError, load_config
+from nemo_anchored.config import SFT_METHODS, ConfigError, load_config, read_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,25 +32,11 @@ def _method_overrides(command: str, recipe_method: str, overrides: list) -> list
 
 
 def run(args) -> int:
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        recipe_method = OmegaConf.load(args.config).get("method", "sft") \
-            if os.path.isfile(args.config) else "sft"
-        overrides = _method_overrides(args.command, recipe_method, list(args.overrides))
-        cfg = load_config(args.config, overrides,
-                          world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as error:
-        if rank == 0:
-            print(f"nemo-anchored: configuration error: {error}", file=sys.stderr)
-        return 2
+    recipe_method = read_recipe(args.config).get("method", "sft")
+    overrides = _method_overrides(args.command, recipe_method, list(args.overrides))
+    cfg = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
-    from nemo_anchored.data import DataError
     from nemo_anchored.training.trainer import run as train
 
-    try:
-        train(cfg)
-    except (ConfigError, DataError) as error:
-        if rank == 0:
-            print(f"nemo-anchored: {error}", file=sys.stderr)
-        return 2
+    train(cfg)
     return 0

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from nemo_anchored.data.tokenizer import ConversationError, Tokenizer, TokenizerError
+from nemo_anchored.errors import UserError
 
 ON_ERROR = ("raise", "skip")
 OVERLONG = ("truncate", "drop", "raise")
@@ -32,7 +33,7 @@ OVERLONG = ("truncate", "drop", "raise")
 _SUMMARY_LIMIT = 10
 
 
-class DataError(ValueError):
+class DataError(ValueError, UserError):
     """Unusable training data; per-line problems read "FILE:LINE: reason"."""
 
 
@@ -289,10 +290,14 @@ class BatchOrder:
     a different subset each epoch). Rank r takes the r-th contiguous slice of a global batch,
     split into micro-batches in order, so concatenating the ranks' micro-batches gives the
     global batch back.
+
+    A data set smaller than one global batch is the user's to fix: DataError naming
+    ``train_path`` (data.train_path, when given) and trainer.global_batch_size.
     """
 
     def __init__(self, num_examples: int, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, shuffle: bool = True):
+                 dp_rank: int, dp_size: int, seed: int, shuffle: bool = True, *,
+                 train_path: Optional[str] = None):
         if micro_batch_size < 1 or dp_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size} and dp_size={dp_size} must "
                              f"be >= 1")
@@ -304,8 +309,9 @@ class BatchOrder:
                              f"micro_batch_size x data-parallel size = {micro_batch_size} x "
                              f"{dp_size}")
         if num_examples < global_batch_size:
-            raise ValueError(f"the data set has {num_examples} examples, fewer than one "
-                             f"global batch (global_batch_size={global_batch_size})")
+            data = f"data.train_path={train_path}" if train_path else "the data set"
+            raise DataError(f"{data} has {num_examples} examples, fewer than one global "
+                            f"batch (trainer.global_batch_size={global_batch_size})")
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size

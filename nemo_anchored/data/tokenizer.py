@@ -19,18 +19,20 @@ from typing import Any, FrozenSet, List, Optional, Protocol, Sequence, Tuple, Un
 
 from jinja2.exceptions import TemplateError  # chat templates are Jinja (jinja2 comes with torch)
 
+from nemo_anchored.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 
 Messages = List[dict]
 Prompt = Union[str, Messages]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ValueError, UserError):
     """The tokenizer cannot do what is asked at all (not loadable, no chat template for chat
     data, a template that breaks its own rules); the message names the tokenizer."""
 
 
-class ConversationError(ValueError):
+class ConversationError(ValueError, UserError):
     """This conversation cannot be encoded: invalid messages, or a chat template that rejects
     or mis-renders it. The message says which message and why."""
 

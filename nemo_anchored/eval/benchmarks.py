@@ -50,6 +50,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from nemo_anchored.data.builders import TASKS as BUILT_TASKS
 from nemo_anchored.data.builders import build
+from nemo_anchored.errors import UserError
 from nemo_anchored.eval.adapters import MegatronLM, TransformersLM
 from nemo_anchored.eval.loaders import (MMLU_LETTERS, load_humaneval, load_mmlu,
                                         load_task_examples, mmlu_path, subsample)
@@ -83,7 +84,7 @@ def evaluate_mmlu(logprob: LogProb, tokenizer, *, limit: Optional[int] = None, s
     items, header_rows = load_mmlu(path)
     letter_ids = [tokenizer.encode(letter) for letter in MMLU_LETTERS]
     if any(not ids for ids in letter_ids):
-        raise ValueError("MMLU: the tokenizer encodes an answer letter to no token")
+        raise UserError("MMLU: the tokenizer encodes an answer letter to no token")
     records = []
     for index in subsample(len(items), limit, seed):
         item = items[index]
@@ -221,7 +222,7 @@ def evaluate_checkpoint(checkpoint, config, tasks: Sequence[str], settings: Eval
     """Build the run's model at TP=1, load ``checkpoint``'s policy weights and evaluate
     ``tasks``; the tokenizer is the run's data.tokenizer. One process only."""
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise ValueError("nemo-anchored eval runs in one process (TP=1, PP=1); do not start it "
+        raise UserError("nemo-anchored eval runs in one process (TP=1, PP=1); do not start it "
                          "under torchrun")
     from nemo_anchored.checkpoint.sharded import load_model_weights
     from nemo_anchored.config import GPTConfig, load_config
@@ -235,7 +236,7 @@ def evaluate_checkpoint(checkpoint, config, tasks: Sequence[str], settings: Eval
                                "parallelism.sequence_parallel=false"], check_paths=False)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"{config}: model.vocab_size {cfg.model.vocab_size} is smaller than "
+        raise UserError(f"{config}: model.vocab_size {cfg.model.vocab_size} is smaller than "
                          f"the tokenizer's {tokenizer.vocab_size} tokens")
     with model_parallel(1, 1, seed=cfg.trainer.seed):
         model = build_gpt_model(GPTConfig.of(cfg.model))
@@ -265,7 +266,7 @@ def evaluate_hf(folder, tasks: Sequence[str], settings: EvalSettings, *, batch_s
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
                                                  dtype=torch.float32).to(device)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{folder}: the model's vocab_size {model.config.vocab_size} is "
+        raise UserError(f"{folder}: the model's vocab_size {model.config.vocab_size} is "
                          f"smaller than the tokenizer's {tokenizer.vocab_size} tokens")
     lm = TransformersLM(model, vocab_size=tokenizer.vocab_size, stop_ids=tokenizer.stop_ids,
                         batch_size=batch_size)

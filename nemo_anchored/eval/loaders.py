@@ -9,10 +9,12 @@ import random
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from nemo_anchored.errors import UserError
+
 MMLU_LETTERS = "ABCD"
 
 
-class BenchmarkDataError(ValueError):
+class BenchmarkDataError(ValueError, UserError):
     """A benchmark or task file that cannot be used; the message names the file and line."""
 
 

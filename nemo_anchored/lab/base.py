@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_anchored.atomic import copy_tree, write_text
+from nemo_anchored.errors import UserError
 
 REGENERATE = "nemo-anchored lab --pretrain-only --out assets/lab_base"
 _PRETRAIN_KEYS = ("general_train", "general_eval", "data_seed", "pretrain_epochs", "pretrain_lr",
                   "pretrain_warmup_steps", "model_overrides")
 
 
-class CommittedBaseError(RuntimeError):
+class CommittedBaseError(RuntimeError, UserError):
     """The committed base's files do not match its recorded checksums."""
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from nemo_anchored.atomic import staged_directory
-from nemo_anchored.checkpoint.format import read_marker
+from nemo_anchored.checkpoint.format import read_marker, verify_files
 from nemo_anchored.config import GPTConfig
 from nemo_anchored.models.gpt import TORCH_DTYPES
 from nemo_anchored.models.hf_layout import (HF_SUBDIR, TOKENIZER_SUBDIR, ConversionError,
@@ -173,6 +173,7 @@ def convert_mcore_to_hf(checkpoint, base, out, *, max_shard_size="5GB",
     if marker.get("vocab_size") not in (None, cfg.vocab_size):
         raise ConversionError(f"checkpoint {checkpoint} has a vocabulary of "
                               f"{marker['vocab_size']} tokens, {source} {cfg.vocab_size}")
+    verify_files(checkpoint, marker)  # before any tensor is read: names a damaged file
 
     with staged_directory(out) as staging:
         metadata = _checkpoint_metadata(checkpoint)

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from nemo_anchored.config import GPTConfig
+from nemo_anchored.errors import UserError
 from nemo_anchored.models.gpt import TORCH_DTYPES
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -34,7 +35,7 @@ _LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192}
 
 
-class ConversionError(ValueError):
+class ConversionError(ValueError, UserError):
     """Input that cannot be converted (unsupported architecture, missing or misshapen tensor,
     checkpoint that does not match the configuration, ...), with what and where in the text."""
 

@@ -22,7 +22,10 @@ Two entry points, each called from exactly one place:
     remove exactly those blockers; GPU runs never get them.
   * **torch's Adam under megatron's distributed optimizer** (neither Apex nor Transformer Engine
     installed, CPU or GPU): loading its state fails as shipped; see
-    ``_keep_a_step_per_parameter`` and ``prepare_distributed_optimizer_for_load``.
+    ``_keep_a_step_per_parameter`` and ``prepare_optimizer_for_load``.
+
+Not global: ``prepare_optimizer_for_load``, which ``nemo_anchored.checkpoint.sharded`` applies to
+each optimizer a checkpoint is loaded into (SGD; torch Adam under the distributed optimizer).
 """
 
 import contextlib
@@ -201,23 +204,42 @@ def _keep_a_step_per_parameter() -> None:
     cls._set_main_param_and_optimizer_states = set_states_keeping_step
 
 
-def prepare_distributed_optimizer_for_load(optimizer) -> None:
-    """Zero Adam state for a torch-Adam distributed optimizer that has not stepped yet (no-op
-    for any other optimizer), before its state dict is described for loading.
+def prepare_optimizer_for_load(optimizer) -> None:
+    """Give a megatron optimizer the state its checkpoint is loaded into, before its state dict
+    is described for loading (``sharded_state_dict(is_loading=True)``). The load overwrites the
+    values created here; an optimizer that has stepped keeps what it has.
 
-    ``DistributedOptimizer.state_dict`` reads every parameter's torch-Adam ``step``, which torch
-    creates at the first step, so a fresh optimizer cannot describe its state for loading. The
-    load overwrites this state.
+    * **SGD**: megatron builds it with ``init_state_fn=None`` and then calls that function when
+      describing the state for loading: ``TypeError: 'NoneType' object is not callable``. SGD
+      gets one that creates the momentum buffers (none without momentum), so the checkpoint's
+      buffers have somewhere to go.
+    * **torch Adam under the distributed optimizer** (neither Apex nor Transformer Engine):
+      ``DistributedOptimizer.state_dict`` reads every parameter's ``step``, which torch creates
+      at the first step, so a fresh optimizer cannot describe its state: it gets zero state.
     """
-    if not _torch_adam_distributed_optimizer():
-        return
     import torch
+    from megatron.core import optimizer as mcore_optimizer
     from megatron.core.optimizer import distrib_optimizer
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, distrib_optimizer.DistributedOptimizer) or opt.init_state_fn is None:
-            continue
-        opt.init_state_fn(opt.optimizer, opt.config)
-        for group in opt.optimizer.param_groups:
-            for param in group["params"]:
-                opt.optimizer.state[param].setdefault("step", torch.tensor(0.0))
+        if opt.init_state_fn is None and isinstance(opt.optimizer, mcore_optimizer.SGD):
+            opt.init_state_fn = _init_sgd_state
+        if (_torch_adam_distributed_optimizer() and opt.init_state_fn is not None
+                and isinstance(opt, distrib_optimizer.DistributedOptimizer)):
+            opt.init_state_fn(opt.optimizer, opt.config)
+            for group in opt.optimizer.param_groups:
+                for param in group["params"]:
+                    opt.optimizer.state[param].setdefault("step", torch.tensor(0.0))
+
+
+def _init_sgd_state(opt, config=None) -> None:
+    """megatron's ``init_state_fn`` contract for SGD (torch's, Apex's or Transformer Engine's,
+    which all keep ``momentum_buffer``). A zero buffer steps exactly like none (dampening 0:
+    0 * momentum + grad == grad)."""
+    import torch
+
+    for group in opt.param_groups:
+        if group["momentum"] == 0:
+            continue  # SGD keeps no state without momentum
+        for param in group["params"]:
+            opt.state[param].setdefault("momentum_buffer", torch.zeros_like(param.data))

@@ -3,18 +3,25 @@
 Every record carries ``step`` (the global optimizer step); outer-iteration boundaries are
 records with ``"event": "outer_iteration_start"`` / ``"outer_iteration_end"`` (and TensorBoard
 text). After a resume the file is cut back to the checkpoint's step first, so it never holds
-two records of one step.
+two records of one step; a last record torn by a crash or a full disk is dropped then, with a
+warning.
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
 from tqdm import tqdm
 
 from nemo_anchored.atomic import write_text
+from nemo_anchored.errors import UserError
+
+
+class MetricsFileError(ValueError, UserError):
+    """A metrics file damaged before its last line, which a resume cannot cut back safely."""
 
 
 class MetricsLogger:
@@ -38,11 +45,30 @@ class MetricsLogger:
         self.bar_settings = dict(total=total_steps, initial=resume_step) if progress else None
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the records up to ``step``. A last line that is no record is one torn by a
+        crash or a full disk: dropped, with a warning. Anywhere else it is damage: an error
+        naming the line, and the file is left as it is."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        write_text(self.path, "".join(line + "\n" for line in kept))
+        lines = [(number, line) for number, line in
+                 enumerate(self.path.read_bytes().split(b"\n"), start=1) if line.strip()]
+        kept = []
+        for number, line in lines:
+            try:
+                record = json.loads(line)  # bytes: text that is not UTF-8 is a ValueError too
+                if not isinstance(record, dict):
+                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            except ValueError as err:
+                if number != lines[-1][0]:
+                    raise MetricsFileError(
+                        f"{self.path} line {number} is not a metrics record ({err}): the file "
+                        "is damaged; repair or delete that line, then resume") from err
+                print(f"warning: {self.path} line {number} is an incomplete record (cut off by "
+                      "a crash or a full disk): dropped", file=sys.stderr)
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line.decode() + "\n")
+        write_text(self.path, "".join(kept))
 
     def log_step(self, record: dict) -> None:
         if not self.enabled:

@@ -7,20 +7,27 @@
 
 Each step: the rank's micro-batches of one global batch go through megatron's schedule (1F1B
 under pipeline parallelism) with the policy and its frozen companions co-resident, the method's
-loss is computed on the vocab-sharded logits at the last stage, megatron's optimizer steps, and
-the step's metrics are reduced over data-parallel ranks and shared with every rank (so a
-non-finite loss stops all ranks together, before anything is saved).
+loss is computed on the vocab-sharded logits at the last stage, the step's metrics are reduced
+over data-parallel ranks and shared with every rank, and megatron's optimizer steps. A
+non-finite loss or gradient stops all ranks together before the update (so no weight and no
+checkpoint takes it in), and so does a collapse (a gradient of exactly 0 for
+trainer.stop_on_collapse_steps steps); a save refuses non-finite weights.
 
 The position in the run (global step, outer iteration, inner step) is one counter, so the data
-order, the lr schedule and checkpoints all derive from it and a resume continues exactly.
+order, the lr schedule and checkpoints all derive from it and a resume continues exactly. The
+events of a step are logged before that step's checkpoint is saved (its own "checkpoint" event
+right after), so that a run resumed from it neither repeats nor loses one. One run per run
+directory: rank 0 holds RUN_DIR/.lock (training/run_lock.py) from before the first write to the
+end, and a resume checks what it continues from (training/resume.py).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,18 +38,20 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from omegaconf import OmegaConf
 
 from nemo_anchored.atomic import write_text
-from nemo_anchored.checkpoint.format import latest_checkpoint
 from nemo_anchored.checkpoint.sharded import load_checkpoint, load_model_weights, save_checkpoint
 from nemo_anchored.config import ConfigError, GPTConfig
 from nemo_anchored.data import BatchOrder, build_tokenizer, load_sft_dataset
+from nemo_anchored.errors import UserError
 from nemo_anchored.models.co_resident import CoResidentModels
 from nemo_anchored.models.gpt import build_gpt_model
 from nemo_anchored.ops import fused_available
 from nemo_anchored.parallel.distributed import ParallelContext
 from nemo_anchored.parallel.schedule import forward_backward, wrap_for_training
+from nemo_anchored.training.guards import TrainingDiverged, any_non_finite, gradients
 from nemo_anchored.training.methods import MethodLoss
 from nemo_anchored.training.metrics import MetricsLogger
-
+from nemo_anchored.training.resume import resume_point, settings_of
+from nemo_anchored.training.run_lock import RunLock
 
 @dataclasses.dataclass
 class Position:
@@ -72,7 +81,8 @@ class Trainer:
                                         on_error=d.on_error, overlong=d.overlong)
         t = cfg.trainer
         self.order = BatchOrder(len(self.dataset), t.global_batch_size, t.micro_batch_size,
-                                ctx.dp_rank, ctx.dp_size, t.seed, d.shuffle)
+                                ctx.dp_rank, ctx.dp_size, t.seed, d.shuffle,
+                                train_path=d.train_path)
         self.stack = self._build_models()
         self.model = wrap_for_training(self.stack, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -89,6 +99,7 @@ class Trainer:
             self.total_steps = a.outer_iterations * self.inner_total
         else:
             self.total_steps = t.max_steps or t.epochs * steps_per_epoch
+        self.flat_steps = 0  # consecutive steps with a gradient of exactly 0 (collapse watch)
 
     # ---------------------------------------------------------------------------------- setup
 
@@ -156,38 +167,41 @@ class Trainer:
     def fit(self) -> Path:
         """Runs (or resumes) the stage; returns the final weights' checkpoint directory."""
         cfg, pos = self.cfg, Position()
-        optimizer, scheduler = self._build_optimizer()
-        resume = self._resume_path()
-        if resume is not None:
-            state = load_checkpoint(resume, model=self.stack.policy, optimizer=optimizer,
-                                    scheduler=scheduler, snapshot=self.stack.snapshot)
-            pos = Position(**state["position"])
-        self.log = MetricsLogger(self.run_dir, total_steps=self.total_steps,
-                                 resume_step=pos.global_step, enabled=self.ctx.rank == 0,
-                                 tensorboard=cfg.logging.tensorboard,
-                                 progress=cfg.logging.progress)
-        self._announce(resume, pos)
-        if resume is None and not cfg.model.base_checkpoint:
-            # Initialised from the seed: keep p_base, so later stages (anchor, other layouts)
-            # can start from exactly these weights (model.base_checkpoint=RUN_DIR/base).
-            save_checkpoint(self.run_dir / "base", model=self.stack.policy,
-                            state={"position": vars(pos)})
-        try:
-            if self.anchored:
-                self._fit_anchored(pos, optimizer, scheduler)
-            else:
-                self._fit_steps(pos, optimizer, scheduler, self.total_steps)
-                self._save(pos, optimizer, scheduler)
-            final = self.run_dir / "final"
-            save_checkpoint(final, model=self.stack.policy, state={"position": vars(pos)})
-            self.log.info(f"final weights: {final}")
-            return final
-        finally:
-            self.log.close()
+        with self._run_directory_lock() as notes:
+            optimizer, scheduler = self._build_optimizer()
+            resume, warnings = resume_point(self.cfg, self.run_dir)
+            if resume is not None:
+                state = load_checkpoint(resume, model=self.stack.policy, optimizer=optimizer,
+                                        scheduler=scheduler, snapshot=self.stack.snapshot)
+                pos = Position(**state["position"])
+            self.log = self._together(lambda: MetricsLogger(
+                self.run_dir, total_steps=self.total_steps, resume_step=pos.global_step,
+                enabled=self.ctx.rank == 0, tensorboard=cfg.logging.tensorboard,
+                progress=cfg.logging.progress))
+            self._announce(resume, pos, notes + warnings)
+            if resume is None and not cfg.model.base_checkpoint:
+                # Initialised from the seed: keep p_base, so later stages (anchor, other
+                # layouts) can start from exactly these weights (model.base_checkpoint=
+                # RUN_DIR/base).
+                self._checkpoint(self.run_dir / "base", pos)
+            try:
+                if self.anchored:
+                    self._fit_anchored(pos, optimizer, scheduler)
+                elif pos.global_step < self.total_steps:  # else resumed from its last save
+                    self._fit_steps(pos, optimizer, scheduler, self.total_steps)
+                    self._save(pos, optimizer, scheduler)
+                final = self.run_dir / "final"
+                self._checkpoint(final, pos)
+                self.log.info(f"final weights: {final}")
+                return final
+            finally:
+                self.log.close()
 
     def _fit_anchored(self, pos: Position, optimizer, scheduler) -> None:
         a = self.cfg.anchor
-        if pos.inner_step == self.inner_total:  # resumed from an outer iteration's end
+        if pos.global_step == 0:
+            self.log.log_event(0, "outer_iteration_start", outer=0)
+        elif pos.inner_step == self.inner_total:  # resumed from an outer iteration's end
             pos.outer, pos.inner_step = pos.outer + 1, 0
         while pos.outer < a.outer_iterations:
             if pos.inner_step == 0:
@@ -195,9 +209,12 @@ class Trainer:
                     self.stack.refresh_snapshot()
                 if a.restart_optimizer and pos.outer > 0:
                     optimizer, scheduler = self._build_optimizer()
-                self.log.log_event(pos.global_step, "outer_iteration_start", outer=pos.outer)
             self._fit_steps(pos, optimizer, scheduler, self.inner_total, inner=True)
             self.log.log_event(pos.global_step, "outer_iteration_end", outer=pos.outer)
+            if pos.outer + 1 < a.outer_iterations:
+                # Logged before this step's checkpoint, which a resume continues from with the
+                # next outer iteration.
+                self.log.log_event(pos.global_step, "outer_iteration_start", outer=pos.outer + 1)
             self._save(pos, optimizer, scheduler)
             pos.outer, pos.inner_step = pos.outer + 1, 0
 
@@ -223,21 +240,60 @@ class Trainer:
                                    num_microbatches=len(batches),
                                    seq_length=cfg.data.seq_length,
                                    micro_batch_size=t.micro_batch_size)
+        totals = self._reduce_sums(outputs)
+        self._stop_if_non_finite(pos, epoch, totals)
         updated, grad_norm, _ = optimizer.step()
         if updated:
             scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
-        totals = self._reduce_sums(outputs)
         record = self._record(pos, epoch, totals, grad_norm, optimizer, elapsed)
-        if totals["tokens"] > 0 and not math.isfinite(record["loss"]):
-            raise FloatingPointError(
-                f"non-finite loss {record['loss']} at step {pos.global_step + 1} (epoch "
-                f"{epoch}): stopping before anything is saved; resume from the last checkpoint "
-                f"in {cfg.checkpoint.dir} after fixing the cause")
         self.log.log_step(record)
         if record.get("tokens_over_bound", 0) > 0:
             self.log.log_event(record["step"], "bound_violation",
                                tokens=record["tokens_over_bound"])
+        self._stop_if_collapsed(record)
+
+    def _stop_if_non_finite(self, pos, epoch, totals) -> None:
+        """Before the update, on every rank alike (the totals and the gradient check are the
+        same on all): a non-finite loss or gradient stops the run, so that neither the weights
+        nor any checkpoint take it in."""
+        found = []
+        if totals["tokens"] > 0 and not math.isfinite(totals["loss"]):
+            found.append(f"loss {totals['loss'] / totals['tokens']}")
+        if any_non_finite(gradients(self.model), self.ctx.device):
+            found.append("gradient")
+        if found:
+            raise TrainingDiverged(
+                f"non-finite {' and '.join(found)} at step {pos.global_step + 1} (epoch "
+                f"{epoch}): stopped before the update, so neither the weights nor any checkpoint "
+                f"took it in. Likely cause: a learning rate too high for this model "
+                f"(optim.lr={self.cfg.optim.lr}). {self._ways_on()}")
+
+    def _stop_if_collapsed(self, record: dict) -> None:
+        """A model collapsed to a constant output (a too-high learning rate saturates it) has a
+        gradient of exactly 0 and learns nothing more, yet would train on to a normal exit.
+        A step without valid tokens (possible under stm) trains nothing and does not count."""
+        limit = self.cfg.trainer.stop_on_collapse_steps
+        flat = record["grad_norm"] == 0 and record["valid_tokens"] > 0
+        self.flat_steps = self.flat_steps + 1 if flat else 0
+        if not limit or self.flat_steps < limit:
+            return
+        first, vocab = record["step"] - limit + 1, self.cfg.model.vocab_size
+        uniform = "" if "ce" not in record else \
+            f"; cross-entropy {record['ce']:.4f}, ln {vocab} = {math.log(vocab):.4f} is that of " \
+            "a uniform output"
+        raise TrainingDiverged(
+            f"training collapsed: the gradient norm is exactly 0 at steps {first}..{record['step']}"
+            f" ({limit} in a row: trainer.stop_on_collapse_steps) with the loss at "
+            f"{record['loss']:.4g}{uniform}. The model has collapsed to a constant output and "
+            f"learns nothing more; checkpoints saved from step {first} on hold it. Likely cause: "
+            f"a learning rate too high for this model (optim.lr={self.cfg.optim.lr}). "
+            f"{self._ways_on()} (trainer.stop_on_collapse_steps=0 disables this check)")
+
+    def _ways_on(self) -> str:
+        return (f"Resume from an earlier checkpoint in {self.cfg.checkpoint.dir} after fixing the "
+                "cause (a changed optim.lr needs checkpoint.allow_changed_settings=true), or start "
+                "over from step 0 with checkpoint.resume=none")
 
     def _reduce_sums(self, outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Sums over micro-batches (last stage), data-parallel ranks, then shared by all ranks."""
@@ -269,21 +325,56 @@ class Trainer:
 
     # ------------------------------------------------------------------------- checkpoints
 
-    def _resume_path(self) -> Optional[Path]:
-        resume = self.cfg.checkpoint.resume
-        if resume == "none":
-            return None
-        if resume == "auto":
-            return latest_checkpoint(Path(self.cfg.checkpoint.dir))
-        return Path(resume)
+    @contextlib.contextmanager
+    def _run_directory_lock(self) -> Iterator[List[str]]:
+        """Rank 0 holds the run directory's lock for the block; when another run holds it,
+        every rank raises its ``RunDirectoryLocked`` together. Yields the warnings for the log
+        (rank 0: a previous holder that ended without releasing the lock)."""
+        lock = RunLock(self.run_dir) if self.ctx.rank == 0 else None
+        note = self._together(lambda: lock.acquire() if lock else None)
+        try:
+            yield [f"warning: {note}"] if note else []
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _together(self, fn):
+        """``fn()`` on every rank, where it touches files on rank 0 only: what it raises there
+        for a reason the user can fix (``UserError``, ``OSError``) is raised on every rank, so
+        that none is left waiting in a collective that rank 0 never joins."""
+        failure = result = None
+        try:
+            result = fn()
+        except (UserError, OSError) as error:
+            failure = error
+        shared = [failure]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None:
+            raise shared[0]
+        if failure is not None:
+            raise failure
+        return result
 
     def _save(self, pos: Position, optimizer, scheduler) -> None:
         path = Path(self.cfg.checkpoint.dir) / f"step_{pos.global_step:07d}"
-        save_checkpoint(path, model=self.stack.policy, optimizer=optimizer, scheduler=scheduler,
-                        snapshot=self.stack.snapshot, state={"position": vars(pos)})
+        self._checkpoint(path, pos, optimizer=optimizer, scheduler=scheduler,
+                         snapshot=self.stack.snapshot)
         self.log.log_event(pos.global_step, "checkpoint", path=str(path))
 
-    def _announce(self, resume: Optional[Path], pos: Position) -> None:
+    def _checkpoint(self, path: Path, pos: Position, **parts) -> None:
+        """Saves the policy (and ``parts``) with the trainer state: the position and the
+        settings a resume must share. Refuses non-finite policy weights, so that no checkpoint
+        ever holds a diverged model."""
+        if any_non_finite(list(self.stack.policy.parameters()), self.ctx.device):
+            raise TrainingDiverged(
+                f"the policy weights are not finite after step {pos.global_step}: refusing to "
+                f"save {path}. Likely cause: a learning rate too high for this model "
+                f"(optim.lr={self.cfg.optim.lr}). {self._ways_on()}")
+        save_checkpoint(path, model=self.stack.policy,
+                        state={"position": vars(pos), "settings": settings_of(self.cfg)},
+                        **parts)
+
+    def _announce(self, resume: Optional[Path], pos: Position, warnings: List[str]) -> None:
         if self.ctx.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -305,6 +396,8 @@ class Trainer:
                 backend = "fused" if fused_available(c.device) else "torch (the extension " \
                     f"nemo_anchored._C is not built for {c.device.type})"
             self.log.info(f"anchored KL kernels: {backend}")
+        for warning in warnings:
+            self.log.info(warning)
         if resume is not None:
             self.log.info(f"resumed from {resume} at step {pos.global_step}")
 
