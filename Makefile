@@ -17,12 +17,12 @@ ENV_STAMP := $(VENV)/.env-ready
 demo: $(EXT_STAMP)
 	$(PY) -m nemo_anchored lab --demo --out runs/lab_demo
 
-# The two training stages on recipes/tiny_cpu.yaml: the SFT reference, then Anchored Learning
+# The two training stages on the shipped tiny_cpu recipe: the SFT reference, then Anchored Learning
 # toward it. Repeating it resumes both runs from their last checkpoints and ends at once.
 DEMO_SFT := runs/tiny_cpu_sft
 train-demo: $(EXT_STAMP)
-	$(PY) -m nemo_anchored sft --config recipes/tiny_cpu.yaml
-	$(PY) -m nemo_anchored anchor --config recipes/tiny_cpu.yaml \
+	$(PY) -m nemo_anchored sft --config tiny_cpu
+	$(PY) -m nemo_anchored anchor --config tiny_cpu \
 		model.base_checkpoint=$(DEMO_SFT)/base model.reference_checkpoint=$(DEMO_SFT)/final
 
 test: lint $(EXT_STAMP)

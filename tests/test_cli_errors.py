@@ -7,10 +7,13 @@ training run or under torchrun start processes (slow).
 """
 import errno
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+
+import nemo_anchored
 
 from nemo_anchored.checkpoint.format import CheckpointError
 from nemo_anchored.cli import main as cli_main
@@ -41,8 +44,7 @@ def test_expected_failure_classes_share_one_base_and_keep_their_own():
 
 @pytest.mark.parametrize("case", ["yaml_syntax", "top_level_list", "unknown_key",
                                   "missing_data_file"])
-def test_recipe_and_configuration_errors_are_one_line(case, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the recipe's data path is relative to the repository
+def test_recipe_and_configuration_errors_are_one_line(case, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     overrides = [f"logging.dir={tmp_path / 'run'}"]
     if case == "yaml_syntax":
@@ -62,6 +64,51 @@ def test_recipe_and_configuration_errors_are_one_line(case, tmp_path, capsys, mo
     assert status == 2
     assert len(lines) == 1 and lines[0].startswith(f"nemo-anchored sft: {expected}"), lines
     assert not (tmp_path / "run").exists()
+
+
+def test_recipe_paths_resolve_against_the_recipe_and_a_missing_one_names_where(
+        tmp_path, capsys, monkeypatch):
+    """Inputs written in a recipe are relative to its folder (${cwd:}: the working directory),
+    inputs given as key=value to the working directory; a missing one is reported absolute."""
+    from omegaconf import OmegaConf
+
+    from nemo_anchored.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    recipe = OmegaConf.load(RECIPE)
+    recipe.model.base_checkpoint = "${cwd:}/converted"
+    OmegaConf.save(recipe, tmp_path / "sub" / "recipe.yaml")
+    status, lines = run_in_process(capsys, "sft", "--config", "sub/recipe.yaml")
+    assert status == 2 and lines == [
+        f"nemo-anchored sft: data.train_path: '{tmp_path}/sub/data/tiny_sft.jsonl' does not "
+        "exist (a relative path in a recipe is relative to the recipe's folder; on the "
+        "command line, to the working directory)"]
+    (tmp_path / "sub" / "data").mkdir()
+    shutil.copy(TINY_DATA, tmp_path / "sub" / "data")
+    shutil.copy(TINY_DATA, tmp_path / "mine.jsonl")
+    cfg = load_config("sub/recipe.yaml", check_paths=False)
+    assert cfg.data.train_path == f"{tmp_path}/sub/data/tiny_sft.jsonl"
+    assert cfg.model.base_checkpoint == f"{tmp_path}/converted"
+    cfg = load_config("sub/recipe.yaml", ["data.train_path=mine.jsonl"], check_paths=False)
+    assert cfg.data.train_path == f"{tmp_path}/mine.jsonl"
+
+
+def test_config_names_a_shipped_recipe(tmp_path, capsys, monkeypatch):
+    from nemo_anchored.config import load_config
+
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    for name in ("tiny_cpu", "tiny_cpu.yaml"):
+        assert load_config(name).data.train_path == str(TINY_DATA.resolve())
+    status, lines = run_in_process(capsys, "sft", "--config", "tiny_cpu_typo")
+    assert status == 2 and len(lines) == 1
+    assert lines[0].startswith(f"nemo-anchored sft: --config: 'tiny_cpu_typo' is neither a "
+                               f"recipe file (looked in {tmp_path}) nor a shipped recipe (")
+    assert "tiny_cpu," in lines[0] or lines[0].endswith("tiny_cpu)")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"nemo-anchored {nemo_anchored.__version__}\n"
 
 
 def test_every_command_reports_through_the_same_handler(tmp_path, capsys):

@@ -14,17 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import assert_topic, worker_checks
+from tests.launch import assert_topic
 
 pytestmark = pytest.mark.slow  # torchrun, conversions and transformers models
 
-WORKER = Path(__file__).with_name("hf_convert_worker.py")
-
 
 @pytest.fixture(scope="module")
-def checks(tmp_path_factory):
-    work = tmp_path_factory.mktemp("hf_convert")
-    return worker_checks(WORKER, work, "--work", work, nproc=2)
+def checks(hf_conversions):
+    return hf_conversions[1]  # the run is shared with tests/test_exports.py (conftest.py)
 
 
 def test_logits_match_transformers_at_tp1_and_tp2(checks):

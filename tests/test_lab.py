@@ -1,4 +1,5 @@
-"""nemo-anchored lab: task generators, greedy decoding, the matched-domain rule, results.json.
+"""nemo-anchored lab: task generators, greedy decoding, the matched-domain rule and how close its
+verdicts are, results.json, shared trainings, resuming a killed lab.
 
 Model work runs in subprocesses (as tests/test_training.py does): megatron's CPU shims and the
 process group stay out of the pytest process.
@@ -10,11 +11,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from nemo_anchored.lab.report import markdown_table
+from nemo_anchored.lab.records import RUN_RECORD, LabResumeError, read_run, write_run
+from nemo_anchored.lab.report import markdown_table, verdict_lines
 from nemo_anchored.lab.settings import LAB_METHODS, SUMMARY_METHODS
 from nemo_anchored.lab.summary import matched_point, pareto_frontier, summarize, sweep_table
 from nemo_anchored.lab.tasks import GENERAL_TASKS, make_splits
@@ -140,6 +143,28 @@ def test_matched_domain_rule_by_hand():
     table = markdown_table(summary)
     assert "| low_sft | - | n/a | n/a | no learning rate reaches" in table
     assert "| anchored_logit | 0.001 | 0.900 ± 0.071 | 0.600 ± 0.141 |" in table
+    # How close each verdict is: the bar is 0.9 x sft's best point (1.0 ± 0.0 at 3e-3).
+    verdicts = {(v["method"], v["verdict"]): v for v in summary["verdicts"]}
+    reach = verdicts["anchored_logit", "reaches the matched domain"]
+    assert reach["margin"] == pytest.approx(0.0, abs=1e-12)  # 0.9 against the bar 0.9
+    assert reach["spread"] == pytest.approx(0.0707106781) and reach["within_noise"]
+    general = verdicts["anchored_logit", "general vs sft at matched domain"]
+    assert general["margin"] == pytest.approx(0.5)  # 0.6 against sft's 0.1 at 3e-3
+    assert general["spread"] == pytest.approx(0.2)  # hypot(0.1414, 0.1414)
+    assert not general["within_noise"]
+    miss = verdicts["low_sft", "misses the matched domain"]  # its best domain: 0.7 at 1e-4
+    assert (miss["lr"], miss["seeds"]) == (1e-4, 2)
+    assert miss["margin"] == pytest.approx(-0.2) and miss["spread"] == pytest.approx(0.1414214)
+    assert set(verdicts) == {("anchored_logit", "reaches the matched domain"),
+                             ("anchored_logit", "general vs sft at matched domain"),
+                             ("low_sft", "misses the matched domain")}
+    lines = verdict_lines(summary)
+    assert ("| anchored_logit | general vs sft at matched domain | 0.001 | 0.600 ± 0.141 | "
+            "sft 0.100 ± 0.141 | +0.500 | 0.200 | beyond the spread |") in lines
+    assert "| 0.900 ± 0.071 | bar 0.900 ± 0.000 | " in lines and "within noise" in lines
+    one_seed = summarize([p for p in points if p["seed"] == 0], {"domain": 0.0, "general": 0.8})
+    assert all(v["within_noise"] is None for v in one_seed["verdicts"])
+    assert "1 seed: no spread" in verdict_lines(one_seed)
 
 
 def test_sweep_and_frontier():
@@ -231,6 +256,11 @@ def test_max_new_tokens_cap():
     assert _run(script)["max"] == [[ord("q")] * 3]
 
 
+# low_sft at 1e-4 is sft's training at 1e-4 (the same objective): 5 points from 4 fine-tunings.
+TINY = dict(seeds=1, methods=("sft", "low_sft", "anchored_logit"), general_train=128,
+            general_eval=16, domain_train=32, domain_eval=16, pretrain_epochs=1, epochs=2,
+            outer_iterations=2, inner_epochs=1, lrs=(1e-4, 1e-3), low_lrs=(1e-4,),
+            reference_lr=1e-3)
 LAB_SCRIPT = r"""
 import json, sys
 from pathlib import Path
@@ -238,10 +268,7 @@ from nemo_anchored.lab.run import Lab
 from nemo_anchored.lab.settings import LabSettings
 
 def main():
-    s = LabSettings(seeds=1, methods=("sft", "anchored_logit"), general_train=128,
-                    general_eval=16, domain_train=32, domain_eval=16, pretrain_epochs=1,
-                    epochs=2, outer_iterations=2, inner_epochs=1, lrs=(1e-4, 1e-3),
-                    low_lrs=(1e-5,), reference_lr=1e-3)
+    s = LabSettings(**TINY)
     Lab(Path(sys.argv[1]), s, log=lambda *a: None).run()
     print(json.dumps({"ok": True}))
 
@@ -255,7 +282,7 @@ def tiny_labs(tmp_path_factory):
     """The tiny lab, run twice with the same settings and seeds (in parallel processes)."""
     tmp = tmp_path_factory.mktemp("lab")
     script = tmp / "lab.py"
-    script.write_text(LAB_SCRIPT)
+    script.write_text(LAB_SCRIPT.replace("**TINY", f"**{TINY!r}"))
     outs = [tmp / "a", tmp / "b"]
     procs = [subprocess.Popen([PYTHON, str(script), str(out)], env=ENV, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -271,16 +298,29 @@ def test_tiny_lab_end_to_end(tiny_labs):
     out = tiny_labs[0]
     results = json.loads((out / "results.json").read_text())
     assert {"points", "methods", "config"} <= set(results)
-    assert len(results["points"]) == 4  # 2 methods x 2 lrs x 1 seed
+    assert len(results["points"]) == 5  # sft and anchored_logit at 2 lrs, low_sft at 1
     for p in results["points"]:
         assert set(p) == {"method", "lr", "seed", "domain", "general"}
         assert p["method"] in LAB_METHODS and 0 <= p["domain"] <= 1 and 0 <= p["general"] <= 1
-    assert set(results["methods"]) == {"base", "sft", "anchored_logit"}
+    assert set(results["methods"]) == {"base", "sft", "low_sft", "anchored_logit"}
     assert set(results["methods"]) <= set(SUMMARY_METHODS)
     for entry in results["methods"].values():
         assert {"domain", "general", "domain_std", "general_std"} <= set(entry)
     assert "data_budget" in results["config"] and results["config"]["settings"]["seeds"] == 1
     assert (out / "pareto.png").stat().st_size > 1000
+    assert (out / "pareto.pdf").read_bytes().startswith(b"%PDF")
+    # low_sft at 1e-4 shares sft's training: one record, one run directory, equal scores
+    runs = {d["method"]: d["run"] for d in results["point_details"] if d["lr"] == 1e-4}
+    assert runs["low_sft"] == runs["sft"] == "seed1000/sft_lr0.0001"
+    low, sft = ([p for p in results["points"] if (p["method"], p["lr"]) == (m, 1e-4)]
+                for m in ("low_sft", "sft"))
+    assert [(p["domain"], p["general"]) for p in low] == [(p["domain"], p["general"])
+                                                          for p in sft]
+    assert sorted(p.parent.name for p in out.glob(f"runs/**/{RUN_RECORD}")) == [
+        "anchored_logit_lr0.0001", "anchored_logit_lr0.001", "pretrain", "sft_lr0.0001",
+        "sft_lr0.001"]
+    assert re.search(r"\| anchored_logit \| (reaches|misses) the matched domain \| 0\.00",
+                     (out / "results.md").read_text())
     for split in ("general_train", "general_eval", "domain_train", "domain_eval"):
         assert (out / "data" / f"{split}.jsonl").is_file()
     # KL to p_base: zero for the base itself, positive after fine-tuning; anchored runs carry
@@ -303,6 +343,62 @@ def test_same_seed_same_results(tiny_labs):
     a, b = (json.loads((out / "results.json").read_text()) for out in tiny_labs)
     assert a["points"] == b["points"] and a["base"] == b["base"]
     assert a["point_details"] == b["point_details"]
+
+
+def _comparable(out: Path) -> dict:
+    """results.json without what differs between labs that computed the same thing: the
+    wall and per-training times, and the OUT path inside recorded paths."""
+    results = json.loads((out / "results.json").read_text().replace(str(out), "OUT"))
+    results["config"]["run_time_s"] = sorted(results["config"]["run_time_s"])
+    del results["config"]["wall_time_s"]
+    return results
+
+
+@pytest.mark.slow
+def test_killed_lab_continues_to_the_same_results(tiny_labs, tmp_path):
+    """SIGKILL once two fine-tunings are recorded, then the same command again: the same
+    results.json as the uninterrupted lab, without running the recorded trainings again."""
+    out = tmp_path / "lab"
+    command = [PYTHON, str(tiny_labs[0].parent / "lab.py"), str(out)]
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=stderr)
+        deadline = time.monotonic() + 600  # a hang guard, not a speed check
+        while len(list(out.glob(f"runs/seed1000/*/{RUN_RECORD}"))) < 2:
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the lab recorded no trainings"
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    assert not (out / "results.json").exists()  # killed before the end
+    kept = {p: p.stat().st_mtime_ns for p in out.glob(f"runs/**/{RUN_RECORD}")}
+    assert 3 <= len(kept) < 5  # the pretraining and two or three fine-tunings, not all four
+    result = subprocess.run(command, env=ENV, cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _comparable(out) == _comparable(tiny_labs[0])
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # read back, not trained again
+
+
+@pytest.mark.slow
+def test_lab_refuses_to_continue_with_other_settings(tiny_labs):
+    from nemo_anchored.lab.run import Lab
+    from nemo_anchored.lab.settings import LabSettings
+
+    changed = LabSettings(**{**TINY, "seeds": 2, "alpha": 0.25})
+    with pytest.raises(LabResumeError, match=r"\(settings\.alpha: 0\.5 then, 0\.25 now; "
+                       r"settings\.seeds: 1 then, 2 now\)"):
+        Lab(tiny_labs[0], changed, log=lambda *a: None).run()
+
+
+def test_run_record_belongs_to_one_training_config(tmp_path):
+    identity = {"method": "CrossEntropy", "optim": {"lr": 1e-3, "weight_decay": 0.0}}
+    assert read_run(tmp_path, identity) is None  # not finished
+    write_run(tmp_path, identity, {"scores": {"domain": 0.5}, "time_s": 1.0})
+    assert read_run(tmp_path, identity)["scores"] == {"domain": 0.5}
+    other = {"method": "CrossEntropy", "optim": {"lr": 1e-3, "weight_decay": 0.01}}
+    with pytest.raises(LabResumeError, match=r"optim\.weight_decay: 0\.0 then, 0\.01 now"):
+        read_run(tmp_path, other)
 
 
 def test_committed_base_matches_the_quick_settings_and_its_checksums(tmp_path):

@@ -2,7 +2,8 @@
 (nemo_anchored/eval/benchmarks.py).
 
     nemo-anchored eval --checkpoint CKPT --config RUN_DIR/config.yaml --tasks mmlu,humaneval
-        [--limit N] [--seed S] [--data TASK=FILE.jsonl ...] [--out results.json]
+        [--limit N] [--seed S] [--data TASK=FILE.jsonl ...] [--out results.json] [key=value ...]
+    (--config: a run's config.yaml, a recipe, or the model.yaml of `convert hf-to-mcore`)
     nemo-anchored eval --hf HF_DIR --tasks ...   (an exported model, through transformers)
 """
 import argparse
@@ -22,8 +23,8 @@ from nemo_anchored.eval.scoring import HUMANEVAL_TIMEOUT_S
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="checkpoint directory (its policy weights are "
                         "evaluated through megatron-core), e.g. RUN_DIR/final; needs --config")
-    parser.add_argument("--config", help="the run's config.yaml (model architecture and "
-                        "data.tokenizer)")
+    parser.add_argument("--config", help="the run's config.yaml, a recipe or a conversion's "
+                        "model.yaml (model architecture and data.tokenizer)")
     parser.add_argument("--hf", help="instead of --checkpoint/--config: a Hugging Face model "
                         "folder (`nemo-anchored convert mcore-to-hf`), run with transformers")
     parser.add_argument("--tasks", required=True,
@@ -44,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="seconds per HumanEval program")
     parser.add_argument("--out", default=None, help="results JSON (scores, per-example "
                         "records, settings)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides of --config, e.g. data.tokenizer=DIR")
     return parser
 
 
@@ -87,11 +90,13 @@ def run(args) -> int:
         raise UserError(f"--hf {args.hf}: no config.json (not a Hugging Face model folder)")
     if not args.hf and not (args.checkpoint and args.config):
         raise UserError("--checkpoint and --config go together")
+    if args.hf and args.overrides:
+        raise UserError(f"{args.overrides[0]}: key=value overrides apply to --config, not --hf")
     if args.hf:
         results = evaluate_hf(args.hf, tasks, settings, batch_size=args.batch_size)
     else:
         results = evaluate_checkpoint(args.checkpoint, args.config, tasks, settings,
-                                      batch_size=args.batch_size)
+                                      overrides=args.overrides, batch_size=args.batch_size)
     if args.out:
         out = write_text(args.out, json.dumps(results, indent=1))
         print(f"nemo-anchored eval: results -> {out}")

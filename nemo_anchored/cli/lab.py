@@ -1,5 +1,6 @@
 """`nemo-anchored lab --out DIR [--quick|--demo|--full] [--seeds N]`: the forgetting lab
-(nemo_anchored/lab/run.py), or with --pretrain-only the committed base it starts from."""
+(nemo_anchored/lab/run.py), or with --pretrain-only the committed base it starts from. The same
+command again continues an interrupted lab in DIR (nemo_anchored/lab/records.py)."""
 import argparse
 import dataclasses
 import os
@@ -13,7 +14,8 @@ from nemo_anchored.lab.settings import DEMO, FULL, QUICK
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output directory (results.json, "
-                        "pareto.png, results.md, data/, runs/)")
+                        "pareto.png and .pdf, results.md, data/, runs/); a directory holding "
+                        "an interrupted lab with the same settings is continued")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the quick CPU setting (default)")
     size.add_argument("--demo", action="store_true", help="the quick setting with fewer "

@@ -3,6 +3,8 @@
     sft     stage 1: plain SFT from the base (writes the reference: RUN_DIR/final), and the
             baselines through the same command (method=low_sft|kl_sft|dft|stm)
     anchor  stage 2: Anchored Learning toward model.reference_checkpoint
+    launch  --executor local|slurm|sbatch --config RECIPE.yaml [--nodes N --gpus-per-node G ...]
+            both stages as one job under torchrun: NeMo-Run or a plain sbatch script
     lab     the forgetting lab: domain gain against general-skill loss, every method
     convert hf-to-mcore --hf PATH --out DIR [--tp N --pp M] [--gguf-file NAME]
             a Hugging Face Llama/Qwen2 model -> a base directory (model.base_checkpoint=DIR)
@@ -29,17 +31,21 @@ import sys
 from datetime import timedelta
 from typing import Optional
 
+import nemo_anchored  # __version__ (the package root belongs to no layer)
 from nemo_anchored.errors import UserError
+from nemo_anchored.parallel.megatron_compat import filter_irrelevant_warnings
 
 # Every sub-command's module builds its parser without loading torch or megatron-core (they
 # are imported when a command runs), so that `--help` and argument errors come at once.
-from nemo_anchored.cli import convert, data, lab, report, train
+from nemo_anchored.cli import convert, data, lab, launch, report, train
 from nemo_anchored.cli import eval as evaluate
 
 # name: (help, add the command's arguments to its parser, run it: args -> exit status)
 COMMANDS = {
     "sft": ("SFT reference and the baselines", train.add_arguments, train.run),
     "anchor": ("Anchored Learning", train.add_arguments, train.run),
+    "launch": ("both stages on a cluster or this machine (NeMo-Run, sbatch)",
+               launch.add_arguments, launch.run),
     "lab": ("forgetting lab: every method over a learning-rate sweep and seeds",
             lab.add_arguments, lab.run),
     "convert": ("Hugging Face <-> nemo-anchored checkpoint conversion",
@@ -55,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemo-anchored", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--version", action="version",
+                        version=f"nemo-anchored {nemo_anchored.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (text, add_arguments, _) in COMMANDS.items():
         add_arguments(commands.add_parser(name, help=text))
@@ -106,6 +114,7 @@ def _report(line: str) -> None:
 
 
 def main(argv=None) -> None:
+    filter_irrelevant_warnings()
     args = _parser().parse_args(argv)
     try:
         status = COMMANDS[args.command][2](args)

@@ -1,5 +1,6 @@
-"""Training data: tokenizers, the SFT data set and the data-parallel batch order; the offline
-task builders (builders.py, with medcalc.py and task_format.py).
+"""Training data: tokenizers, the SFT data set and the data-parallel batch order, the
+tokenized-data cache (cache.py); the offline task builders (builders.py, with medcalc.py and
+task_format.py).
 
 The names below are loaded from their module on first use, so that importing a module of this
 package (the task builders, which the command line's parsers read) does not load torch, which
@@ -8,7 +9,7 @@ the SFT data set needs.
 import importlib
 
 _HOMES = {"BatchOrder": "sft", "DataError": "sft", "DataReport": "sft", "SFTDataset": "sft",
-          "load_sft_dataset": "sft", "ByteTokenizer": "tokenizer",
+          "load_sft_dataset": "sft", "cached_sft_dataset": "cache", "ByteTokenizer": "tokenizer",
           "ConversationError": "tokenizer", "HFTokenizer": "tokenizer", "Tokenizer": "tokenizer",
           "TokenizerError": "tokenizer", "build_tokenizer": "tokenizer",
           "check_messages": "tokenizer"}

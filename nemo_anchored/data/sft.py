@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from nemo_anchored.data.tokenizer import ConversationError, Tokenizer, TokenizerError
@@ -60,6 +61,8 @@ class DataReport:
     dropped_overlong: List[int] = field(default_factory=list)  # data.overlong=drop
     # No assistant token within seq_length to learn from (the prompt fills the window).
     dropped_no_response: List[int] = field(default_factory=list)
+    # Where the tokens came from when cached: the cache directory, built or read (cache.py).
+    cache: str = ""
 
     def summary(self) -> str:
         """A few lines for the trainer's log."""
@@ -82,6 +85,8 @@ class DataReport:
             if len(self.skipped) > _SUMMARY_LIMIT:
                 reasons.append(f"and {len(self.skipped) - _SUMMARY_LIMIT} more")
             parts.append(f"{len(self.skipped)} lines skipped ({'; '.join(reasons)})")
+        if self.cache:
+            parts.append(f"tokens cached in {self.cache}")
         return "\n  ".join(parts)
 
 
@@ -94,38 +99,64 @@ def _line_list(lines: List[int]) -> str:
 
 @dataclass
 class SFTDataset:
-    """Examples as rows of ``[N, seq_length]`` tensors.
+    """Examples stored end to end, padded into ``[b, seq_length]`` rows when a batch is asked
+    for, so that a large data set costs its token count, not N x seq_length, in memory (and,
+    read from the tokenized-data cache, is shared between the ranks of a node through the page
+    cache: see cache.py).
 
-    ``tokens`` are the model inputs and ``labels`` the next tokens (the example shifted by
-    one); ``loss_mask`` is 1.0 where the label is an assistant (response) token or the
-    end-of-turn token closing an assistant turn, and 0.0 on prompt, template and padding
+    Example i is ``ids[offsets[i]:offsets[i + 1]]``, its tokens through its last assistant
+    token (at most seq_length + 1 of them), with ``assistant`` 1 on the assistant (response)
+    tokens and the end-of-turn token closing each assistant turn. In a batch, ``tokens`` are
+    the model inputs and ``labels`` the next tokens (the example shifted by one); ``loss_mask``
+    is 1.0 where the label is an assistant token and 0.0 on prompt, template and padding
     positions. Padding is pad_id in both tokens and labels.
     """
 
-    tokens: torch.Tensor  # int64
-    labels: torch.Tensor  # int64
-    loss_mask: torch.Tensor  # float32
+    ids: np.ndarray  # int32 [total tokens]
+    assistant: np.ndarray  # uint8 [total tokens]
+    offsets: np.ndarray  # int64 [N + 1], from 0 to total tokens
+    seq_length: int
+    pad_id: int
     report: DataReport
 
     def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def seq_length(self) -> int:
-        return self.tokens.shape[1]
+        return len(self.offsets) - 1
 
     def batch(self, index: Sequence[int]) -> Dict[str, torch.Tensor]:
         """The examples ``index`` as a batch: ``tokens``, ``position_ids``, ``labels`` (int64
         ``[b, s]``), ``loss_mask`` (float32 ``[b, s]``) and ``index`` (int64 ``[b]``, the
         example numbers, for per-example data such as a baseline's token masks)."""
         index = torch.as_tensor(index, dtype=torch.int64)
+        rows = index.numpy()
+        starts = self.offsets[rows]
+        positions = np.arange(self.seq_length)
+        # Row r's position j holds example token starts[r] + j, its label the token after.
+        valid = positions < (self.offsets[rows + 1] - starts - 1)[:, None]
+        at = np.minimum(starts[:, None] + positions, len(self.ids) - 2)
+        tokens = np.where(valid, self.ids[at], self.pad_id)
+        labels = np.where(valid, self.ids[at + 1], self.pad_id)
+        loss_mask = np.where(valid, self.assistant[at + 1], 0)
         return {
-            "tokens": self.tokens[index],
+            "tokens": torch.from_numpy(tokens.astype(np.int64)),
             "position_ids": torch.arange(self.seq_length).repeat(len(index), 1),
-            "labels": self.labels[index],
-            "loss_mask": self.loss_mask[index],
+            "labels": torch.from_numpy(labels.astype(np.int64)),
+            "loss_mask": torch.from_numpy(loss_mask.astype(np.float32)),
             "index": index,
         }
+
+    # The whole data set as [N, seq_length] rows, built on each access (N x seq_length x 20
+    # bytes): for small data sets and whole-data passes, not for the training loop.
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.batch(range(len(self)))["tokens"]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.batch(range(len(self)))["labels"]
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        return self.batch(range(len(self)))["loss_mask"]
 
 
 def load_sft_dataset(path: Union[str, Path], tokenizer: Tokenizer, seq_length: int,
@@ -163,7 +194,9 @@ def load_sft_dataset(path: Union[str, Path], tokenizer: Tokenizer, seq_length: i
         raise ValueError(f"data.seq_length: {seq_length} must be >= 1")
 
     report = DataReport(path=str(path), seq_length=seq_length)
-    examples: List[Tuple[List[int], List[int]]] = []  # (token ids, 0/1 mask) within the window
+    # (int32 token ids, uint8 assistant mask) within the window: compact, since as Python ints
+    # the tokens of a large file would take about ten times the memory.
+    examples: List[Tuple[np.ndarray, np.ndarray]] = []
     # Binary mode splits on b"\n" only; text mode would also split inside a JSON string at
     # characters such as U+2028, shifting every later line number.
     with open(path, "rb") as stream:
@@ -199,23 +232,18 @@ def load_sft_dataset(path: Union[str, Path], tokenizer: Tokenizer, seq_length: i
                 continue
             if truncated:
                 report.truncated.append(line)
-            examples.append((ids, mask))
+            examples.append((np.array(ids, np.int32), np.array(mask, np.uint8)))
 
     report.examples_kept = len(examples)
     if not examples:
         raise DataError(f"{report.summary()}\n  no training examples left")
 
-    shape = (len(examples), seq_length)
-    tokens = torch.full(shape, tokenizer.pad_id, dtype=torch.int64)
-    labels = torch.full(shape, tokenizer.pad_id, dtype=torch.int64)
-    loss_mask = torch.zeros(shape, dtype=torch.float32)
-    for row, (ids, mask) in enumerate(examples):
-        ids = torch.tensor(ids, dtype=torch.int64)
-        length = ids.numel() - 1
-        tokens[row, :length] = ids[:-1]
-        labels[row, :length] = ids[1:]
-        loss_mask[row, :length] = torch.tensor(mask[1:], dtype=torch.float32)
-    return SFTDataset(tokens=tokens, labels=labels, loss_mask=loss_mask, report=report)
+    offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+    np.cumsum([len(ids) for ids, _ in examples], out=offsets[1:])
+    return SFTDataset(ids=np.concatenate([ids for ids, _ in examples]),
+                      assistant=np.concatenate([mask for _, mask in examples]),
+                      offsets=offsets, seq_length=seq_length, pad_id=tokenizer.pad_id,
+                      report=report)
 
 
 def _encode_line(raw: bytes, first: bool, tokenizer: Tokenizer) -> Tuple[List[int], List[int]]:

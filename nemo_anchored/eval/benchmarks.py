@@ -218,9 +218,10 @@ def evaluate_tasks(tasks: Sequence[str], lm, tokenizer, settings: EvalSettings,
 
 
 def evaluate_checkpoint(checkpoint, config, tasks: Sequence[str], settings: EvalSettings, *,
-                        batch_size: int = 16, log=print) -> dict:
-    """Build the run's model at TP=1, load ``checkpoint``'s policy weights and evaluate
-    ``tasks``; the tokenizer is the run's data.tokenizer. One process only."""
+                        overrides: Sequence[str] = (), batch_size: int = 16, log=print) -> dict:
+    """Build the model of ``config`` (a run's config.yaml, a recipe or a conversion's
+    model.yaml, with ``key=value`` ``overrides``) at TP=1, load ``checkpoint``'s policy weights
+    and evaluate ``tasks``; the tokenizer is the config's data.tokenizer. One process only."""
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise UserError("nemo-anchored eval runs in one process (TP=1, PP=1); do not start it "
                          "under torchrun")
@@ -231,9 +232,10 @@ def evaluate_checkpoint(checkpoint, config, tasks: Sequence[str], settings: Eval
     from nemo_anchored.parallel.distributed import model_parallel
 
     # The run may have trained at any layout; evaluation builds the same model unsharded.
-    cfg = load_config(config, ["parallelism.tensor_model_parallel_size=1",
+    cfg = load_config(config, [*overrides, "parallelism.tensor_model_parallel_size=1",
                                "parallelism.pipeline_model_parallel_size=1",
-                               "parallelism.sequence_parallel=false"], check_paths=False)
+                               "parallelism.sequence_parallel=false"], check_paths=False,
+                      training=False)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"{config}: model.vocab_size {cfg.model.vocab_size} is smaller than "

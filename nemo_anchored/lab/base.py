@@ -59,6 +59,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_digests(checkpoint: Path) -> dict:
+    """SHA-256 of every file directly in a checkpoint directory, by name."""
+    return {p.name: _sha256(p) for p in sorted(Path(checkpoint).iterdir()) if p.is_file()}
+
+
 def verified_committed_base(folder: Path, fingerprint: dict) -> Optional[Path]:
     """The committed checkpoint when it was made with ``fingerprint``'s settings (None when not);
     CommittedBaseError when a file is missing or its checksum differs."""
@@ -85,6 +90,6 @@ def write_committed_base(folder: Path, final_checkpoint: Path, fingerprint: dict
     (folder / "base.json").unlink(missing_ok=True)
     checkpoint = copy_tree(final_checkpoint, folder / "checkpoint")
     record = {"command": REGENERATE, "fingerprint": fingerprint, "base_scores": scores,
-              "sha256": {p.name: _sha256(p) for p in sorted(checkpoint.iterdir())}}
+              "sha256": file_digests(checkpoint)}
     write_text(folder / "base.json", json.dumps(record, indent=1) + "\n")
     return checkpoint

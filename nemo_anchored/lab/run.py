@@ -6,13 +6,17 @@
                   on the general mix (method=sft) and use that run's final checkpoint
     3. per seed   the SFT reference (sft at the reference lr on the domain data), then every
                   method x lr from p_base with the same data budget (epochs over D); kl_sft
-                  and anchored use that seed's reference
+                  and anchored use that seed's reference. Plan entries that are the same
+                  training (lab/records.py: the reference and sft at its lr; sft and low_sft
+                  at a shared lr) run once, and each finished training's scores are recorded
+                  as it ends, so the same command run again continues where it stopped
     4. evaluate   greedy exact match on the held-out domain and general sets and KL(model ||
                   p_base) on the general set, every final model (anchored: also after every
                   outer iteration)
     5. report     OUT/results.json (with the summary of lab/summary.py: each method at matched
-                  domain accuracy), OUT/pareto.png, OUT/results.md (the Markdown tables of
-                  lab/report.py, also printed), a progress bar over the runs while it trains
+                  domain accuracy, how close each verdict is), OUT/pareto.png and .pdf,
+                  OUT/results.md (the Markdown tables of lab/report.py, also printed), a
+                  progress bar over the runs while it trains
 
 Everything runs in one process (one process group; megatron's groups are rebuilt per run),
 through the project's own Trainer; `nemo-anchored lab` (cli/lab.py) runs it.
@@ -26,15 +30,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 from nemo_anchored.atomic import write_text
 from nemo_anchored.data.builders import write_jsonl
-from nemo_anchored.lab.base import (REGENERATE, pretrain_fingerprint, verified_committed_base,
-                                    write_committed_base)
-from nemo_anchored.lab.report import anchored_trace_table, markdown_table, plot_pareto
+from nemo_anchored.lab.base import (REGENERATE, file_digests, pretrain_fingerprint,
+                                    verified_committed_base, write_committed_base)
+from nemo_anchored.lab.records import (RUN_RECORD, check_settings, read_run, training_identity,
+                                       write_run)
+from nemo_anchored.lab.report import (anchored_trace_table, markdown_table, plot_pareto,
+                                      verdict_lines)
 from nemo_anchored.lab.settings import COMMITTED_BASE, METHOD_OVERRIDES, RECIPE, LabSettings
-from nemo_anchored.lab.summary import MATCH_FRACTION, summarize
+from nemo_anchored.lab.summary import MATCH_FRACTION, SPREAD, summarize
 from nemo_anchored.lab.tasks import GENERAL_TASKS, make_splits
 
 
@@ -62,6 +69,27 @@ def kl_to_reference(model, batch: dict, reference_logprobs) -> float:
     return mean_kl(response_logprobs(model, batch), reference_logprobs, batch["loss_mask"])
 
 
+def _complete(checkpoint: Path) -> bool:
+    from nemo_anchored.checkpoint.format import CheckpointError, read_marker
+
+    try:
+        read_marker(checkpoint)
+    except CheckpointError:
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class Training:
+    """One Trainer run of the lab."""
+
+    name: str  # its run directory under OUT/runs, e.g. "seed1000/sft_lr0.001"
+    overrides: List[str]
+    seed: int
+    identity: dict  # records.training_identity of its config
+    evaluate: bool = True
+
+
 class Lab:
     def __init__(self, out: Path, settings: LabSettings, recipe: Path = RECIPE,
                  log=print, committed_base: Optional[Path] = COMMITTED_BASE):
@@ -70,14 +98,22 @@ class Lab:
         self.committed_base = committed_base
         self.failed: List[dict] = []
         self.timings: Dict[str, float] = {}
+        self.records: Dict[str, dict] = {}  # by training name, once finished or read back
+        self.trained: Set[str] = set()  # the trainings run by this process
         self.progress = None
 
-    def _overrides(self, run_dir: Path, train_path: Path, seed: int, lr: float,
-                   extra: Sequence[str]) -> List[str]:
-        return [*self.s.model_overrides, f"logging.dir={run_dir}", f"data.train_path={train_path}",
-                f"trainer.seed={seed}", f"optim.lr={lr}", "logging.progress=false",
-                "logging.tensorboard=false", "logging.diagnostics_every=0",
-                "checkpoint.save_every=0", "checkpoint.resume=none", *extra]
+    def _training(self, name: str, train_path: Path, seed: int, lr: float,
+                  extra: Sequence[str], evaluate: bool = True) -> Training:
+        from nemo_anchored.config import load_config
+
+        overrides = [*self.s.model_overrides, f"logging.dir={self.out / 'runs' / name}",
+                     f"data.train_path={train_path}", f"trainer.seed={seed}", f"optim.lr={lr}",
+                     "logging.progress=false", "logging.tensorboard=false",
+                     "logging.diagnostics_every=0", "checkpoint.save_every=0",
+                     "checkpoint.resume=none", *extra]
+        # check_paths=False: the plan names references that are trained later.
+        cfg = load_config(self.recipe, overrides, check_paths=False)
+        return Training(name, overrides, seed, training_identity(cfg), evaluate)
 
     def _say(self, message: str) -> None:
         if self.progress is not None:
@@ -85,33 +121,53 @@ class Lab:
         else:
             self.log(message)
 
-    def _train(self, name: str, overrides: Sequence[str], seed: int, evaluate: bool = True):
-        """One Trainer run in its own model-parallel scope; returns (final path, scores) or
-        (None, None) when the run fails (recorded in self.failed). Anchored runs also score
-        the checkpoint of every outer iteration (scores["trace"])."""
+    def _result(self, training: Training) -> dict:
+        """The record of ``training``: read back when an earlier lab in OUT finished it (its
+        final checkpoint still complete, unless it failed), else trained now and recorded."""
+        if training.name not in self.records:
+            run_dir = self.out / "runs" / training.name
+            record = read_run(run_dir, training.identity)
+            if record is not None and "failed" not in record and \
+                    not _complete(run_dir / "final"):
+                record = None
+            if record is None:
+                shutil.rmtree(run_dir, ignore_errors=True)  # what a killed attempt left
+                record = write_run(run_dir, training.identity, self._train(training))
+                self.trained.add(training.name)
+            self.records[training.name] = record
+            self.timings[training.name] = record["time_s"]
+            if "failed" in record:
+                self.failed.append({"run": training.name, "error": record["failed"]})
+            if self.progress is not None:
+                self.progress.update()
+        return self.records[training.name]
+
+    def _train(self, training: Training) -> dict:
+        """One Trainer run in its own model-parallel scope: {"scores", "time_s"}, or {"failed":
+        the error's first line, "time_s"}. Anchored runs also score the checkpoint of every
+        outer iteration (scores["trace"])."""
         from nemo_anchored.checkpoint.sharded import load_model_weights
         from nemo_anchored.config import ConfigError, load_config
         from nemo_anchored.parallel.distributed import model_parallel
         from nemo_anchored.training.trainer import Trainer
 
-        cfg = load_config(self.recipe, list(overrides))
+        cfg = load_config(self.recipe, training.overrides)
         start = time.perf_counter()
         run_dir = Path(cfg.logging.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.progress is not None:
-            self.progress.set_description(name)
+            self.progress.set_description(training.name)
         # The Trainer prints its resolved config and messages: into the run's train.log.
-        with open(run_dir / "train.log", "w") as stream, \
-                contextlib.redirect_stdout(stream), model_parallel(1, 1, seed=seed) as ctx:
+        with open(run_dir / "train.log", "w") as stream, contextlib.redirect_stdout(stream), \
+                model_parallel(1, 1, seed=training.seed) as ctx:
             try:
                 trainer = Trainer(cfg, ctx)
-                final = trainer.fit()
+                trainer.fit()
             except (ConfigError, FloatingPointError) as error:
-                self.failed.append({"run": name, "error": str(error).splitlines()[0]})
-                self._say(f"  {name}: FAILED ({str(error).splitlines()[0]})")
-                return None, None
+                return {"failed": str(error).splitlines()[0],
+                        "time_s": time.perf_counter() - start}
             scores = None
-            if evaluate:
+            if training.evaluate:
                 policy = trainer.stack.policy
                 scores = self._evaluate(policy)  # the policy holds the final weights
                 if cfg.method == "anchored":
@@ -128,11 +184,7 @@ class Lab:
                     scores["trace"] = trace
         if not self.s.keep_checkpoints:
             shutil.rmtree(Path(cfg.checkpoint.dir), ignore_errors=True)
-        self.timings[name] = time.perf_counter() - start
-        if self.progress is not None:
-            self.progress.update()
-        return final, scores
-
+        return {"scores": scores, "time_s": time.perf_counter() - start}
     @contextlib.contextmanager
     def _checkpoint_model(self, path: Path):
         """The lab's model with the weights of the checkpoint at ``path``, in its own
@@ -171,16 +223,31 @@ class Lab:
             self.base_logprobs = response_logprobs(model, self.general_eval_batch)
             return self._evaluate(model)
 
-    def _plan(self) -> List[tuple]:
-        """(seed, method, lr) of every fine-tuning run, in order; per seed the SFT reference
-        first (it is also the sft point at reference_lr)."""
-        s, plan = self.s, []
-        for seed in (1000 + i for i in range(s.seeds)):
-            plan.append((seed, "sft", float(s.reference_lr)))
-            for method in s.methods:
-                for lr in (s.low_lrs if method == "low_sft" else s.lrs):
-                    if (method, float(lr)) != ("sft", float(s.reference_lr)):
-                        plan.append((seed, method, float(lr)))
+    def _seeds(self) -> List[int]:
+        return [1000 + i for i in range(self.s.seeds)]
+
+    def _plan(self, base_final: Path, paths: dict) -> List[tuple]:
+        """(seed, method, lr, Training) of every fine-tuning point, in order; per seed the SFT
+        reference first (it is also the sft point at reference_lr). Points whose trainings have
+        equal identities (lab/records.py) share one Training, the first one planned."""
+        s, plan, trainings = self.s, [], {}
+        for seed in self._seeds():
+            reference = self.out / "runs" / f"seed{seed}" / f"sft_lr{s.reference_lr:g}" / "final"
+            points = [("sft", float(s.reference_lr))] + [
+                (method, float(lr)) for method in s.methods
+                for lr in (s.low_lrs if method == "low_sft" else s.lrs)]
+            for method, lr in dict.fromkeys(points):  # the reference's sft point once
+                extra = [f"model.base_checkpoint={base_final}", f"trainer.epochs={s.epochs}",
+                         f"anchor.alpha={s.alpha}", f"anchor.outer_iterations={s.outer_iterations}",
+                         f"anchor.inner_epochs={s.inner_epochs}",
+                         f"baselines.kl_lambda={s.kl_lambda}",
+                         f"baselines.stm_threshold={s.stm_threshold}", *METHOD_OVERRIDES[method]]
+                if method == "kl_sft" or method.startswith("anchored"):
+                    extra.append(f"model.reference_checkpoint={reference}")
+                training = self._training(f"seed{seed}/{method}_lr{lr:g}",
+                                          paths["domain", "train"], seed, lr, extra)
+                key = json.dumps(training.identity, sort_keys=True)
+                plan.append((seed, method, lr, trainings.setdefault(key, training)))
         return plan
 
     def _find_base(self) -> Optional[Path]:
@@ -201,13 +268,14 @@ class Lab:
         s = self.s
         self.log(f"lab: pretraining p_base on {s.general_train} general examples "
                  f"({s.pretrain_epochs} epochs, lr {s.pretrain_lr:g})")
-        final, _ = self._train("pretrain", self._overrides(
-            self.out / "runs" / "pretrain", paths["general", "train"], 1234, s.pretrain_lr,
+        training = self._training(
+            "pretrain", paths["general", "train"], 1234, s.pretrain_lr,
             ["method=sft", f"trainer.epochs={s.pretrain_epochs}", "optim.decay_style=cosine",
-             f"optim.warmup_steps={s.pretrain_warmup_steps}"]), seed=1234, evaluate=False)
-        if final is None:
-            raise RuntimeError(f"pretraining the base failed: {self.failed[-1]['error']}")
-        return final
+             f"optim.warmup_steps={s.pretrain_warmup_steps}"], evaluate=False)
+        record = self._result(training)
+        if "failed" in record:
+            raise RuntimeError(f"pretraining the base failed: {record['failed']}")
+        return self.out / "runs" / training.name / "final"
 
     def _prepare(self) -> dict:
         """Writes the task data; returns the JSONL paths by (kind, split)."""
@@ -232,12 +300,31 @@ class Lab:
         return paths
 
     def run(self) -> dict:
+        """The whole lab; in an OUT that holds an unfinished (or finished) lab with the same
+        settings, it continues from the recorded trainings (lab/records.py)."""
+        from nemo_anchored.training.run_lock import RunLock
+
+        lock = RunLock(self.out)  # one lab per OUT: two would train into the same run dirs
+        note = lock.acquire()
+        try:
+            if note:
+                self.log(f"lab: {note}")
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict:
         from tqdm import tqdm
 
         s, out = self.s, self.out
         t0 = time.perf_counter()
-        paths = self._prepare()
         base_final = self._find_base()
+        check_settings(out, {
+            "settings": {k: v for k, v in dataclasses.asdict(s).items()
+                         if k != "keep_checkpoints"},
+            "base": {"checkpoint": "pretrained in OUT/runs/pretrain"} if base_final is None
+            else {"checkpoint": str(base_final), "sha256": file_digests(base_final)}})
+        paths = self._prepare()
         if base_final is None:
             base_final = self.pretrain(paths)
         else:
@@ -248,36 +335,38 @@ class Lab:
 
         points: List[dict] = []
         details: List[dict] = []
-        references: Dict[int, Path] = {}
-        plan = self._plan()
-        self.progress = tqdm(total=len(plan), unit="run", dynamic_ncols=True)
+        plan = self._plan(base_final, paths)
+        trainings = list({id(t): t for *_, t in plan}.values())
+        references = {}  # per seed its first training: the SFT reference
+        for seed, *_, training in plan:
+            references.setdefault(seed, training)
+        done = sum((out / "runs" / t.name / RUN_RECORD).is_file() for t in trainings)
+        if done:
+            self.log(f"lab: continuing in {out}: {done} of {len(trainings)} trainings "
+                     "recorded by an earlier run")
+        self.progress = tqdm(total=len(trainings), unit="run", dynamic_ncols=True)
         try:
-            for seed, method, lr in plan:
-                seed_dir = out / "runs" / f"seed{seed}"
+            for seed, method, lr, training in plan:
                 name = f"seed{seed}/{method}_lr{lr:g}"
-                extra = [f"model.base_checkpoint={base_final}", f"trainer.epochs={s.epochs}",
-                         f"anchor.alpha={s.alpha}", f"anchor.outer_iterations={s.outer_iterations}",
-                         f"anchor.inner_epochs={s.inner_epochs}",
-                         f"baselines.kl_lambda={s.kl_lambda}",
-                         f"baselines.stm_threshold={s.stm_threshold}", *METHOD_OVERRIDES[method]]
-                if method == "kl_sft" or method.startswith("anchored"):
-                    extra.append(f"model.reference_checkpoint={references[seed]}")
-                final, scores = self._train(name, self._overrides(
-                    seed_dir / f"{method}_lr{lr:g}", paths["domain", "train"], seed, lr, extra),
-                    seed=seed)
-                if seed not in references:  # the plan starts every seed with its reference
-                    if final is None:
-                        raise RuntimeError(f"the SFT reference failed: {self.failed[-1]['error']}")
-                    references[seed] = final
-                if scores is None:
+                shared = training.name in self.records
+                record = self._result(training)
+                if "failed" in record:
+                    if training is references[seed]:
+                        raise RuntimeError(f"the SFT reference failed: {record['failed']}")
+                    self._say(f"  {name}: FAILED ({record['failed']})")
                     continue
+                scores = record["scores"]
                 points.append({"method": method, "lr": lr, "seed": seed,
                                "domain": scores["domain"], "general": scores["general"]})
-                details.append({**points[-1], **{k: v for k, v in scores.items()
-                                                 if k not in ("domain", "general")}})
+                details.append({**points[-1], "run": training.name,
+                                **{k: v for k, v in scores.items()
+                                   if k not in ("domain", "general")}})
+                how = (f"the training of {training.name}" if shared
+                       else f"{record['time_s']:.1f} s" if training.name in self.trained
+                       else "recorded earlier")
                 self._say(f"  {name}: domain {scores['domain']:.3f}, general "
                           f"{scores['general']:.3f}, KL to base "
-                          f"{scores['kl_to_base_general']:.3f}  ({self.timings[name]:.1f} s)")
+                          f"{scores['kl_to_base_general']:.3f}  ({how})")
         finally:
             self.progress.close()
             self.progress = None
@@ -289,6 +378,7 @@ class Lab:
             "sweep": summary["sweep"],
             "matched_domain_threshold": summary["matched_domain_threshold"],
             "best_sft_domain": summary["best_sft_domain"],
+            "verdicts": summary["verdicts"],
             "base": base,
             "failed_runs": self.failed,
             "point_details": details,
@@ -296,13 +386,15 @@ class Lab:
         }
         write_text(out / "results.json", json.dumps(results, indent=1))
         plot_pareto(out / "pareto.png", points, summary)
-        table = markdown_table(summary) + "\n\n" + anchored_trace_table(details)
+        table = "\n\n".join([markdown_table(summary), verdict_lines(summary),
+                              anchored_trace_table(details)])
         write_text(out / "results.md", table + "\n")
         self.log("")
         self.log(table)
-        self.log(f"\nlab: {len(points)} points from {len(self.timings)} trainings (each seed's "
-                 f"SFT reference is also its sft point at lr {s.reference_lr:g}), wall "
-                 f"{wall:.0f} s; {out / 'results.json'}, {out / 'pareto.png'}")
+        self.log(f"\nlab: {len(points)} points from {len(trainings)} fine-tuning trainings "
+                 f"(each seed's SFT reference is also its sft point at lr {s.reference_lr:g}; "
+                 f"points with the same training config share one), wall {wall:.0f} s; "
+                 f"{out / 'results.json'}, {out / 'pareto.png'} (and .pdf)")
         return results
 
     def _config_record(self, wall: float, base_final: Path) -> dict:
@@ -312,12 +404,15 @@ class Lab:
                                                  "low_lrs": list(s.low_lrs),
                                                  "model_overrides": list(s.model_overrides)},
             "recipe": str(self.recipe),
-            "seeds": [1000 + i for i in range(s.seeds)],
+            "seeds": self._seeds(),
             "data_budget": f"{s.epochs} epochs over D for every method; anchored: "
                            f"T={s.outer_iterations} outer x K={s.inner_epochs} inner epochs",
             "reference": f"per seed: sft at lr {s.reference_lr:g}, {s.epochs} epochs from the "
                          "base; reused as the sft point at that lr and seed. kl_sft and "
                          "anchored_* also depend on it (their compute includes it)",
+            "shared_trainings": "points whose resolved training configs are equal (sft and "
+                                "low_sft at a shared lr: the same objective) come from one "
+                                "training, named in point_details[].run",
             "base": f"{base_final}: pretrained once (trainer.seed 1234, cosine lr, warm-up) "
                     "on the general training mix from random init (assets/lab_base: committed, "
                     f"regenerated by `{REGENERATE}`); the same base for every seed",
@@ -329,6 +424,7 @@ class Lab:
             "matched_rule": f"per method, among lrs whose seed-mean domain >= {MATCH_FRACTION} x "
                             "the best seed-mean sft domain: the best seed-mean general (null "
                             "when none qualifies); stds are sample stds over seeds",
+            "verdicts": SPREAD,
             "wall_time_s": wall,
             "run_time_s": self.timings,
         }

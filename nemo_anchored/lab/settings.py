@@ -6,8 +6,10 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
+from nemo_anchored.config import SHIPPED_RECIPES
+
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "recipes" / "lab_tiny.yaml"
+RECIPE = SHIPPED_RECIPES / "lab_tiny.yaml"
 COMMITTED_BASE = ROOT / "assets" / "lab_base"
 SUMMARY_METHODS = ("base", "sft", "low_sft", "kl_sft", "dft", "stm", "anchored_logit",
                    "anchored_prob", "anchored_live")

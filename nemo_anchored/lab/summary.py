@@ -5,15 +5,25 @@ The matched-domain rule: among a method's learning rates whose seed-mean domain 
 at least MATCH_FRACTION (90%) of the best seed-mean SFT domain accuracy, the one with the best
 seed-mean general accuracy (``matched_point``). A method with no such learning rate gets null
 scores and a note, never a made-up number.
+
+Each verdict comes with how close it is (``verdicts``): whether a method reaches the matched
+domain accuracy (its seed-mean domain against the bar), and for one that does, its general
+accuracy there against SFT's. The margin is the difference of the two seed means; the spread
+is sqrt(s1^2 + s2^2) of their sample stds over the seeds, the std of the difference between two
+independent runs; a margin smaller than the spread is within the seed noise. The bar's std is
+MATCH_FRACTION x the std of SFT's best-domain point.
 """
 from __future__ import annotations
 
+import math
 import statistics
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from nemo_anchored.lab.settings import LAB_METHODS
 
 MATCH_FRACTION = 0.9
+SPREAD = ("margin: the difference of the two seed means compared; spread: sqrt(s1^2 + s2^2) of "
+          "their sample stds over the seeds; within noise: |margin| < spread")
 
 
 def mean_std(values: Sequence[float]) -> tuple:
@@ -58,7 +68,8 @@ def matched_point(rows: Sequence[dict], threshold: float) -> dict:
 
 
 def summarize(points: Sequence[dict], base: dict) -> dict:
-    """results.json's "methods", "sweep" and "matched_domain_threshold" from the run points."""
+    """results.json's "methods", "sweep", "matched_domain_threshold" and "verdicts" from the
+    run points."""
     sweep = sweep_table(points)
     sft_rows = sweep.get("sft", [])
     if not sft_rows:
@@ -72,7 +83,47 @@ def summarize(points: Sequence[dict], base: dict) -> dict:
         if method in sweep:
             methods[method] = matched_point(sweep[method], threshold)
     return {"methods": methods, "sweep": sweep, "best_sft_domain": best_sft,
-            "matched_domain_threshold": threshold}
+            "matched_domain_threshold": threshold,
+            "verdicts": verdicts(sweep, methods, threshold)}
+
+
+def _verdict(method: str, verdict: str, row: dict, key: str, against_name: str,
+             against: float, against_std: float, seeds: int) -> dict:
+    margin = row[key] - against
+    spread = math.hypot(row[f"{key}_std"], against_std)
+    return {"method": method, "verdict": verdict, "lr": row["lr"], "value": row[key],
+            "value_std": row[f"{key}_std"], "against_name": against_name, "against": against,
+            "against_std": against_std, "margin": margin, "spread": spread, "seeds": seeds,
+            "within_noise": None if seeds < 2 else abs(margin) < spread}
+
+
+def verdicts(sweep: Dict[str, List[dict]], methods: Dict[str, dict],
+             threshold: float) -> List[dict]:
+    """Per method besides sft: its domain accuracy against the matched-domain bar (at the
+    matched lr, or at its best-domain lr when it misses), and when it reaches the bar its
+    general accuracy against SFT's there; each with margin, spread and seeds (module doc).
+    ``within_noise`` is None with a single seed (no spread)."""
+    sft_best = max(sweep["sft"], key=lambda r: r["domain"])
+    sft_at = _row(sweep["sft"], methods["sft"]["lr"])
+    found = []
+    for method, rows in sweep.items():
+        if method == "sft":
+            continue
+        matched = _row(rows, methods[method]["lr"])
+        row = matched or max(rows, key=lambda r: r["domain"])
+        seeds = min(row["seeds"], sft_best["seeds"])
+        found.append(_verdict(method, "reaches the matched domain" if matched else
+                              "misses the matched domain", row, "domain", "bar", threshold,
+                              MATCH_FRACTION * sft_best["domain_std"], seeds))
+        if matched:
+            found.append(_verdict(method, "general vs sft at matched domain", row, "general",
+                                  "sft", sft_at["general"], sft_at["general_std"],
+                                  min(row["seeds"], sft_at["seeds"])))
+    return found
+
+
+def _row(rows: Sequence[dict], lr: Optional[float]) -> Optional[dict]:
+    return next((r for r in rows if lr is not None and r["lr"] == lr), None)
 
 
 def pareto_frontier(rows: Sequence[dict]) -> List[dict]:

@@ -8,9 +8,17 @@ layer and the head are read from the checkpoint one at a time (torch.distributed
 reads just that slice of megatron's layer-stacked tensors) and each shard file is written as
 soon as its tensors are complete. Padded vocabulary rows are cut. It writes ``HF_DIR.tmp`` and
 renames it (``atomic.staged_directory``).
+
+The folder loads in transformers 4.5x as in 5.x (evaluation and serving stacks pin either):
+config.json also carries the pre-5 RoPE keys, and the tokenizer class transformers 5 writes,
+``TokenizersBackend``, is named ``PreTrainedTokenizerFast`` (both versions load that name from
+tokenizer.json). Every file gets the mode a new file gets under the process's umask (0644 under
+the usual 022): safetensors writes its files owner-only, which a serving job running as another
+user of the group could not read, and a umask of 077 still keeps the export private.
 """
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +31,7 @@ from nemo_anchored.atomic import staged_directory
 from nemo_anchored.checkpoint.format import read_marker, verify_files
 from nemo_anchored.config import GPTConfig
 from nemo_anchored.models.gpt import TORCH_DTYPES
+from nemo_anchored.models.hf_import import _add_legacy_rope_keys as add_legacy_rope_keys
 from nemo_anchored.models.hf_layout import (HF_SUBDIR, TOKENIZER_SUBDIR, ConversionError,
                                             TensorMap, check_finite, fuse, gpt_config_from_hf,
                                             hf_shapes, load_hf_config, split, tensor_maps)
@@ -205,8 +214,35 @@ def convert_mcore_to_hf(checkpoint, base, out, *, max_shard_size="5GB",
         config = json.loads((hf_dir / "config.json").read_text())
         config["dtype" if "dtype" in config else "torch_dtype"] = str(out_dtype).split(".")[-1]
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        add_legacy_rope_keys(staging / "config.json")
         if (hf_dir / "generation_config.json").is_file():
             shutil.copy2(hf_dir / "generation_config.json", staging)
         for file in tokenizer_dir.iterdir():
             shutil.copy2(file, staging / file.name)
+        _name_tokenizer_class_for_every_version(staging / "tokenizer_config.json")
+        _set_file_modes(staging)
     return out
+
+
+# transformers 5's name for the generic tokenizer backed by tokenizer.json; 4.x has no such
+# class and refuses the folder, while both versions load PreTrainedTokenizerFast from it.
+_TOKENIZER_CLASS_RENAMES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _name_tokenizer_class_for_every_version(path: Path) -> None:
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    name = config.get("tokenizer_class")
+    if name in _TOKENIZER_CLASS_RENAMES:
+        config["tokenizer_class"] = _TOKENIZER_CLASS_RENAMES[name]
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _set_file_modes(folder: Path) -> None:
+    """The mode open() would give a new file under the current umask, for every file in
+    ``folder`` (safetensors creates its files 0600; copies keep their source's mode)."""
+    umask = os.umask(0o022)  # reading the umask means setting it: restored at once
+    os.umask(umask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)

@@ -231,14 +231,15 @@ def _save_hf_side(hf_path: Path, gguf_file: Optional[str], hf_config, tokenizer,
 
 
 def model_yaml(cfg: GPTConfig, base_checkpoint: Path) -> str:
-    """The ``model:`` section of a recipe for the converted model."""
+    """The ``model:`` section and ``data.tokenizer`` of a recipe for the converted model; also
+    a config `nemo-anchored eval --config` takes as it is."""
     import yaml
 
     section = {**asdict(cfg), "base_checkpoint": str(base_checkpoint)}
-    header = ("# The model section for a nemo-anchored recipe (written by `nemo-anchored "
-              "convert hf-to-mcore`).\n"
-              f"# Its tokenizer: data.tokenizer={base_checkpoint / TOKENIZER_SUBDIR}\n")
-    return header + yaml.safe_dump({"model": section}, sort_keys=False)
+    header = ("# The model section and tokenizer for a nemo-anchored recipe (written by "
+              "`nemo-anchored convert hf-to-mcore`).\n")
+    return header + yaml.safe_dump({"model": section, "data": {
+        "tokenizer": str(base_checkpoint / TOKENIZER_SUBDIR)}}, sort_keys=False)
 
 
 def _remove(*paths: Path) -> None:

@@ -5,6 +5,10 @@ MASTER_ADDR, MASTER_PORT). Without torchrun a single process joins a world of si
 and tests run the same code path unlaunched. The backend is NCCL when CUDA is available and gloo
 otherwise. ``init_process_group`` is where ``megatron_compat.install()`` is called, before
 anything is built with megatron-core.
+
+Every group gets the same collective timeout: a rank that waits longer than that for a peer (a
+dead or hung node, whose connections may stay open) gets an error instead of a hang, which
+``peer_failure`` tells apart from other errors.
 """
 
 import contextlib
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nemo_anchored.parallel import megatron_compat
+from nemo_anchored.parallel import megatron_compat, vector_math
 
 
 @dataclass(frozen=True)
@@ -36,14 +40,14 @@ class ParallelContext:
     dp_size: int
 
 
-def init_process_group(timeout_minutes: int = 30) -> None:
+def init_process_group(timeout_s: float = 1800.0) -> None:
     """Initialise torch.distributed from torchrun's environment, or as a world of one process."""
     megatron_compat.install()
     if dist.is_initialized():
         return
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
-    timeout = timedelta(minutes=timeout_minutes)
+    timeout = timedelta(seconds=timeout_s)
     if "WORLD_SIZE" in os.environ:
         if use_cuda:
             # NCCL binds a communicator to the current device: select it before the rendezvous.
@@ -63,14 +67,15 @@ def init_model_parallel(
     pipeline_parallel_size: int = 1,
     *,
     seed: Optional[int] = None,
-    timeout_minutes: int = 30,
+    timeout_s: float = 1800.0,
 ) -> ParallelContext:
     """Initialise torch.distributed (if needed) and megatron's TP x PP x DP process groups.
 
     The data-parallel size is whatever remains of the world size. With ``seed`` the RNGs are
-    seeded as well (see ``set_seed``).
+    seeded as well (see ``set_seed``). ``timeout_s`` bounds every collective's wait for a peer.
     """
-    init_process_group(timeout_minutes)
+    init_process_group(timeout_s)
+    vector_math.settle()
     from megatron.core import parallel_state
 
     world_size = dist.get_world_size()
@@ -82,11 +87,30 @@ def init_model_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=timeout_s / 60,  # megatron: timedelta(minutes=...)
     )
     if seed is not None:
         set_seed(seed)
     return current_context()
+
+
+def peer_failure(error: BaseException) -> Optional[str]:
+    """What ``error`` says about a peer that died or stopped answering, in one line; None when
+    it is no such failure of a collective.
+
+    NCCL and the stores raise ``DistError``; gloo raises a plain RuntimeError whose text starts
+    with its transport's source location (``[.../gloo/transport/tcp/pair.cc:537] Read error
+    [10.0.0.2]:6056: Connection reset by peer. ...``), kept here without the location and the
+    advice that follows.
+    """
+    text = str(error).strip()
+    if not isinstance(error, dist.DistError) and not (
+            isinstance(error, RuntimeError) and "gloo/transport/" in text):
+        return None
+    first = text.splitlines()[0] if text else type(error).__name__
+    if first.startswith("[") and "] " in first:
+        first = first.split("] ", 1)[1]
+    return first.split(". ", 1)[0]
 
 
 def current_context() -> ParallelContext:

@@ -1,6 +1,6 @@
 """Every global patch this project makes to megatron-core (0.16.x to 0.19.x), in one place.
 
-Two entry points, each called from exactly one place:
+Three entry points, each called from exactly one place:
 
 - ``register_import_stand_ins()``, from ``nemo_anchored/__init__.py``: the one patch that must
   precede ``import megatron``. megatron-core 0.19 imports a Triton kernel module while importing
@@ -23,6 +23,10 @@ Two entry points, each called from exactly one place:
   * **torch's Adam under megatron's distributed optimizer** (neither Apex nor Transformer Engine
     installed, CPU or GPU): loading its state fails as shipped; see
     ``_keep_a_step_per_parameter`` and ``prepare_optimizer_for_load``.
+
+- ``filter_irrelevant_warnings()``, from the command line's ``main``: hides the warnings
+  megatron-core prints on every run that say nothing about this project's runs (see there).
+  Only for the command line: a library does not change its importer's warning filters.
 
 Not global: ``prepare_optimizer_for_load``, which ``nemo_anchored.checkpoint.sharded`` applies to
 each optimizer a checkpoint is loaded into (SGD; torch Adam under the distributed optimizer).
@@ -55,6 +59,34 @@ def install() -> List[str]:
             _keep_a_step_per_parameter()
             _installed.append("distributed_optimizer_step")
     return list(_installed)
+
+
+# (category, message regex) of warnings raised from megatron.core, or from torch functions
+# megatron calls through this module's CUDA-to-CPU mode (which then shows as their caller);
+# each matched by message and module, so every other warning, of megatron's or anyone's, shows.
+_IRRELEVANT_WARNINGS = (
+    # On importing megatron.core.optimizer and the FSDP mixed-precision helpers, and building
+    # a layer spec. This project uses megatron's local layers and torch's optimizers by design
+    # (Transformer Engine and Apex are optional: README), so the fallback is the intended path.
+    (UserWarning, r"Transformer Engine and Apex are not installed\. Falling back to "),
+    (UserWarning, r"Apex is not installed\. Falling back to Torch Norm"),
+    # TransformerConfig's own default (cuda_graph_scope="full") trips its own deprecation
+    # warning for every model built; this project uses no CUDA graphs.
+    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_scope"),
+    # On every checkpoint load: torch deprecations of the APIs megatron's distributed
+    # checkpointing uses; megatron's to migrate, nothing a user can act on.
+    (FutureWarning, r"`load_state_dict` is deprecated and will be removed"),
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
+)
+
+
+def filter_irrelevant_warnings() -> None:
+    """Ignore the warnings in ``_IRRELEVANT_WARNINGS``."""
+    import warnings
+
+    for category, message in _IRRELEVANT_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category,
+                                module=rf"megatron\.core(\.|$)|{__name__}$")
 
 
 def register_import_stand_ins() -> None:

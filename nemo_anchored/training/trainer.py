@@ -19,6 +19,11 @@ events of a step are logged before that step's checkpoint is saved (its own "che
 right after), so that a run resumed from it neither repeats nor loses one. One run per run
 directory: rank 0 holds RUN_DIR/.lock (training/run_lock.py) from before the first write to the
 end, and a resume checks what it continues from (training/resume.py).
+
+From outside, a run ends in two more ways (docs/design/cluster.md): SIGTERM or SIGUSR1 to any
+rank saves a checkpoint at the next step boundary and exits 0 (training/preemption.py); a peer
+that dies or stops answering for parallelism.collective_timeout_s turns into a one-line
+``PeerLost`` on every rank that waits for it. Either way the same command resumes.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,18 +45,20 @@ from omegaconf import OmegaConf
 from nemo_anchored.atomic import write_text
 from nemo_anchored.checkpoint.sharded import load_checkpoint, load_model_weights, save_checkpoint
 from nemo_anchored.config import ConfigError, GPTConfig
-from nemo_anchored.data import BatchOrder, build_tokenizer, load_sft_dataset
+from nemo_anchored.data import BatchOrder, build_tokenizer, cached_sft_dataset
 from nemo_anchored.errors import UserError
 from nemo_anchored.models.co_resident import CoResidentModels
 from nemo_anchored.models.gpt import build_gpt_model
 from nemo_anchored.ops import fused_available
-from nemo_anchored.parallel.distributed import ParallelContext
+from nemo_anchored.parallel.distributed import ParallelContext, peer_failure
 from nemo_anchored.parallel.schedule import forward_backward, wrap_for_training
 from nemo_anchored.training.guards import TrainingDiverged, any_non_finite, gradients
 from nemo_anchored.training.methods import MethodLoss
 from nemo_anchored.training.metrics import MetricsLogger
+from nemo_anchored.training.preemption import Preempted, PreemptionSignals
 from nemo_anchored.training.resume import resume_point, settings_of
 from nemo_anchored.training.run_lock import RunLock
+from nemo_anchored.training.validation import Validation, split_off_validation
 
 @dataclasses.dataclass
 class Position:
@@ -62,9 +69,16 @@ class Position:
     inner_step: int = 0  # anchored: steps taken in this outer iteration
 
 
+class PeerLost(RuntimeError, UserError):
+    """Another rank died or stopped answering: this rank cannot go on."""
+
+
 class Trainer:
-    def __init__(self, cfg, ctx: ParallelContext):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg, ctx: ParallelContext,
+                 preemption: Optional[PreemptionSignals] = None):
+        self.cfg, self.ctx, self.preemption = cfg, ctx, preemption
+        # (global step, path) of the newest checkpoint this run saved or resumed from.
+        self.newest_checkpoint: Optional[Tuple[int, Path]] = None
         self.run_dir = Path(cfg.logging.dir)
         self.anchored = cfg.method == "anchored"
         self._check_device()
@@ -77,8 +91,10 @@ class Trainer:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                               f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens")
         d = cfg.data
-        self.dataset = load_sft_dataset(d.train_path, tokenizer, d.seq_length,
-                                        on_error=d.on_error, overlong=d.overlong)
+        dataset = cached_sft_dataset(d.train_path, tokenizer, d.seq_length,
+                                     on_error=d.on_error, overlong=d.overlong,
+                                     cache_dir=d.cache_dir)
+        self.dataset, valid_set = split_off_validation(cfg, dataset, tokenizer)
         t = cfg.trainer
         self.order = BatchOrder(len(self.dataset), t.global_batch_size, t.micro_batch_size,
                                 ctx.dp_rank, ctx.dp_size, t.seed, d.shuffle,
@@ -100,6 +116,10 @@ class Trainer:
         else:
             self.total_steps = t.max_steps or t.epochs * steps_per_epoch
         self.flat_steps = 0  # consecutive steps with a gradient of exactly 0 (collapse watch)
+        self.validation = None if valid_set is None else Validation(
+            cfg, valid_set, total_steps=self.total_steps, dp_rank=ctx.dp_rank,
+            dp_size=ctx.dp_size, forward_only=self._forward_only, reduce_sums=self._reduce_sums,
+            device=ctx.device)
 
     # ---------------------------------------------------------------------------------- setup
 
@@ -153,12 +173,17 @@ class Trainer:
         """``loss_fn``'s outputs (last stage) for every example once, in order, from the models
         in eval mode without backward: the methods' passes before training."""
         n, mbs = len(self.dataset), self.cfg.trainer.micro_batch_size
-        batches = [self.dataset.batch(torch.arange(i, i + mbs).clamp_max(n - 1))
-                   for i in range(0, n, mbs)]
+        return self._forward_only([self.dataset.batch(torch.arange(i, i + mbs).clamp_max(n - 1))
+                                   for i in range(0, n, mbs)], loss_fn)
+
+    def _forward_only(self, batches, loss_fn) -> List[Dict[str, torch.Tensor]]:
+        """``loss_fn``'s outputs (last stage) for this rank's ``batches`` of
+        trainer.micro_batch_size examples, from the models in eval mode without backward."""
         self.stack.eval()
         outputs = forward_backward(self.model, iter(batches), loss_fn, forward_only=True,
                                    num_microbatches=len(batches),
-                                   seq_length=self.cfg.data.seq_length, micro_batch_size=mbs)
+                                   seq_length=self.cfg.data.seq_length,
+                                   micro_batch_size=self.cfg.trainer.micro_batch_size)
         self.stack.train()
         return outputs
 
@@ -174,10 +199,11 @@ class Trainer:
                 state = load_checkpoint(resume, model=self.stack.policy, optimizer=optimizer,
                                         scheduler=scheduler, snapshot=self.stack.snapshot)
                 pos = Position(**state["position"])
+                self.newest_checkpoint = (pos.global_step, resume)
             self.log = self._together(lambda: MetricsLogger(
                 self.run_dir, total_steps=self.total_steps, resume_step=pos.global_step,
                 enabled=self.ctx.rank == 0, tensorboard=cfg.logging.tensorboard,
-                progress=cfg.logging.progress))
+                progress=cfg.logging.progress, config=cfg))
             self._announce(resume, pos, notes + warnings)
             if resume is None and not cfg.model.base_checkpoint:
                 # Initialised from the seed: keep p_base, so later stages (anchor, other
@@ -221,6 +247,7 @@ class Trainer:
     def _fit_steps(self, pos: Position, optimizer, scheduler, until: int, inner=False) -> None:
         every = self.cfg.checkpoint.save_every
         while (pos.inner_step if inner else pos.global_step) < until:
+            self._stop_if_preempted(pos, optimizer, scheduler)
             self._train_step(pos, optimizer, scheduler)
             pos.global_step += 1
             pos.inner_step += inner
@@ -252,6 +279,26 @@ class Trainer:
             self.log.log_event(record["step"], "bound_violation",
                                tokens=record["tokens_over_bound"])
         self._stop_if_collapsed(record)
+        if self.validation is not None and self.validation.due(record["step"]):
+            self.log.log_validation(record["step"], self.validation())
+
+    def _stop_if_preempted(self, pos: Position, optimizer, scheduler) -> None:
+        """At a step boundary, on every rank alike (they agree in one all-reduce): after a
+        SIGTERM or SIGUSR1 to any rank, saves a checkpoint here (unless the newest one is of
+        this step already) and raises ``Preempted``. Before the first step there is nothing to
+        save, so the signal is acted on after it."""
+        if self.preemption is None or pos.global_step == 0:
+            return
+        received = self.preemption.agreed(self.ctx.device)
+        if received is None:
+            return
+        if self.newest_checkpoint is None or self.newest_checkpoint[0] != pos.global_step:
+            self._save(pos, optimizer, scheduler)
+        path = self.newest_checkpoint[1]
+        message = f"preempted by {received.name} after step {pos.global_step}: checkpoint " \
+                  f"{path} saved; {how_to_resume(self.cfg, path)}"
+        self.log.info(message)
+        raise Preempted(message)
 
     def _stop_if_non_finite(self, pos, epoch, totals) -> None:
         """Before the update, on every rank alike (the totals and the gradient check are the
@@ -359,6 +406,7 @@ class Trainer:
         path = Path(self.cfg.checkpoint.dir) / f"step_{pos.global_step:07d}"
         self._checkpoint(path, pos, optimizer=optimizer, scheduler=scheduler,
                          snapshot=self.stack.snapshot)
+        self.newest_checkpoint = (pos.global_step, path)
         self.log.log_event(pos.global_step, "checkpoint", path=str(path))
 
     def _checkpoint(self, path: Path, pos: Position, **parts) -> None:
@@ -388,6 +436,8 @@ class Trainer:
         self.log.info(f"data: {self.dataset.report.summary()}; {self.order.steps_per_epoch} "
                       f"steps per epoch ({self.order.unused_per_epoch} examples unused per "
                       "epoch: not a multiple of the global batch)")
+        if self.validation is not None:
+            self.log.info(self.validation.summary)
         if self.prepare_summary is not None:
             self.log.info(self.prepare_summary)
         if self.cfg.method == "anchored":
@@ -410,14 +460,37 @@ def _peak_memory_mib() -> float:
     return kib / 1024
 
 
-def run(cfg) -> Path:
-    """Initialise the parallel layout, train, tear down. Every rank calls this."""
+def how_to_resume(cfg, path: Optional[Path] = None) -> str:
+    """How a stopped run continues: from ``path``, or the newest complete checkpoint."""
+    c = cfg.checkpoint
+    if path is not None and path.parent != Path(c.dir):  # checkpoint.resume=PATH elsewhere
+        return f"to continue, run the same command with checkpoint.resume={path}"
+    newest = path or f"the newest complete checkpoint in {c.dir}"
+    command = "the same command" if c.resume == "auto" else \
+        "the same command with checkpoint.resume=auto"
+    return f"{command} resumes from {newest}"
+
+
+def run(cfg) -> Optional[Path]:
+    """Initialise the parallel layout, train, tear down. Every rank calls this. Returns the
+    final weights' checkpoint directory, or None when a signal preempted the run."""
     from nemo_anchored.parallel.distributed import init_model_parallel, shutdown
 
     p = cfg.parallelism
     ctx = init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                              seed=cfg.trainer.seed)
+                              seed=cfg.trainer.seed, timeout_s=p.collective_timeout_s)
     try:
-        return Trainer(cfg, ctx).fit()
+        with PreemptionSignals() as signals:
+            return Trainer(cfg, ctx, preemption=signals).fit()
+    except Preempted:
+        return None
+    except Exception as error:
+        what = peer_failure(error)
+        if what is None:
+            raise
+        raise PeerLost(
+            f"lost a peer rank ({what}): another process or node died, or did not answer "
+            f"within parallelism.collective_timeout_s={p.collective_timeout_s:g} s, so every "
+            f"rank stops; {how_to_resume(cfg)}") from error
     finally:
         shutdown()
