@@ -21,10 +21,27 @@ VERSION = re.search(r'^__version__ = "([^"]+)"',
                     (ROOT / "nemo_anchored" / "__init__.py").read_text(), re.M).group(1)
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's extension build, which sets ``force`` whenever it uses ninja, without that: an
+    extension newer than its sources, headers and torch's version.py is kept (setuptools'
+    ordinary check), so a rebuild is needed only when something it depends on changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.force = False
+
+
 def extension():
-    sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/anchored_kl_cpu.cpp"]
+    sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/anchored_kl_cpu.cpp",
+               f"{CSRC}/sharded_losses_cpu.cpp"]
+    depends = [*(str(p.relative_to(ROOT)) for p in sorted((ROOT / CSRC).glob("*.h*"))),
+               str(Path(torch.__file__).with_name("version.py"))]
     # -fno-trapping-math: no FP traps are relied on, and it lets GCC vectorize the selects.
-    cxx = ["-O3", "-std=c++20", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled
+    # into this extension; without the flag it silently runs every row on one thread. torch
+    # ships libgomp, so the link adds no second OpenMP runtime.
+    cxx = ["-O3", "-std=c++20", "-fno-trapping-math", "-fopenmp"]
+    link = ["-fopenmp"]
     # cpp_extension finds CUDA_HOME only for a torch built with CUDA, and may fall back to
     # /usr/local/cuda whether or not nvcc is there: check for nvcc itself.
     cuda_home = cpp_extension.CUDA_HOME
@@ -33,16 +50,17 @@ def extension():
                  and os.environ.get("NEMO_ANCHORED_NO_CUDA") != "1")
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "nemo_anchored._C", sources, include_dirs=[str(ROOT / CSRC)],
-            extra_compile_args={"cxx": cxx})
+            "nemo_anchored._C", sources, depends=depends, include_dirs=[str(ROOT / CSRC)],
+            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     # Target GPUs come from TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"), else the visible GPU's.
     # No fast-math flags: the kernels rely on accurate expf/log1pf and IEEE inf/NaN handling.
     nvcc = ["-O3", "-std=c++20", "-lineinfo"]
     # define_macros reach both compilers.
     return cpp_extension.CUDAExtension(
-        "nemo_anchored._C", sources + [f"{CSRC}/anchored_kl_cuda.cu"],
-        include_dirs=[str(ROOT / CSRC)], define_macros=[("WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+        "nemo_anchored._C",
+        sources + [f"{CSRC}/anchored_kl_cuda.cu", f"{CSRC}/sharded_losses_cuda.cu"],
+        depends=depends, include_dirs=[str(ROOT / CSRC)], define_macros=[("WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 
 
 setup(
@@ -80,5 +98,5 @@ setup(
     },
     entry_points={"console_scripts": ["nemo-anchored=nemo_anchored.cli.main:main"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

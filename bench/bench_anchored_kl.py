@@ -1,14 +1,37 @@
-"""Fused vs torch backend of anchored_kl: forward + backward time and peak memory, side by side.
+"""The anchored-KL operator against what a user would run instead: forward + backward time,
+peak extra memory and the ratios, side by side in one run.
 
-    python bench/bench_anchored_kl.py                  # CPU, fp32, the default shapes
+    python bench/bench_anchored_kl.py                  # CPU, fp32, the default shapes, TP 1 and 2
     python bench/bench_anchored_kl.py --device cuda --dtype bfloat16
 
-Each (backend, shape, mode) runs in a fresh subprocess so its peak memory is its own: on the
-CPU the rise of the process's peak resident set (VmHWM) over the resident inputs, on the GPU
-torch.cuda.max_memory_allocated over the inputs. Times are medians of --repeats runs after a
-warm-up. The effective bandwidth counts the bytes the operator must move: each input shard
-read once and the gradient written once. On a GPU the device's copy bandwidth (a large
-device-to-device copy, bytes read + written) is measured too, for the ratio.
+Implementations (``--backends``):
+- ``eager``: the loss as the paper's authors compute it in their public KDFlow code
+  (github.com/wutaiqiang/KDFlow, ``kdflow/loss/kl_div.py``: logits divided by the temperature,
+  ``log_softmax`` and ``softmax`` in fp32, ``F.kl_div(log_p, q, reduction="none").sum(-1)``,
+  autograd for the gradient), with the anchor formed from the detached current logits (the
+  policy's in live mode, the snapshot's otherwise) and the reference; full vocabulary;
+- ``compiled``: the same function under ``torch.compile`` (KDFlow compiles it too); compile
+  time is left out (it happens in the warm-up step);
+- ``liger``: Liger-Kernel's KL divergence and JSD (beta = 0, forward KL) on torch's
+  log-softmax, at alpha = 1 only (KL(p_ref || p_theta), the case they compute); GPU only,
+  reported as not available otherwise;
+- ``fused``: ours (nemo_anchored._C); ``torch``: our float64-capable reference backend.
+
+``--tp 2`` (CPU) runs each implementation in 2 gloo processes of 1 thread, each holding half
+of the vocabulary: ours on the shards (its all-gather of the softmax statistics and
+all-reduce of the KL included), eager and compiled on the full vocabulary gathered from the
+shards on every rank (the all-gather of the inputs is counted in their time, the gradient is
+the rank's slice of the full one).
+
+Each (implementation, shape, mode) runs in fresh processes so its peak memory is its own: on
+the CPU the rise of the peak resident set (VmHWM) over the resident inputs (the largest over
+the ranks), on the GPU torch.cuda.max_memory_allocated over the inputs. Times are medians of
+--repeats steps after a warm-up; on the CPU the process's CPU time per step is recorded too,
+which a loaded machine inflates less than the wall time. The effective bandwidth counts the
+bytes the operator must move: each input shard read once and the gradient written once. The
+copy bandwidth it is compared with (a large copy, bytes read + written, on the same threads)
+is measured in the same process as ours, one copy after each timed step, so both see the
+same machine load.
 
 Writes JSON (with the device description) to bench/results/.
 """
@@ -16,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,9 +47,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SHAPES = ["4096x32000", "2048x19008"]  # 19008 = Qwen2.5's 152064 vocabulary / TP 8
+BACKENDS = ["eager", "compiled", "liger", "fused", "torch"]
+BASELINES = ["eager", "compiled", "liger", "torch"]  # what "fused" is compared with
+# MODE = interpolation-anchor-alpha; Liger computes only alpha = 1 (q = p_ref).
+DEFAULT_MODES = {"cpu": ["logit-live-0.5", "prob-snapshot-0.5"],
+                 "cuda": ["logit-live-0.5", "prob-snapshot-0.5", "logit-live-1"]}
 
 
 def device_description(device: str) -> dict:
@@ -38,7 +68,8 @@ def device_description(device: str) -> dict:
     else:
         model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                       if line.startswith("model name")), platform.processor())
-        info.update(kind="cpu", name=model, cores=os.cpu_count())
+        info.update(kind="cpu", name=model, cores=os.cpu_count(),
+                    load_average=list(os.getloadavg()))
     return info
 
 
@@ -61,127 +92,295 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def measure_one(backend, rows, cols, mode, dtype, device, repeats) -> dict:
-    """Runs in its own process: time and peak memory of one configuration."""
-    from nemo_anchored.ops import anchored_kl
+# --------------------------------------------------------------------------------------------
+# The baselines (our own code, following KDFlow's formula).
 
-    interpolation, anchor = mode.split("-")
+
+def eager_anchored_kl(z, r, c, alpha: float, interpolation: str, temperature: float = 1.0):
+    """Per-token KL(q || p_theta) over the full vocabulary, KDFlow's way; c None: live."""
+    z = z / temperature
+    r = r / temperature
+    current = (z if c is None else c / temperature).detach()
+    log_p = torch.log_softmax(z, -1, dtype=torch.float32)
+    if interpolation == "logit":
+        anchor = r if alpha == 1.0 else (1 - alpha) * current + alpha * r
+        q = torch.softmax(anchor, -1, dtype=torch.float32)
+    else:
+        q = ((1 - alpha) * torch.softmax(current, -1, dtype=torch.float32)
+             + alpha * torch.softmax(r, -1, dtype=torch.float32))
+    return F.kl_div(log_p, q, reduction="none").sum(-1)
+
+
+def liger_losses():
+    """{name: loss(z, r) -> scalar mean over tokens of KL(p_ref || p_theta)}, or None when
+    Liger-Kernel cannot run here (it is Triton: CUDA only)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+    except ImportError:
+        return None
+    kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    jsd = LigerJSD(beta=0.0)  # beta = 0: forward KL(P || Q), P the teacher (second argument)
+
+    def log_probs(x):
+        return torch.log_softmax(x.float(), -1)
+
+    return {"liger_kl": lambda z, r: kl(log_probs(z), log_probs(r)),
+            "liger_jsd": lambda z, r: jsd(log_probs(z), log_probs(r))}
+
+
+def loss_function(backend, interpolation, alpha, tp_group):
+    """f(z, r, c) -> the per-token loss (or Liger's scalar mean) for one implementation."""
+    if backend in ("fused", "torch"):
+        from nemo_anchored.ops import anchored_kl
+        return lambda z, r, c: anchored_kl(z, r, current_logits=c, alpha=alpha,
+                                           interpolation=interpolation, tp_group=tp_group,
+                                           backend=backend)
+    if backend == "eager":
+        return lambda z, r, c: eager_anchored_kl(z, r, c, alpha, interpolation)
+    if backend == "compiled":
+        compiled = torch.compile(eager_anchored_kl, dynamic=False)
+        return lambda z, r, c: compiled(z, r, c, alpha, interpolation)
+    raise ValueError(backend)
+
+
+# --------------------------------------------------------------------------------------------
+# One configuration, in its own process (or processes, at TP > 1).
+
+
+def gather_columns(shard, group):
+    """The full-vocabulary tensor from every rank's column shard (all-gather + concat)."""
+    parts = [torch.empty_like(shard) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, shard.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def make_step(backend, interpolation, alpha, z, r, c, weights, tp_group):
+    """A forward + backward of one implementation; the policy's gradient lands in z.grad."""
+    if backend.startswith("liger"):
+        loss = liger_losses()[backend]
+
+        def liger_step():
+            z.grad = None
+            loss(z, r).backward()
+        return liger_step
+    f = loss_function(backend, interpolation, alpha, tp_group)
+    if tp_group is None or backend in ("fused", "torch"):
+        def step():
+            z.grad = None
+            f(z, r, c).backward(weights)
+        return step
+
+    rank = torch.distributed.get_rank(tp_group)
+    width = z.shape[-1]
+
+    def gathered_step():  # the baselines see the full vocabulary on every rank
+        z_full = gather_columns(z.detach(), tp_group).requires_grad_()
+        f(z_full, gather_columns(r, tp_group),
+          None if c is None else gather_columns(c, tp_group)).backward(weights)
+        z.grad = z_full.grad[:, rank * width:(rank + 1) * width].contiguous()
+    return gathered_step
+
+
+def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp) -> dict | None:
+    """Time and peak memory of one configuration (on rank 0 at TP > 1; None elsewhere)."""
+    interpolation, anchor, alpha = mode.split("-")
+    alpha = float(alpha)
+    tp_group = None
+    rank = 0
+    if tp > 1:
+        torch.distributed.init_process_group("gloo")
+        tp_group = torch.distributed.group.WORLD
+        rank = torch.distributed.get_rank()
     g = torch.Generator(device=device).manual_seed(0)
+    width = cols // tp
 
-    def make():
-        return (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
+    def make():  # every rank draws the full tensor and keeps its own columns
+        full = (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
+        return full[:, rank * width:(rank + 1) * width].contiguous()
 
     z, r = make().requires_grad_(), make()
     c = make() if anchor == "snapshot" else None
     weights = torch.full((rows,), 1.0 / rows, device=device)
+    step = make_step(backend, interpolation, alpha, z, r, c, weights, tp_group)
+    streams = 3 if c is not None else 2
+    moved = (streams + 1) * z.numel() * z.element_size()
+    # Ours is compared with a copy of as many bytes read + written as it must move.
+    copy_src = torch.ones(moved // 8 if backend == "fused" else 0, device=device)
+    copy_dst = torch.zeros_like(copy_src)
 
-    def step():
-        z.grad = None
-        loss = anchored_kl(z, r, current_logits=c, alpha=0.5, interpolation=interpolation,
-                           backend=backend)
-        loss.backward(weights)
-
-    step()  # warm-up (and the one-off shard check, allocator growth)
+    step()  # warm-up (compilation, the one-off shard check, allocator growth)
     z.grad = None
     synchronize(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        with open("/proc/self/clear_refs", "w") as f:  # VmHWM from here on (Linux >= 4.0)
+            f.write("5")
         base = resident_kib("VmRSS") * 1024
-    times = []
+    times, cpu_times, copy_times = [], [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        if tp_group is not None:
+            torch.distributed.barrier(tp_group)
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         synchronize(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        if copy_src.numel():
+            start = time.perf_counter()
+            copy_dst.copy_(copy_src)
+            synchronize(device)
+            copy_times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resident_kib("VmHWM") * 1024) - base
-    streams = 3 if c is not None else 2
-    moved = (streams + 1) * rows * cols * z.element_size()
+    if tp_group is not None:  # the slowest rank's times, the largest peak
+        stats = torch.tensor([times, cpu_times, copy_times or [0.0] * repeats],
+                             dtype=torch.float64)
+        torch.distributed.all_reduce(stats, torch.distributed.ReduceOp.MAX)
+        times, cpu_times, copy_times = stats.tolist()
+        peak_t = torch.tensor([peak], dtype=torch.float64)
+        torch.distributed.all_reduce(peak_t, torch.distributed.ReduceOp.MAX)
+        peak = int(peak_t.item())
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return None
     median = statistics.median(times)
-    return {"backend": backend, "rows": rows, "cols": cols, "mode": mode, "dtype": str(dtype),
-            "median_s": median, "times_s": times, "peak_extra_bytes": peak,
-            "bytes_moved": moved, "effective_gb_per_s": moved / median / 1e9}
+    record = {"backend": backend, "rows": rows, "cols": cols, "tp": tp, "mode": mode,
+            "dtype": str(dtype), "median_s": median, "times_s": times,
+            "cpu_s_per_step": statistics.median(cpu_times), "peak_extra_bytes": peak,
+            "bytes_moved_per_rank": moved, "effective_gb_per_s": moved / median / 1e9}
+    if copy_src.numel():
+        copy_gb_per_s = 2 * copy_src.numel() * 4 / statistics.median(copy_times) / 1e9
+        record.update(copy_gb_per_s=copy_gb_per_s,
+                      fraction_of_copy_bandwidth=record["effective_gb_per_s"] / copy_gb_per_s)
+    return record
 
 
-def copy_bandwidth_gb_per_s(device) -> float:
-    """Device-to-device copy of 2 GiB, bytes read + written, median of 20."""
-    src = torch.empty(2**29, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(21):
-        synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / statistics.median(times[1:]) / 1e9
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def run_in_subprocess(args, backend, shape, mode) -> dict:
+def run_in_subprocess(args, backend, shape, mode, tp) -> dict | None:
+    """One configuration in fresh processes; None when the implementation cannot run here."""
+    if backend.startswith("liger") and (liger_losses() is None or tp > 1
+                                        or not mode.startswith("logit-")
+                                        or float(mode.split("-")[2]) != 1.0):
+        return None
     rows, cols = map(int, shape.split("x"))
     cmd = [sys.executable, __file__, "--one", backend, str(rows), str(cols), mode,
-           "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+           "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats),
+           "--tp", str(tp)]
+    if tp == 1:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE=str(tp), OMP_NUM_THREADS=str(max(1, args.threads // tp)))
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE,
+                              text=True) for rank in range(tp)]
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{backend} {shape} {mode} TP={tp} failed")
+    return json.loads(outs[0].strip().splitlines()[-1])
+
+
+def implementations(backends):
+    """The backends as measured: Liger is two (its KL divergence and its JSD)."""
+    for backend in backends:
+        yield from (["liger_kl", "liger_jsd"] if backend == "liger" else [backend])
+
+
+# --------------------------------------------------------------------------------------------
+# The table.
+
+
+def compare(runs: dict) -> dict:
+    """Ours against every baseline that ran: time and memory ratios (baseline / ours)."""
+    ours = runs.get("fused")
+    out = {}
+    for name, run in runs.items():
+        if name == "fused" or ours is None or run is None:
+            continue
+        out[name] = {"speedup": run["median_s"] / ours["median_s"],
+                     "memory_ratio": run["peak_extra_bytes"] / max(ours["peak_extra_bytes"], 1)}
+    return out
+
+
+def print_row(shape, mode, tp, runs, ratios):
+    cells = []
+    for name, run in runs.items():
+        if run is None:
+            cells.append(f"{name} n/a")
+            continue
+        cell = f"{name} {run['median_s']:.3f}s {run['peak_extra_bytes'] / 2**20:.0f}MiB"
+        if name in ratios:
+            cell += (f" (ours {ratios[name]['speedup']:.2f}x faster, "
+                     f"{ratios[name]['memory_ratio']:.2f}x less memory)")
+        cells.append(cell)
+    print(f"{shape} {mode} TP={tp}:\n    " + "\n    ".join(cells))
+    ours = runs.get("fused")
+    if ours:
+        print(f"    ours: {ours['effective_gb_per_s']:.2f} GB/s per rank = "
+              f"{ours['fraction_of_copy_bandwidth']:.0%} of the copy bandwidth measured "
+              f"alongside ({ours['copy_gb_per_s']:.2f} GB/s, read + write); "
+              f"CPU time {ours['cpu_s_per_step']:.3f} s per step")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="ROWSxV_LOCAL")
-    parser.add_argument("--modes", nargs="+", default=["logit-live", "prob-snapshot"])
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="ROWSxV (full)")
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="INTERPOLATION-ANCHOR-ALPHA, e.g. logit-live-0.5 prob-snapshot-1")
+    parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
+    parser.add_argument("--tp", nargs="+", type=int, default=None,
+                        help="tensor-parallel sizes (default: 1 and, on the CPU, 2)")
+    parser.add_argument("--tp-shapes", nargs="+", default=DEFAULT_SHAPES[:1],
+                        help="the shapes run at TP > 1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     parser.add_argument("--one", nargs=4, metavar=("BACKEND", "ROWS", "COLS", "MODE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    args.threads = torch.get_num_threads()
 
     if args.one:
         backend, rows, cols, mode = args.one
-        print(json.dumps(measure_one(backend, int(rows), int(cols), mode, dtype, args.device,
-                                     args.repeats)))
+        tp = args.tp[0] if args.tp else 1
+        record = measure_one(backend, int(rows), int(cols), mode, dtype, args.device,
+                             args.repeats, tp)
+        if record is not None:
+            print(json.dumps(record))
         return
 
     device = device_description(args.device)
-    copy_bw = copy_bandwidth_gb_per_s(args.device) if args.device == "cuda" else None
-    rows_out = []
+    modes = args.modes or DEFAULT_MODES["cuda" if args.device == "cuda" else "cpu"]
+    tps = args.tp or ([1, 2] if args.device == "cpu" else [1])
+    if args.device != "cpu" and tps != [1]:
+        parser.error("--tp > 1 runs on the CPU only (gloo processes)")
     print(f"device: {device['name']} ({device['kind']}, {device['threads']} threads), "
-          f"dtype {args.dtype}, median of {args.repeats}")
-    if copy_bw:
-        print(f"measured copy bandwidth: {copy_bw:.0f} GB/s (read + write)")
-    header = (f"{'shape':>12} {'mode':>14} | {'torch s':>8} {'fused s':>8} {'speedup':>7} | "
-              f"{'torch MiB':>9} {'fused MiB':>9} {'mem ratio':>9} | {'fused GB/s':>10}")
-    print(header)
-    print("-" * len(header))
-    for shape in args.shapes:
-        for mode in args.modes:
-            torch_run = run_in_subprocess(args, "torch", shape, mode)
-            fused_run = run_in_subprocess(args, "fused", shape, mode)
-            speedup = torch_run["median_s"] / fused_run["median_s"]
-            mem_ratio = torch_run["peak_extra_bytes"] / max(fused_run["peak_extra_bytes"], 1)
-            line = (f"{shape:>12} {mode:>14} | {torch_run['median_s']:8.3f} "
-                    f"{fused_run['median_s']:8.3f} {speedup:6.2f}x | "
-                    f"{torch_run['peak_extra_bytes'] / 2**20:9.0f} "
-                    f"{fused_run['peak_extra_bytes'] / 2**20:9.0f} {mem_ratio:8.2f}x | "
-                    f"{fused_run['effective_gb_per_s']:10.1f}")
-            if copy_bw:
-                line += f" ({fused_run['effective_gb_per_s'] / copy_bw:.0%} of copy)"
-            print(line)
-            grad_mib = int(shape.split("x")[0]) * int(shape.split("x")[1]) * \
-                dtype.itemsize / 2**20
-            rows_out.append({"shape": shape, "mode": mode, "torch": torch_run,
-                             "fused": fused_run, "speedup": speedup, "memory_ratio": mem_ratio,
-                             "gradient_buffer_mib": grad_mib,
-                             "fraction_of_copy_bandwidth": (
-                                 fused_run["effective_gb_per_s"] / copy_bw if copy_bw else None)})
-    print("peak MiB: extra memory over the resident inputs during forward + backward "
-          "(the gradient buffer alone is rows x V_local x itemsize)")
-    write_results(args.out or RESULTS / f"anchored_kl_{device['kind']}_{args.dtype}.json",
-                  {"device": device, "dtype": args.dtype, "copy_bandwidth_gb_per_s": copy_bw,
+          f"dtype {args.dtype}, median of {args.repeats}; times forward + backward")
+    rows_out = []
+    for tp in tps:
+        for shape in (args.shapes if tp == 1 else args.tp_shapes):
+            for mode in modes:
+                runs = {name: run_in_subprocess(args, name, shape, mode, tp)
+                        for name in implementations(args.backends)}
+                ratios = compare(runs)
+                print_row(shape, mode, tp, runs, ratios)
+                rows_out.append({"shape": shape, "mode": mode, "tp": tp, "runs": runs,
+                                 "ours_vs": ratios, "load_average": list(os.getloadavg())})
+    print("MiB: peak memory over the resident inputs during forward + backward (the "
+          "gradient buffer alone is rows x V_local x itemsize); n/a: cannot run here")
+    suffix = "" if tps == [1] else "_tp" + "".join(map(str, tps))
+    write_results(args.out or RESULTS / f"anchored_kl_{device['kind']}_{args.dtype}{suffix}.json",
+                  {"device": device, "dtype": args.dtype, "repeats": args.repeats,
                    "results": rows_out})
 
 

@@ -102,8 +102,7 @@ def main():
         load = os.getloadavg()[0]
         cold_s, cold_cpu_s, cold = timed_with_cpu(start)
         warm_s, warm_cpu_s, warm = timed_with_cpu(start)
-        settings = {"seq_length": args.seq_length, "on_error": "raise",
-                    "overlong": "truncate", "packing": False}
+        settings = {"seq_length": args.seq_length, "on_error": "raise", "overlong": "truncate"}
         key_s, _ = timed(lambda: cache_key(data, tokenizer, settings))
         same = all(np.array_equal(getattr(cold, a), getattr(warm, a))
                    for a in ("ids", "assistant", "offsets"))

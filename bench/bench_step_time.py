@@ -1,4 +1,5 @@
-"""Step time and peak memory of Anchored Learning (live, snapshot) against SFT, as ratios.
+"""Step time and peak memory of Anchored Learning (live, snapshot) and KL-SFT against SFT, as
+ratios; and of the SFT-stage losses' fused kernels against their torch path (sft, kl_sft).
 
     python bench/bench_step_time.py                      # CPU defaults: a small GPT, vocab 32000
     python bench/bench_step_time.py --hidden 2048 --layers 16 --vocab 152064 --seq 2048
@@ -8,6 +9,8 @@ Each method trains the same model on the same batches through the real command l
 the medians of the logged `step_time_s` after --warmup steps; peak memory is the run's logged
 `peak_memory_mib` (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident set,
 which includes the Python runtime). Goal on GPU: live <= 1.35x and snapshot <= 1.7x of SFT.
+SFT and KL-SFT run twice: with the loss kernels chosen as in production (`baselines.backend=auto`:
+the fused kernels when built) and with `baselines.backend=torch`; "x SFT" is against the former.
 
 Writes JSON with the device description to bench/results/.
 """
@@ -24,7 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_anchored_kl import RESULTS, device_description, write_results  # noqa: E402
 
+TORCH_PATH = ["baselines.backend=torch"]
 METHODS = {"sft": ("sft", []),
+           "sft_torch": ("sft", TORCH_PATH),
+           "kl_sft": ("sft", ["method=kl_sft"]),
+           "kl_sft_torch": ("sft", ["method=kl_sft", *TORCH_PATH]),
            "anchored_live": ("anchor", ["anchor.mode=live"]),
            "anchored_snapshot": ("anchor", ["anchor.mode=snapshot"])}
 
@@ -91,6 +98,14 @@ def main():
         r["memory_ratio"] = r["peak_memory_mib"] / sft["peak_memory_mib"]
         print(f"{name:>18} | {r['median_step_s']:8.4f} {r['time_ratio']:5.2f}x | "
               f"{r['peak_memory_mib']:9.0f} {r['memory_ratio']:5.2f}x")
+    print(f"{'fused / torch path':>18} | {'step':>8} {'':>6} | {'peak':>9}")
+    for name in ("sft", "kl_sft"):
+        fused, plain = results[name], results[f"{name}_torch"]
+        fused["fused_over_torch"] = {
+            "time": fused["median_step_s"] / plain["median_step_s"],
+            "memory": fused["peak_memory_mib"] / plain["peak_memory_mib"]}
+        print(f"{name:>18} | {fused['fused_over_torch']['time']:7.2f}x {'':>6} | "
+              f"{fused['fused_over_torch']['memory']:8.2f}x")
     suffix = f"_diagnostics{args.diagnostics_every}" if args.diagnostics_every else ""
     write_results(RESULTS / f"step_time_{device['kind']}_{args.dtype}{suffix}.json",
                   {"device": device, "args": vars(args), "results": results})

@@ -1,13 +1,12 @@
 // CPU kernels of the anchored KL: per-row softmax statistics, the column pass (partial KL and
 // the gradient p - q), and both fused per row for the unsharded case.
 //
-// Each row is walked in blocks of kBlock columns converted to fp32 on the stack (the
-// temperature folded in), so the hot loops run over plain float arrays that the compiler
-// vectorizes (with -fno-trapping-math, which lets it turn the selects into blends), and no
-// [rows x V] temporary exists besides the gradient. Block results go into double row
-// accumulators, so summing 1e5+ columns costs no precision. Rows are split over threads with
-// at::parallel_for.
+// Each row is walked in blocks of kBlock columns converted to fp32 on the stack, the
+// temperature folded in (cpu_rows.h: why that vectorizes), so no [rows x V] temporary exists
+// besides the gradient. Block results go into double row accumulators, so summing 1e5+ columns
+// costs no precision. Rows are split over threads with at::parallel_for.
 #include "anchored_kl.h"
+#include "cpu_rows.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -20,92 +19,6 @@
 
 namespace anchored_kl {
 namespace {
-
-// The per-row functions are compiled for AVX-512 and AVX2 too and picked at load time by the
-// CPU (GCC function multiversioning), so one build is fast on any x86-64 machine.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AKL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define AKL_CPU_CLONES
-#endif
-
-constexpr int64_t kBlock = 512;
-constexpr int kLanes = 16;  // independent partial sums: lets the reductions vectorize
-
-// exp and log1p as straight-line float arithmetic that vectorizes (libm calls do not).
-struct CpuMath {
-  // Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Taylor to degree 7 (rel. error < 1e-8
-  // before rounding). Underflows to 0 below -87.3 (no subnormals); NaN stays NaN.
-  static inline float exp(float x) {
-    const float xc = x < -87.3f ? -87.3f : (x > 88.f ? 88.f : x);
-    const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest
-    const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
-    float p = 1.f / 5040.f;
-    p = p * r + 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    const float y = p * scale;
-    return x < -87.3f ? 0.f : (x > 88.f ? std::numeric_limits<float>::infinity() : y);
-  }
-  // log(1 + t) for t in [0, 1] as 2 atanh(s), s = t / (2 + t) in [0, 1/3] (rel. error < 1e-8).
-  static inline float log1p(float t) {
-    const float s = t / (2.f + t);
-    const float s2 = s * s;
-    float p = 1.f / 15.f;
-    p = p * s2 + 1.f / 13.f;
-    p = p * s2 + 1.f / 11.f;
-    p = p * s2 + 1.f / 9.f;
-    p = p * s2 + 1.f / 7.f;
-    p = p * s2 + 1.f / 5.f;
-    p = p * s2 + 1.f / 3.f;
-    p = p * s2 + 1.f;
-    return 2.f * s * p;
-  }
-};
-
-// Sum of n <= kBlock floats in kLanes independent partial sums (a reduction that vectorizes).
-inline float lane_sum(const float* x, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += x[j + k];
-  float total = 0.f;
-  for (; j < n; ++j) total += x[j];
-  for (int k = 0; k < kLanes; ++k) total += acc[k];
-  return total;
-}
-
-// Running (max, sum of exp(x - max)) of one stream over a row.
-struct RowSoftmax {
-  float max = -std::numeric_limits<float>::infinity();
-  double sum = 0.0;
-
-  // Merge n <= kBlock values. A NaN or +inf input makes the sum NaN, so the row's loss is NaN.
-  void add(const float* x, int64_t n) {
-    float lane[kLanes];
-    for (int k = 0; k < kLanes; ++k) lane[k] = -std::numeric_limits<float>::infinity();
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int k = 0; k < kLanes; ++k) lane[k] = x[j + k] > lane[k] ? x[j + k] : lane[k];
-    float block_max = -std::numeric_limits<float>::infinity();
-    for (; j < n; ++j) block_max = x[j] > block_max ? x[j] : block_max;
-    for (int k = 0; k < kLanes; ++k) block_max = lane[k] > block_max ? lane[k] : block_max;
-    const float new_max = block_max > max ? block_max : max;
-    if (new_max == -std::numeric_limits<float>::infinity()) return;  // nothing but -inf so far
-
-    float e[kBlock];
-    for (int64_t k = 0; k < n; ++k) e[k] = CpuMath::exp(x[k] - new_max);
-    sum = sum * std::exp(static_cast<double>(max) - new_max) + lane_sum(e, n);
-    max = new_max;
-  }
-};
 
 // Pointers to one row of each input (c == z in live mode).
 template <typename T>
@@ -164,7 +77,7 @@ AKL_CPU_CLONES void row_stats(const RowPtrs<T>& row, int64_t cols, const Params&
 template <typename T, Interp Mode>
 AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Params& prm,
                                   const float* lse, T* grad) {
-  float zb[kBlock], cb[kBlock], rb[kBlock], gb[kBlock], kb[kBlock];
+  float zb[kBlock], cb[kBlock], rb[kBlock], ab[kBlock], gb[kBlock], kb[kBlock];
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
@@ -175,9 +88,15 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
       load_scaled(row.c + j0, n, prm.inv_tau, cb);
       cur = cb;
     }
+    if constexpr (Mode == Interp::kLogit)  // in a loop of its own: see logit_element
+      for (int64_t j = 0; j < n; ++j) ab[j] = anchor_logit(cur[j], rb[j], prm.alpha);
     for (int64_t j = 0; j < n; ++j) {
-      const Element e = column_element<CpuMath, Mode>(zb[j], cur[j], rb[j], prm.alpha, lse,
-                                                      prm.log_one_minus_alpha, prm.log_alpha);
+      Element e;
+      if constexpr (Mode == Interp::kLogit)
+        e = logit_element<CpuMath>(zb[j], cur[j], rb[j], ab[j], prm.alpha, lse);
+      else
+        e = column_element<CpuMath, Mode>(zb[j], cur[j], rb[j], prm.alpha, lse,
+                                          prm.log_one_minus_alpha, prm.log_alpha);
       gb[j] = e.p_minus_q * prm.inv_tau;
       kb[j] = e.kl_term;
     }

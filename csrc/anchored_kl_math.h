@@ -114,17 +114,25 @@ AKL_HD Element kl_element(float lp, float lq, float x) {
   return e;
 }
 
+// Logit mode's element given the anchor logit a = anchor_logit(c, r, alpha). Apart from
+// column_element so that the CPU can form a in a loop of its own: GCC does not vectorize a
+// loop around anchor_logit's tests of alpha (the loop is too large for it to unswitch).
+template <class Math>
+AKL_HD Element logit_element(float z, float c, float r, float a, float alpha, const float* lse) {
+  const float lp = log_softmax_at(z, lse, 0);
+  const float lq = log_softmax_at(a, lse, 1);
+  // a - z as a combination of input differences: exactly 0 from c - z in live mode.
+  const float d = (1.f - alpha) * (c - z) + alpha * (r - z);
+  return kl_element<Math>(lp, lq, d - lse_difference(lse, 1, 0));
+}
+
 // The element of one column given the row's global (max, log_sum) pairs, order above.
 template <class Math, Interp Mode>
 AKL_HD Element column_element(float z, float c, float r, float alpha, const float* lse,
                               float log_one_minus_alpha, float log_alpha) {
+  if (Mode == Interp::kLogit)
+    return logit_element<Math>(z, c, r, anchor_logit(c, r, alpha), alpha, lse);
   const float lp = log_softmax_at(z, lse, 0);
-  if (Mode == Interp::kLogit) {
-    const float lq = log_softmax_at(anchor_logit(c, r, alpha), lse, 1);
-    // a - z as a combination of input differences: exactly 0 from c - z in live mode.
-    const float d = (1.f - alpha) * (c - z) + alpha * (r - z);
-    return kl_element<Math>(lp, lq, d - lse_difference(lse, 1, 0));
-  }
   // log q = log((1-alpha) p_c + alpha p_r) twice: absolute (each stream from its own max, for
   // q itself) and relative to log p from input differences (for x when q is close to p);
   // lp + x would lose |lp| * eps when the policy puts almost no mass on the column.
@@ -133,6 +141,50 @@ AKL_HD Element column_element(float z, float c, float r, float alpha, const floa
   const float x = log_add_exp<Math>(log_one_minus_alpha + (c - z) + lse_difference(lse, 0, 1),
                                     log_alpha + (r - z) + lse_difference(lse, 0, 2));
   return kl_element<Math>(lp, lq, x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The SFT-stage losses (nemo_anchored/ops/sharded_losses.py), one row = one token, p = softmax(z)
+// and p_ref = softmax(r) over the full vocabulary, LSE pairs as above: slot 0 the policy, slot 1
+// the reference.
+
+// Cross-entropy: d(-log p_y) / d z_v = p_v - [v == y], lp = log p_v. (Near p_y = 1, 1 - p_y is
+// limited by the fp32 rounding of the row's sum-exp near 1, so an expm1 form would gain nothing.)
+template <class Math>
+AKL_HD float cross_entropy_element(float lp, bool is_label) {
+  return Math::exp(lp) - (is_label ? 1.f : 0.f);
+}
+
+// Reverse KL, KL(p || p_ref) = E_p[y] with y = log p - log p_ref: the statistics pass also sums
+// exp(z - max_z) (z - r), whose merge over the ranks gives E_p[z - r] (the mean difference).
+// A column where p has no mass adds 0 (its z - r may be NaN: both -inf).
+AKL_HD float weighted_difference(float exp_z, float z, float r) {
+  return exp_z == 0.f ? 0.f : exp_z * (z - r);
+}
+
+struct ReverseKlElement {
+  float kl_term;  // this column's share of KL(p || p_ref), >= 0
+  float grad;     // d KL / d z_v = p_v (y_v - KL)
+};
+
+// One column. The KL is summed as sum_v p_ref g(y_v), the same non-negative terms as the
+// anchored KL's (with the roles of the two distributions swapped: p = p_ref e^y). The gradient
+// p (y - E_p[y]) is formed as p ((z - r) - E_p[z - r]): the two LSEs, and their rounding, drop
+// out of it, and z - r is exact where the two models agree (where KL-SFT starts).
+// mean_difference = E_p[z - r]. Padded columns (-inf in both) give 0 and 0; a NaN p (a row
+// with a NaN or +inf) keeps the gradient NaN, as the test is p == 0, not p > 0.
+template <class Math>
+AKL_HD ReverseKlElement reverse_kl_element(float z, float r, const float* lse,
+                                           float mean_difference) {
+  const float p = Math::exp(log_softmax_at(z, lse, 0));
+  const float p_ref = Math::exp(log_softmax_at(r, lse, 1));
+  const float y = (z - r) - lse_difference(lse, 0, 1);  // +-inf or NaN only at -inf columns
+  const bool small = fabsf(y) < 0.5f;
+  ReverseKlElement e;
+  // p == 0: the term is p_ref (and 0 * y could be NaN); p > 0 with p_ref = 0 gives +inf.
+  e.kl_term = small ? p_ref * g_small(small ? y : 0.f) : (p == 0.f ? p_ref : p * y - p + p_ref);
+  e.grad = p == 0.f ? 0.f : p * ((z - r) - mean_difference);
+  return e;
 }
 
 }  // namespace anchored_kl

@@ -1,5 +1,7 @@
-// Python bindings: one function per pass, dispatched on the tensors' device.
+// Python bindings: one function per pass, dispatched on the tensors' device. The SFT-stage
+// losses' bindings also allocate their outputs (sharded_losses.h).
 #include "anchored_kl.h"
+#include "sharded_losses.h"
 
 namespace anchored_kl {
 namespace {
@@ -73,14 +75,144 @@ std::tuple<torch::Tensor, torch::Tensor> fused(const torch::Tensor& z,
   return fused_cpu(in, need_grad);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The SFT-stage losses. An undefined tensor stands for an absent reference or gradient.
+
+void check_loss_logits(const torch::Tensor& z, const torch::Tensor& r) {
+  check_device(z);
+  TORCH_CHECK(z.dim() == 2 && z.is_contiguous(), "policy logits must be 2-D and contiguous");
+  TORCH_CHECK(z.scalar_type() == torch::kFloat || z.scalar_type() == torch::kBFloat16 ||
+                  z.scalar_type() == torch::kHalf,
+              "the fused kernels take float32, bfloat16 or float16 logits");
+  if (r.defined())
+    TORCH_CHECK(r.sizes() == z.sizes() && r.scalar_type() == z.scalar_type() &&
+                    r.device() == z.device() && r.is_contiguous(),
+                "reference logits must match the policy logits");
+}
+
+// A contiguous [rows, ...] tensor of `dtype` on the logits' device.
+void check_per_row(const torch::Tensor& x, const torch::Tensor& z, at::IntArrayRef shape,
+                   torch::ScalarType dtype, const char* what) {
+  TORCH_CHECK(x.sizes() == shape && x.scalar_type() == dtype && x.device() == z.device() &&
+                  x.is_contiguous(),
+              what, " must be a contiguous ", dtype, " tensor of shape ", shape,
+              " on the logits' device");
+}
+
+torch::Tensor per_row_f32(const torch::Tensor& z) {
+  return torch::empty({z.size(0)}, z.options().dtype(torch::kFloat32));
+}
+
+torch::Tensor grad_if(const torch::Tensor& z, bool need_grad) {
+  return need_grad ? torch::empty_like(z) : torch::Tensor();
+}
+
+std::tuple<torch::Tensor, torch::Tensor> loss_stats(const torch::Tensor& z,
+                                                    const std::optional<torch::Tensor>& r_opt) {
+  const torch::Tensor r = r_opt.value_or(torch::Tensor());
+  check_loss_logits(z, r);
+  auto stats =
+      torch::empty({z.size(0), r.defined() ? 2 : 1, 2}, z.options().dtype(torch::kFloat32));
+  auto weighted = r.defined() ? per_row_f32(z) : torch::Tensor();
+#ifdef WITH_CUDA
+  if (z.is_cuda()) {
+    loss_stats_cuda(z, r, stats, weighted);
+    return {stats, weighted};
+  }
+#endif
+  loss_stats_cpu(z, r, stats, weighted);
+  return {stats, weighted};
+}
+
+torch::Tensor cross_entropy_grad(const torch::Tensor& z, const torch::Tensor& labels,
+                                 const torch::Tensor& lse) {
+  check_loss_logits(z, torch::Tensor());
+  check_per_row(labels, z, {z.size(0)}, torch::kInt64, "labels");
+  check_per_row(lse, z, {z.size(0), 1, 2}, torch::kFloat32, "lse");
+  auto grad = torch::empty_like(z);
+#ifdef WITH_CUDA
+  if (z.is_cuda()) {
+    cross_entropy_grad_cuda(z, labels, lse, grad);
+    return grad;
+  }
+#endif
+  cross_entropy_grad_cpu(z, labels, lse, grad);
+  return grad;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> cross_entropy_fused(const torch::Tensor& z,
+                                                             const torch::Tensor& labels,
+                                                             bool need_grad) {
+  check_loss_logits(z, torch::Tensor());
+  check_per_row(labels, z, {z.size(0)}, torch::kInt64, "labels");
+  auto loss = per_row_f32(z);
+  auto grad = grad_if(z, need_grad);
+#ifdef WITH_CUDA
+  if (z.is_cuda()) {
+    cross_entropy_fused_cuda(z, labels, loss, grad);
+    return {loss, grad};
+  }
+#endif
+  cross_entropy_fused_cpu(z, labels, loss, grad);
+  return {loss, grad};
+}
+
+std::tuple<torch::Tensor, torch::Tensor> reverse_kl_grad(const torch::Tensor& z,
+                                                         const torch::Tensor& r,
+                                                         const torch::Tensor& lse,
+                                                         const torch::Tensor& mean_difference,
+                                                         bool need_grad) {
+  TORCH_CHECK(r.defined(), "reference logits are required");
+  check_loss_logits(z, r);
+  check_per_row(lse, z, {z.size(0), 2, 2}, torch::kFloat32, "lse");
+  check_per_row(mean_difference, z, {z.size(0)}, torch::kFloat32, "mean_difference");
+  auto kl = per_row_f32(z);
+  auto grad = grad_if(z, need_grad);
+#ifdef WITH_CUDA
+  if (z.is_cuda()) {
+    reverse_kl_grad_cuda(z, r, lse, mean_difference, kl, grad);
+    return {kl, grad};
+  }
+#endif
+  reverse_kl_grad_cpu(z, r, lse, mean_difference, kl, grad);
+  return {kl, grad};
+}
+
+std::tuple<torch::Tensor, torch::Tensor> reverse_kl_fused(const torch::Tensor& z,
+                                                          const torch::Tensor& r, bool need_grad) {
+  TORCH_CHECK(r.defined(), "reference logits are required");
+  check_loss_logits(z, r);
+  auto kl = per_row_f32(z);
+  auto grad = grad_if(z, need_grad);
+#ifdef WITH_CUDA
+  if (z.is_cuda()) {
+    reverse_kl_fused_cuda(z, r, kl, grad);
+    return {kl, grad};
+  }
+#endif
+  reverse_kl_fused_cpu(z, r, kl, grad);
+  return {kl, grad};
+}
+
 }  // namespace
 }  // namespace anchored_kl
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace anchored_kl;
-  m.doc() = "Fused anchored-KL kernels on vocab-sharded logits";
+  m.doc() = "Fused anchored-KL and SFT-stage loss kernels on vocab-sharded logits";
   m.def("row_stats", &row_stats, "Local softmax statistics [rows, streams, 2]");
   m.def("kl_grad", &kl_grad, "Partial KL per row and the gradient shard, given global LSEs");
   m.def("fused", &fused, "KL per row and gradient for unsharded rows");
   m.def("built_with_cuda", &built_with_cuda);
+  m.def("loss_stats", &loss_stats,
+        "Local softmax statistics of the policy (and reference) [rows, streams, 2], and with a "
+        "reference the weighted difference sum [rows]");
+  m.def("cross_entropy_grad", &cross_entropy_grad,
+        "Cross-entropy gradient shard p - onehot(label), given the global LSE");
+  m.def("cross_entropy_fused", &cross_entropy_fused,
+        "Cross-entropy per row and its gradient for unsharded rows");
+  m.def("reverse_kl_grad", &reverse_kl_grad,
+        "Partial KL(p || p_ref) per row and the gradient shard, given global LSEs and E_p[z - r]");
+  m.def("reverse_kl_fused", &reverse_kl_fused,
+        "KL(p || p_ref) per row and its gradient for unsharded rows");
 }

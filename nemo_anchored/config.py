@@ -50,6 +50,9 @@ _TRAINING_ONLY = {"name": "no_training", "data": {"train_path": "unused",
 OmegaConf.register_resolver("cwd", os.getcwd, replace=True)  # ${cwd:} (module docstring)
 
 METHODS = ("sft", "low_sft", "kl_sft", "dft", "stm", "anchored")
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")  # model.attention
+RECOMPUTE_GRANULARITIES = ("selective", "full")  # model.recompute (null: none)
+RECOMPUTE_METHODS = ("uniform", "block")  # model.recompute_method
 SFT_METHODS = METHODS[:-1]  # run by `nemo-anchored sft`; `anchored` by `nemo-anchored anchor`
 
 
@@ -99,6 +102,19 @@ class GPTConfig:
     attention_dropout: float = 0.0
     dtype: str = "float32"  # float32 | bfloat16 | float16
     make_vocab_size_divisible_by: int = 128
+    # Core attention (docs/design/parallel_layout.md#attention-and-recomputation): te
+    # (Transformer Engine's layer spec) | sdpa (megatron's local spec with PyTorch's fused
+    # attention kernels) | local (megatron's own DotProductAttention, which materialises the
+    # [b, heads, s, s] scores) | auto (te when Transformer Engine imports, sdpa otherwise).
+    # No weights of their own: checkpoints are the same whichever is used.
+    attention: str = "auto"
+    # Activation recomputation, megatron's granularities: null (none) | selective (the core
+    # attention: pays with local, whose scores it drops) | full (whole layers, with
+    # recompute_method uniform: chunks of recompute_num_layers layers, each keeping only its
+    # input; block: the first recompute_num_layers layers of each pipeline stage).
+    recompute: Optional[str] = None
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
 
     @classmethod
     def of(cls, model_section) -> "GPTConfig":
@@ -136,6 +152,16 @@ def check_layout(arch: GPTConfig, tp: int, pp: int, *, tp_key: str, pp_key: str)
              f"{arch.make_vocab_size_divisible_by})")
     _require(arch.num_layers % pp == 0, pp_key,
              f"PP={pp} must divide model.num_layers={arch.num_layers}")
+    if arch.recompute == "full":
+        per_stage = arch.num_layers // pp
+        n = arch.recompute_num_layers
+        _require(1 <= n <= per_stage, "model.recompute_num_layers",
+                 f"{n} must be in [1, the {per_stage} layers of a pipeline stage]")
+        # uniform recomputes the stage in chunks of n layers: a partial last chunk is refused
+        # by nothing in megatron, which then indexes past the stage's layers.
+        _require(arch.recompute_method != "uniform" or per_stage % n == 0,
+                 "model.recompute_num_layers", f"{n} must divide the {per_stage} layers of a "
+                 "pipeline stage with model.recompute_method=uniform")
 
 
 @dataclass
@@ -172,6 +198,10 @@ class DataConfig:
     seq_length: int = MISSING  # tokens per training sequence (padded or truncated to it)
     on_error: str = "raise"  # malformed line: raise | skip (skips are counted and reported)
     overlong: str = "truncate"  # sequence over seq_length: truncate | drop | raise
+    # Pack several examples into each seq_length row (first-fit decreasing), each attending to
+    # itself only, with its own positions (docs/design/packing.md); the trainer's batch sizes
+    # then count rows. false: one example per row, padded.
+    packing: bool = False
     shuffle: bool = True
     # Tokenized data, reused by every rank and later run (docs/design/data_cache.md); on a file
     # system all nodes share. null: every rank tokenizes the data itself, nothing is stored.
@@ -216,6 +246,8 @@ class AnchorConfig:
 class BaselinesConfig:
     kl_lambda: float = 0.2  # kl_sft: CE + lambda * KL(p_theta || p_ref)
     stm_threshold: float = 2.5  # stm: drop response tokens whose base perplexity exceeds it
+    # The SFT-stage losses' kernels: auto | fused | torch (nemo_anchored.ops.sharded_losses)
+    backend: str = "auto"
 
 
 @dataclass
@@ -393,12 +425,19 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
              f"{m.rope_scaling_factor} must be >= 1 (it divides the low RoPE frequencies)")
     _require(0 <= m.hidden_dropout < 1, "model.hidden_dropout", "must be in [0, 1)")
     _require(0 <= m.attention_dropout < 1, "model.attention_dropout", "must be in [0, 1)")
+    _one_of(m.attention, "model.attention", ATTENTION_BACKENDS)
+    _one_of(m.recompute, "model.recompute", (None, *RECOMPUTE_GRANULARITIES))
+    _one_of(m.recompute_method, "model.recompute_method", RECOMPUTE_METHODS)
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     check_layout(arch, tp, pp, tp_key="parallelism.tensor_model_parallel_size",
                  pp_key="parallelism.pipeline_model_parallel_size")
     _require(not p.sequence_parallel or tp > 1, "parallelism.sequence_parallel",
              "needs tensor_model_parallel_size > 1")
+    _require(not p.sequence_parallel or m.attention in ("auto", "te"),
+             "parallelism.sequence_parallel", f"needs Transformer Engine's layer spec "
+             f"(model.attention=te or auto), not model.attention={m.attention}: megatron's "
+             "local norms refuse sequence parallelism")
     _require(p.collective_timeout_s > 0, "parallelism.collective_timeout_s", "must be > 0")
     _require(world_size % (tp * pp) == 0, "parallelism",
              f"TP={tp} x PP={pp} does not divide the {world_size} processes")
@@ -438,6 +477,7 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
              "must be >= 1 or null")
     _require(a.temperature > 0, "anchor.temperature", "must be > 0")
     _one_of(a.backend, "anchor.backend", ("auto", "fused", "torch"))
+    _one_of(cfg.baselines.backend, "baselines.backend", ("auto", "fused", "torch"))
     _require(cfg.baselines.kl_lambda >= 0, "baselines.kl_lambda", "must be >= 0")
     _require(cfg.baselines.stm_threshold > 1, "baselines.stm_threshold",
              "must be > 1 (a perplexity)")

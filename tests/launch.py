@@ -36,18 +36,50 @@ def worker_env() -> dict:
     return env
 
 
+class Script:
+    """A Python script started alone (a world of one) or under torchrun, running while the
+    caller goes on (two launches side by side keep both cores of the CI machines busy where one
+    would leave a core idle); ``finish`` waits for it. Its output goes to temporary files: a
+    pipe that nobody reads meanwhile could fill up and stall the script."""
+
+    def __init__(self, script, *args, nproc: int = 1):
+        launcher = [] if nproc == 1 else [
+            "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={nproc}",
+            "--master-addr", "127.0.0.1", f"--master-port={free_port()}"]
+        self.script = script
+        self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen([sys.executable, *launcher, str(script), *map(str, args)],
+                                        env=worker_env(), cwd=REPO, stdout=self.stdout,
+                                        stderr=self.stderr)
+
+    def finish(self, timeout: int = 900) -> subprocess.CompletedProcess:
+        """Waits for the script (killed after `timeout` s, as subprocess.run does); fails the
+        test on error."""
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        output = []
+        for file in (self.stdout, self.stderr):
+            file.seek(0)
+            output.append(file.read())
+            file.close()
+        result = subprocess.CompletedProcess(self.process.args, self.process.returncode, *output)
+        if result.returncode != 0:
+            pytest.fail(f"{self.script} failed (exit {result.returncode}):\n"
+                        f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        return result
+
+    def kill(self) -> None:
+        """Stops the script if it still runs (after another launch's failure, say)."""
+        self.process.kill()
+        self.process.wait()
+
+
 def run_script(script, *args, nproc: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
     """Runs a Python script alone (a world of one) or under torchrun; fails the test on error."""
-    launcher = [] if nproc == 1 else [
-        "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={nproc}",
-        "--master-addr", "127.0.0.1", f"--master-port={free_port()}"]
-    result = subprocess.run([sys.executable, *launcher, str(script), *map(str, args)],
-                            env=worker_env(), cwd=REPO, capture_output=True, text=True,
-                            timeout=timeout)
-    if result.returncode != 0:
-        pytest.fail(f"{script} failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n"
-                    f"{result.stderr[-6000:]}")
-    return result
+    return Script(script, *args, nproc=nproc).finish(timeout)
 
 
 def torchrun_agent(argv, *, nproc: int, nnodes: int, port: int, log_dir: Path) -> subprocess.Popen:
@@ -70,13 +102,24 @@ def worker_logs(log_dir: Path) -> dict:
     return {path: path.read_text() for path in sorted(log_dir.rglob("std*.log"))}
 
 
-def worker_checks(script, workdir: Path, *args, nproc: int) -> list:
-    """Runs a worker that writes named checks to WORKDIR/checks.json (``--out``); returns them.
+class Worker(Script):
+    """A worker script that writes named checks to WORKDIR/checks.json (``--out``).
 
     A check is {"topic", "name", "rank", "value", "limit", "ok"}: see ``assert_topic``."""
-    out = workdir / "checks.json"
-    run_script(script, "--out", out, *args, nproc=nproc, timeout=300)
-    return json.loads(out.read_text())
+
+    def __init__(self, script, workdir: Path, *args, nproc: int):
+        self.out = workdir / "checks.json"
+        super().__init__(script, "--out", self.out, *args, nproc=nproc)
+
+    def checks(self) -> list:
+        """Waits for the worker; returns its checks."""
+        self.finish(timeout=300)
+        return json.loads(self.out.read_text())
+
+
+def worker_checks(script, workdir: Path, *args, nproc: int) -> list:
+    """Runs a ``Worker``; returns its checks."""
+    return Worker(script, workdir, *args, nproc=nproc).checks()
 
 
 class CheckLog:

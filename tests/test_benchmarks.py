@@ -307,6 +307,8 @@ from nemo_anchored.config import load_config
 from nemo_anchored.data import ByteTokenizer
 from nemo_anchored.eval.adapters import MegatronLM
 from nemo_anchored.eval.benchmarks import EvalSettings, evaluate_checkpoint, evaluate_mmlu
+from nemo_anchored.eval.divergence import kl_on_base_responses
+from nemo_anchored.eval.generate import greedy_batch, greedy_generate_ids
 from nemo_anchored.models.gpt import build_gpt_model
 from nemo_anchored.parallel.distributed import model_parallel
 from nemo_anchored.checkpoint.sharded import save_checkpoint
@@ -360,14 +362,58 @@ with model_parallel(1, 1, seed=0):
     out["generate_unchanged_by_padded_rows"] = got == reference
     out["generated"] = sum(len(g) for g in got)
     out["max_id"] = max(t for g in got for t in g)
-    # The KV-cached loop against full forwards, on a model whose next token depends on the
-    # context (larger weights: the tiny recipe's model repeats one token whatever the context).
+    # Left-padded, KV-cached batches against one prompt at a time, on a model whose next token
+    # depends on the context (larger weights: the tiny recipe's model repeats one token whatever
+    # the context). Lengths 8, 9, 9, 11 | 11, 32 in batches of 4 (sorted): both batches padded.
     sharp = build_gpt_model(replace(GPTConfig.of(cfg.model), init_method_std=0.3)).eval()
-    sharp_prompts = [*prompts, tok.encode_prompt("add 9+9=")]  # two prompts share a length
-    sharp_got = MegatronLM(sharp, vocab_size=V, stop_ids=set(), batch_size=3).generate(
+    sharp_prompts = [*prompts, tok.encode_prompt("add 9+9="),
+                     tok.encode_prompt("a longer prompt: x=1;y=2;z=3;z?")]
+    out["kv_lengths"] = sorted(len(p) for p in sharp_prompts)
+    sharp_got = MegatronLM(sharp, vocab_size=V, stop_ids=set(), batch_size=4).generate(
         sharp_prompts, 24)
     out["kv_equal"] = sharp_got == [direct_greedy(p, 24, set(), net=sharp) for p in sharp_prompts]
     out["kv_distinct_tokens"] = min(len(set(g)) for g in sharp_got)
+
+    def step_logits(net, batch):  # each row's next-token logits at each step, [steps, V]
+        steps = []
+        greedy_batch(net, batch, [24] * len(batch), vocab_size=V, stop_ids=set(),
+                     step_logits=steps)
+        return list(torch.stack(steps, 1)[..., :V])
+
+    one_at_a_time = [step_logits(sharp, [p])[0] for p in sharp_prompts]
+    padded = step_logits(sharp, sharp_prompts)  # one batch: pads of 0 to 24 tokens
+    out["kv_logit_max_diff"] = max(float((a - b).abs().max())
+                                   for a, b in zip(padded, one_at_a_time))
+    out["kv_logit_magnitude"] = max(float(a.abs().max()) for a in one_at_a_time)
+
+    class Unmasked(torch.nn.Module):  # the attention mask dropped: rows attend to their pads
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, tokens, positions, mask, **kwargs):
+            return self.net(tokens, positions, None, **kwargs)
+
+    out["unmasked_logit_max_diff"] = max(
+        float((a - b).abs().max())
+        for a, b in zip(step_logits(Unmasked(sharp), sharp_prompts), one_at_a_time))
+
+    # KL(model || sharp) per token on sharp's greedy responses (stopping at a token some of
+    # them produce early, so the responses differ in length), against float64 full forwards.
+    base_stop = {sharp_got[0][3]}
+    responses = greedy_generate_ids(sharp, sharp_prompts, vocab_size=V, stop_ids=base_stop,
+                                    max_new_tokens=12)
+    out["kl_response_lengths"] = [len(r) for r in responses]
+    out["kl"] = kl_on_base_responses(model, sharp, sharp_prompts, responses, vocab_size=V,
+                                     batch_size=4)
+    out["kl_self"] = kl_on_base_responses(sharp, sharp, sharp_prompts, responses, vocab_size=V)
+    per_token = []
+    for p, r in zip(sharp_prompts, responses):
+        logp, logq = (torch.log_softmax(logits(p + r, net)[len(p) - 1:, :V], dim=-1)
+                      for net in (model, sharp))
+        per_token += (logp.exp() * (logp - logq)).sum(-1).tolist()
+    out["kl_direct"] = sum(per_token) / len(per_token)
+    out["kl_positions"] = len(per_token)
     stop = reference[0][2]
     stopping = MegatronLM(model, vocab_size=V, stop_ids={stop})
     out["stops"] = stopping.generate(prompts[:1], 10)[0] == reference[0][:reference[0].index(stop)]
@@ -442,11 +488,28 @@ def megatron_checks(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_megatron_kv_cached_generation_equals_full_forwards(megatron_checks):
-    """24 tokens per prompt, batches of equal-length prompts, a context-sensitive model."""
+def test_megatron_padded_kv_cached_generation_equals_one_prompt_at_a_time(megatron_checks):
+    """24 tokens per prompt, left-padded batches of prompts of unequal length, a
+    context-sensitive model: the same tokens as full forwards one prompt at a time, and each
+    step's logits within 1e-4 (fp32, logits up to ~10) of the KV-cached loop on the prompt
+    alone."""
     out, _ = megatron_checks
+    assert out["kv_lengths"] == [8, 9, 9, 11, 11, 32]
     assert out["kv_distinct_tokens"] >= 4  # the comparison has power: no single repeated token
     assert out["kv_equal"]
+    assert out["kv_logit_magnitude"] > 1.0
+    assert out["kv_logit_max_diff"] < 1e-4
+    assert out["unmasked_logit_max_diff"] > 0.1  # pads would change the logits, unmasked
+
+
+@pytest.mark.slow
+def test_kl_on_base_responses_equals_a_float64_computation(megatron_checks):
+    out, _ = megatron_checks
+    lengths = out["kl_response_lengths"]
+    assert len(set(lengths)) > 1 and out["kl_positions"] == sum(lengths) + len(lengths)
+    assert out["kl_direct"] > 0.1  # two different models: a KL well away from 0
+    assert out["kl"] == pytest.approx(out["kl_direct"], rel=1e-5)
+    assert out["kl_self"] == 0.0
 
 
 @pytest.mark.slow

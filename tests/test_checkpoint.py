@@ -1,9 +1,10 @@
 """Distributed checkpoints (nemo_anchored.checkpoint.sharded) across layouts, on CPU with gloo.
 
-Two subprocess runs of tests/checkpoint_worker.py feed all tests: one torchrun world of 2
-processes (resume at TP=2; resharding TP=2 <-> TP=1, PP=2 and the distributed optimizer; crash
-leftovers, checksums and errors) and one unlaunched single process (resume with adam and with
-SGD; checksums; the messages for damaged, foreign and incomplete checkpoints and a full disk).
+Two subprocess runs of tests/checkpoint_worker.py, side by side, feed all tests: one torchrun
+world of 2 processes (resume at TP=2; resharding TP=2 <-> TP=1, PP=2 and the distributed
+optimizer; crash leftovers, checksums and errors) and one unlaunched single process (resume with
+adam and with SGD; checksums; the messages for damaged, foreign and incomplete checkpoints and a
+full disk).
 Each run produces many named checks and each test asserts one topic. Nothing here imports
 nemo_anchored or megatron-core: the CPU shims stay out of the pytest process.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import assert_topic, worker_checks
+from tests.launch import Worker, assert_topic
 
 pytestmark = pytest.mark.slow  # torchrun
 
@@ -20,15 +21,29 @@ WORKER = Path(__file__).with_name("checkpoint_worker.py")
 
 
 @pytest.fixture(scope="module")
-def two_process_checks(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("checkpoint")
-    return worker_checks(WORKER, workdir, "--dir", workdir / "checkpoints", nproc=2)
+def checks(tmp_path_factory) -> dict:
+    """{number of processes: checks} of both runs, started together: the single process uses
+    the core that the torchrun pair leaves idle while its ranks wait on each other."""
+    workers = {}
+    try:
+        for nproc in (2, 1):
+            workdir = tmp_path_factory.mktemp("checkpoint")
+            workers[nproc] = Worker(WORKER, workdir, "--dir", workdir / "checkpoints",
+                                    nproc=nproc)
+        return {nproc: worker.checks() for nproc, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.kill()  # one still running after the other failed; no-op once finished
 
 
 @pytest.fixture(scope="module")
-def single_process_checks(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("checkpoint")
-    return worker_checks(WORKER, workdir, "--dir", workdir / "checkpoints", nproc=1)
+def two_process_checks(checks):
+    return checks[2]
+
+
+@pytest.fixture(scope="module")
+def single_process_checks(checks):
+    return checks[1]
 
 
 def test_resume_is_bitwise_exact(two_process_checks):

@@ -1,6 +1,6 @@
 """Compile-only checks of the CUDA build, for machines without a GPU.
 
-nvcc compiles csrc/anchored_kl_cuda.cu for sm_80 and sm_90 against the installed torch's headers
+nvcc compiles each csrc/*.cu file for sm_80 and sm_90 against the installed torch's headers
 (a CPU wheel is enough), and the host compiler builds csrc/bindings.cpp with WITH_CUDA defined.
 Nothing here runs a kernel: the numerical checks of the CUDA kernels need a GPU.
 """
@@ -61,15 +61,20 @@ def stand_in_includes(tmp_path):
     return tmp_path / "include"
 
 
-def _run(cmd, what):
+def _run(cmds, what):
+    """Runs the commands as parallel processes; fails on the first that fails."""
     start = time.monotonic()
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
-    elapsed = time.monotonic() - start
-    print(f"{what}: {elapsed:.0f} s")
-    assert result.returncode == 0, (
-        f"{what} failed (exit code {result.returncode}):\n{' '.join(map(str, cmd))}\n"
-        f"{result.stderr}")
-    return result
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in cmds]
+    try:
+        outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()  # a no-op for the finished ones
+    print(f"{what}: {time.monotonic() - start:.0f} s")
+    for cmd, proc, (_, stderr) in zip(cmds, procs, outputs):
+        assert proc.returncode == 0, (
+            f"{what} failed (exit code {proc.returncode}):\n{' '.join(map(str, cmd))}\n{stderr}")
 
 
 def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path, stand_in_includes):
@@ -77,15 +82,20 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path, stand_in_includes):
     if nvcc is None:
         pytest.skip("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): the CUDA "
                     "kernels were not compile-checked")
-    obj = tmp_path / "anchored_kl_cuda.o"
+    sources = sorted(CSRC.glob("*.cu"))
+    assert len(sources) >= 2, sources  # anchored_kl_cuda.cu, sharded_losses_cuda.cu
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    cmd = [nvcc, "-c", str(CSRC / "anchored_kl_cuda.cu"), "-o", str(obj), _setup_std_flag("nvcc"),
-           "-O3", "--threads", str(len(ARCHS)), "-Xcompiler", "-fPIC",
-           # A device function called from host code is a bug that nvcc only warns about.
-           "--Werror", "cross-execution-space-call",
-           *cpp_extension.COMMON_NVCC_FLAGS, *gencode, *_common_flags(stand_in_includes)]
-    _run(cmd, "nvcc " + " ".join(gencode))
-    assert obj.is_file() and obj.stat().st_size > 0
+    objects = [tmp_path / f"{source.stem}.o" for source in sources]
+    # One nvcc process per file, in parallel, each compiling both architectures in threads.
+    cmds = [[nvcc, "-c", str(source), "-o", str(obj), _setup_std_flag("nvcc"), "-O3",
+             "--threads", str(len(ARCHS)), "-Xcompiler", "-fPIC",
+             # A device function called from host code is a bug that nvcc only warns about.
+             "--Werror", "cross-execution-space-call",
+             *cpp_extension.COMMON_NVCC_FLAGS, *gencode, *_common_flags(stand_in_includes)]
+            for source, obj in zip(sources, objects)]
+    _run(cmds, f"nvcc {' '.join(s.name for s in sources)} {' '.join(gencode)}")
+    for obj in objects:
+        assert obj.is_file() and obj.stat().st_size > 0, obj
 
 
 def test_bindings_compile_with_cuda_declarations(tmp_path, stand_in_includes):
@@ -95,6 +105,6 @@ def test_bindings_compile_with_cuda_declarations(tmp_path, stand_in_includes):
     obj = tmp_path / "bindings.o"
     cmd = [cxx, "-c", str(CSRC / "bindings.cpp"), "-o", str(obj), _setup_std_flag("cxx"), "-fPIC",
            *_common_flags(stand_in_includes)]
-    _run(cmd, f"{Path(cxx).name} bindings.cpp -DWITH_CUDA")
+    _run([cmd], f"{Path(cxx).name} bindings.cpp -DWITH_CUDA")
     assert obj.is_file() and obj.stat().st_size > 0
 

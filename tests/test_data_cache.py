@@ -153,7 +153,7 @@ def test_a_build_that_finds_its_key_published_meanwhile_keeps_that_copy(tmp_path
     dataset = cached(path, tmp_path / "cache")
     directory = Path(dataset.report.cache.split(" (")[0])
     manifest = (directory / MANIFEST).stat().st_mtime_ns
-    settings = {"seq_length": SEQ, "on_error": "skip", "overlong": "truncate", "packing": False}
+    settings = {"seq_length": SEQ, "on_error": "skip", "overlong": "truncate"}
     _write(dataset, cache_key(path, TOK, settings), directory)
     assert cache_dirs(tmp_path / "cache") == [directory.name]
     assert (directory / MANIFEST).stat().st_mtime_ns == manifest

@@ -43,14 +43,20 @@ def transformers_4() -> Path:
     return COMPAT_DIR
 
 
-def load_in_subprocess(work: Path, first_on_path=None) -> dict:
+def start_loading(work: Path, first_on_path=None) -> subprocess.Popen:
+    """This file as a script, which prints what ``describe_exports`` finds; one thread each, so
+    that the two versions' subprocesses run side by side on the 2-core CI machines."""
     path = [str(first_on_path)] if first_on_path else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path + [str(REPO)]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, __file__, str(work)], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return subprocess.Popen([sys.executable, __file__, str(work)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def loaded(process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-4000:]
+    return json.loads(stdout.splitlines()[-1])
 
 
 def test_exports_load_in_transformers_4_and_5_with_the_source_logits(hf_conversions,
@@ -60,9 +66,14 @@ def test_exports_load_in_transformers_4_and_5_with_the_source_logits(hf_conversi
     in both (SmolLM2, Qwen2); SmolLM2's chat prompts tokenized as transformers 5 did for the
     source."""
     work, _ = hf_conversions
-    loaded = {"5": load_in_subprocess(work), "4": load_in_subprocess(work, transformers_4)}
-    assert loaded["4"]["version"] == "4.57.6" and loaded["5"]["version"].startswith("5.")
-    for version, results in loaded.items():
+    processes = {"5": start_loading(work), "4": start_loading(work, transformers_4)}
+    try:
+        results_of = {version: loaded(process) for version, process in processes.items()}
+    finally:
+        for process in processes.values():
+            process.kill()  # one still running after the other failed; no-op once finished
+    assert results_of["4"]["version"] == "4.57.6" and results_of["5"]["version"].startswith("5.")
+    for version, results in results_of.items():
         for name in EXPORTS:
             assert results[name]["max_logit_diff"] <= LOGIT_TOL, (version, name, results[name])
         # Real tokenizers only: the tiny models' BPE (a ByteLevel pre-tokenizer with
@@ -70,7 +81,7 @@ def test_exports_load_in_transformers_4_and_5_with_the_source_logits(hf_conversi
         # space, 4.57 does not), from the very same tokenizer.json.
         for name in ("qwen2", "smollm2"):
             got = results[name]
-            assert got == {**loaded["5"][name], "max_logit_diff": got["max_logit_diff"],
+            assert got == {**results_of["5"][name], "max_logit_diff": got["max_logit_diff"],
                            "tokenizer_class": got["tokenizer_class"]}, (version, name)
         assert results["smollm2"]["chat_ids_match_source"], version
 

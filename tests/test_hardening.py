@@ -191,8 +191,7 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path):
 @pytest.mark.slow
 def test_second_run_in_one_directory_is_refused(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "first.log"
-    # Long enough (~30 s) for the second command to start up and reach the lock meanwhile.
-    args = ["trainer.max_steps=240", "checkpoint.save_every=10", "checkpoint.resume=none"]
+    args = ["trainer.max_steps=20", "checkpoint.save_every=10", "checkpoint.resume=none"]
     with open(log, "w") as output:
         first = subprocess.Popen(cli_args("sft", run_dir, *args), env=ENV, cwd=ROOT,
                                  stdout=output, stderr=subprocess.STDOUT)
@@ -202,14 +201,20 @@ def test_second_run_in_one_directory_is_refused(tmp_path):
             if lock_file.exists() and lock_file.read_text().strip():
                 break
             time.sleep(0.05)
-        second = cli("sft", run_dir, *args)
+        # The first run holds the lock: paused (SIGSTOP) it keeps holding it, however long the
+        # second command takes to start up and reach it, without a long run to outlast it.
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = cli("sft", run_dir, *args)
+        finally:
+            first.send_signal(signal.SIGCONT)
     finally:
         first.wait(timeout=600)
     assert_stopped(second, f"run directory {run_dir} is in use by another run",
                    f"pid {first.pid}")
     assert first.returncode == 0, log.read_text()[-3000:]
-    assert steps(run_dir) == list(range(1, 241))  # the first run's, each once
-    assert checkpoints(run_dir) == [f"step_{s:07d}" for s in range(10, 241, 10)]
+    assert steps(run_dir) == list(range(1, 21))  # the first run's, each once
+    assert checkpoints(run_dir) == ["step_0000010", "step_0000020"]
 
 
 # -------------------------------------------------------------------------------- resume

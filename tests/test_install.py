@@ -6,9 +6,10 @@ on a conversion's model.yaml with a key=value override.
 The fresh environment gets the dependencies already installed in the project's venv through a
 .pth file (the package itself is installed with --no-deps, so this checks the package, not
 install_requires). The copy and the environment sit at fixed paths under build/ (ignored by
-git): the extension's object files of the last run stay valid while csrc/ and the compiler
-flags (which name the environment's path) are unchanged, and ninja recompiles only what
-changed, as `make build` does. A first run compiles the extension: minutes on a busy CPU.
+git). The extension `make build` compiled is put where the build looks for its output, so the
+install keeps it when it is newer than every source and header (setup.py's ordinary
+up-to-date check) and compiles it again otherwise: the compile itself is `make build`'s,
+which runs before the tests.
 """
 import json
 import os
@@ -28,16 +29,9 @@ WORK = REPO / "build" / "install-test"
 
 def _copy_working_tree(dest: Path) -> None:
     """The files a clone of this working tree would have (tracked or not ignored, as they are
-    now) into ``dest``, whose previous copy is removed except the extension's object files."""
-    if dest.exists():
-        for entry in dest.iterdir():
-            if entry.is_symlink() or entry.is_file():
-                entry.unlink()
-            elif entry.name != "build":
-                shutil.rmtree(entry)
-        for entry in (dest / "build").glob("*"):
-            if not entry.name.startswith("temp."):
-                shutil.rmtree(entry)
+    now) into ``dest``, whose previous copy is removed, with this checkout's built extension
+    (its modification time kept) in the build's output folder."""
+    shutil.rmtree(dest, ignore_errors=True)
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             cwd=REPO, check=True, capture_output=True, text=True).stdout
     for name in sorted(set(filter(None, listed.split("\0")))):
@@ -49,6 +43,11 @@ def _copy_working_tree(dest: Path) -> None:
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, dest / rel, follow_symlinks=False)
+    # setuptools' platform build folder: build/lib.<platform>-<cache tag>.
+    built = dest / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+    (built / "nemo_anchored").mkdir(parents=True)
+    for extension in (REPO / "nemo_anchored").glob("_C.*"):
+        shutil.copy2(extension, built / "nemo_anchored" / extension.name)
 
 
 def _run(*argv, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -141,8 +141,8 @@ def test_matched_domain_rule_by_hand():
     assert low["domain"] is None and low["general"] is None and low["lr"] is None
     assert "no learning rate reaches" in low["note"] and "0.700" in low["note"]
     table = markdown_table(summary)
-    assert "| low_sft | - | n/a | n/a | no learning rate reaches" in table
-    assert "| anchored_logit | 0.001 | 0.900 ± 0.071 | 0.600 ± 0.141 |" in table
+    assert "| low_sft | - | - | n/a | n/a | - | no learning rate reaches" in table
+    assert "| anchored_logit | 0.001 | - | 0.900 ± 0.071 | 0.600 ± 0.141 | - |" in table
     # How close each verdict is: the bar is 0.9 x sft's best point (1.0 ± 0.0 at 3e-3).
     verdicts = {(v["method"], v["verdict"]): v for v in summary["verdicts"]}
     reach = verdicts["anchored_logit", "reaches the matched domain"]
@@ -159,7 +159,7 @@ def test_matched_domain_rule_by_hand():
                              ("anchored_logit", "general vs sft at matched domain"),
                              ("low_sft", "misses the matched domain")}
     lines = verdict_lines(summary)
-    assert ("| anchored_logit | general vs sft at matched domain | 0.001 | 0.600 ± 0.141 | "
+    assert ("| anchored_logit | general vs sft at matched domain | 0.001 | - | 0.600 ± 0.141 | "
             "sft 0.100 ± 0.141 | +0.500 | 0.200 | beyond the spread |") in lines
     assert "| 0.900 ± 0.071 | bar 0.900 ± 0.000 | " in lines and "within noise" in lines
     one_seed = summarize([p for p in points if p["seed"] == 0], {"domain": 0.0, "general": 0.8})
@@ -298,10 +298,16 @@ def test_tiny_lab_end_to_end(tiny_labs):
     out = tiny_labs[0]
     results = json.loads((out / "results.json").read_text())
     assert {"points", "methods", "config"} <= set(results)
-    assert len(results["points"]) == 5  # sft and anchored_logit at 2 lrs, low_sft at 1
+    # sft at 2 lrs, low_sft at 1, anchored_logit at 2 lrs x its 2 outer iterations
+    assert len(results["points"]) == 7
     for p in results["points"]:
-        assert set(p) == {"method", "lr", "seed", "domain", "general"}
+        assert set(p) == {"method", "series", "arm", "alpha", "lr", "outer", "outers", "seed",
+                          "domain", "general", "compute"}
         assert p["method"] in LAB_METHODS and 0 <= p["domain"] <= 1 and 0 <= p["general"] <= 1
+        assert p["series"] == p["method"] and p["arm"] == "equal"
+    assert sorted((p["lr"], p["outer"]) for p in results["points"]
+                  if p["method"] == "anchored_logit") == [(1e-4, 1), (1e-4, 2), (1e-3, 1),
+                                                          (1e-3, 2)]
     assert set(results["methods"]) == {"base", "sft", "low_sft", "anchored_logit"}
     assert set(results["methods"]) <= set(SUMMARY_METHODS)
     for entry in results["methods"].values():
@@ -385,8 +391,8 @@ def test_lab_refuses_to_continue_with_other_settings(tiny_labs):
     from nemo_anchored.lab.run import Lab
     from nemo_anchored.lab.settings import LabSettings
 
-    changed = LabSettings(**{**TINY, "seeds": 2, "alpha": 0.25})
-    with pytest.raises(LabResumeError, match=r"\(settings\.alpha: 0\.5 then, 0\.25 now; "
+    changed = LabSettings(**{**TINY, "seeds": 2, "alphas": (0.25,)})
+    with pytest.raises(LabResumeError, match=r"\(settings\.alphas: \[0\.5\] then, \[0\.25\] now; "
                        r"settings\.seeds: 1 then, 2 now\)"):
         Lab(tiny_labs[0], changed, log=lambda *a: None).run()
 

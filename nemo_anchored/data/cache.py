@@ -6,9 +6,10 @@ Layout (docs/design/data_cache.md): ``CACHE_DIR/<file name>.<key>/`` holds ``ids
 the key was computed from, the size and CRC-32 of each array file, and the ``DataReport``, so
 that a warm start reports exactly what the cold one did. The key is a hash of the data file's
 bytes, the tokenizer's identity (a Hugging Face folder's file contents and library versions),
-seq_length, on_error, overlong, packing, and the source of the modules that turn lines into
-tokens (this one, sft.py, tokenizer.py): a change to any of them is a different directory, so
-a cache is never read by code that would have tokenized differently.
+seq_length, on_error, overlong, and the source of the modules that turn lines into tokens
+(this one, sft.py, tokenizer.py): a change to any of them is a different directory, so a cache
+is never read by code that would have tokenized differently. data.packing is not in the key:
+packing is a layout of the loaded examples, computed after loading (sft.py).
 
 A directory is built under a sibling ``<name>.tmp.<host>.<pid>``, manifest last, and renamed into
 place, so a crashed build is never mistaken for a cache; of two jobs building the same key at
@@ -75,9 +76,7 @@ def cached_sft_dataset(path: Union[str, Path], tokenizer: Tokenizer, seq_length:
     """
     if cache_dir is None:
         return load_sft_dataset(path, tokenizer, seq_length, on_error, overlong)
-    settings = {"seq_length": seq_length, "on_error": on_error, "overlong": overlong,
-                # Sequences are padded, not packed, today: packing will change the arrays.
-                "packing": False}
+    settings = {"seq_length": seq_length, "on_error": on_error, "overlong": overlong}
     cache_dir = Path(cache_dir).expanduser()
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return _read_or_build(Path(path), tokenizer, settings, cache_dir)[1]

@@ -5,13 +5,14 @@ data-parallel order in which training visits them.
 Nothing is dropped silently: every line read ends up kept, skipped (bad data, with its line
 number and reason) or dropped for length, and ``DataReport.summary()`` says which.
 
-Each example is one row, padded to seq_length, not packed with others. Padding is correct
-for attention as it is: attention is causal and the padding comes after the example, so no
-real token attends to a pad, and pad positions are out of the loss (loss_mask 0), so what pads
-compute is never trained on. Packing several examples into a row would instead need a
-block-diagonal causal mask (each example attending only to itself) honoured by both megatron's
-local and Transformer Engine layer specs; without one, packed examples would attend across
-their boundaries.
+By default each example is one row, padded to seq_length. Padding is correct for attention as
+it is: attention is causal and the padding comes after the example, so no real token attends to
+a pad, and pad positions are out of the loss (loss_mask 0), so what pads compute is never
+trained on. With data.packing, ``packed()`` places the examples into seq_length rows by
+first-fit decreasing (data/packing.py); a packed row's micro-batch carries the block-diagonal
+causal ``attention_mask`` and position ids restarting at each example, so that each example
+computes what it would alone in a row. Packing is a layout of the loaded examples, computed
+after loading (the tokenized-data cache holds examples, whatever data.packing says).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from nemo_anchored.data.packing import (block_causal_mask, first_fit_decreasing,
+                                        restarting_positions)
 from nemo_anchored.data.tokenizer import ConversationError, Tokenizer, TokenizerError
 from nemo_anchored.errors import UserError
 
@@ -157,6 +160,99 @@ class SFTDataset:
     @property
     def loss_mask(self) -> torch.Tensor:
         return self.batch(range(len(self)))["loss_mask"]
+
+    def packed(self) -> PackedSFTDataset:
+        """Every example, packed into seq_length rows (data.packing)."""
+        return pack_examples(self, np.arange(len(self)))
+
+
+@dataclass
+class PackedSFTDataset:
+    """Examples of an SFTDataset packed into ``[b, seq_length]`` rows: row r holds the examples
+    ``bins[r]`` end to end, then padding. A batch of rows has ``SFTDataset.batch``'s keys, each
+    example's tokens, labels and loss mask as they would be alone in a row, plus
+    ``attention_mask`` (bool ``[b, 1, s, s]``, True: not attended; each example attends
+    causally to itself only) and ``position_ids`` restarting at 0 at each example
+    (data/packing.py). ``index`` numbers the rows. The loss mask is per token, so a loss summed
+    over the response tokens and divided by their count is the same whatever the packing.
+    """
+
+    examples: SFTDataset
+    bins: List[np.ndarray]  # int64 example numbers of each row, in row order
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    @property
+    def seq_length(self) -> int:
+        return self.examples.seq_length
+
+    @property
+    def report(self) -> DataReport:
+        return self.examples.report
+
+    def batch(self, index: Sequence[int]) -> Dict[str, torch.Tensor]:
+        index = torch.as_tensor(index, dtype=torch.int64)
+        tokens, labels, loss_mask, segments = self._rows(index.tolist())
+        segments = torch.from_numpy(segments)
+        return {
+            "tokens": torch.from_numpy(tokens),
+            "position_ids": restarting_positions(segments),
+            "attention_mask": block_causal_mask(segments),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "index": index,
+        }
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        # Not through batch(): every row's [s, s] mask would take N x s^2 bytes.
+        return torch.from_numpy(self._rows(range(len(self)))[2])
+
+    def _rows(self, index: Sequence[int]) -> Tuple[np.ndarray, ...]:
+        """(tokens, labels, loss_mask, segment ids) ``[b, s]`` of the rows ``index``; segment
+        ids number a row's examples from 1 and are 0 on its padding tail."""
+        data, s = self.examples, self.seq_length
+        tokens = np.full((len(index), s), data.pad_id, dtype=np.int64)
+        labels = tokens.copy()
+        loss_mask = np.zeros((len(index), s), dtype=np.float32)
+        segments = np.zeros((len(index), s), dtype=np.int64)
+        for row, examples in enumerate(self.bins[i] for i in index):
+            starts = data.offsets[examples]
+            lengths = data.offsets[examples + 1] - starts - 1  # an example's positions
+            used = int(lengths.sum())
+            # Position j of the row holds token at[j] of the examples stored end to end.
+            at = np.arange(used) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+            tokens[row, :used] = data.ids[at]
+            labels[row, :used] = data.ids[at + 1]
+            loss_mask[row, :used] = data.assistant[at + 1]
+            segments[row, :used] = np.repeat(np.arange(1, len(examples) + 1), lengths)
+        return tokens, labels, loss_mask, segments
+
+    def padding_fractions(self) -> Tuple[float, float]:
+        """(padding fraction of the positions one example per row, the same packed)."""
+        positions = np.diff(self.examples.offsets) - 1  # each example's positions
+        used = sum(int(positions[b].sum()) for b in self.bins)
+        examples = sum(len(b) for b in self.bins)
+        return 1 - used / (examples * self.seq_length), 1 - used / (len(self) * self.seq_length)
+
+    def summary(self) -> str:
+        """A line for the log: how much padding packing removed."""
+        padded, packed = self.padding_fractions()
+        return (f"data.packing: {sum(len(b) for b in self.bins)} examples packed into "
+                f"{len(self)} rows of {self.seq_length} positions; padding: {padded:.1%} of "
+                f"the positions one example per row, {packed:.1%} packed")
+
+
+def pack_examples(dataset: SFTDataset, examples: np.ndarray) -> PackedSFTDataset:
+    """The ``examples`` (example numbers of ``dataset``) packed into seq_length rows by
+    first-fit decreasing on their lengths (deterministic: the same examples, the same rows).
+    Every example fits: load_sft_dataset has already truncated, dropped or refused those
+    longer than seq_length, as data.overlong says."""
+    examples = np.asarray(examples, dtype=np.int64)
+    lengths = dataset.offsets[examples + 1] - dataset.offsets[examples] - 1
+    return PackedSFTDataset(dataset, [examples[b] for b in
+                                      first_fit_decreasing(lengths, dataset.seq_length)])
 
 
 def load_sft_dataset(path: Union[str, Path], tokenizer: Tokenizer, seq_length: int,
@@ -308,16 +404,17 @@ def _prompt_and_response(record: dict) -> Tuple[str, str]:
 
 
 class BatchOrder:
-    """Which examples each data-parallel rank trains on at each step: pure index arithmetic
+    """Which rows each data-parallel rank trains on at each step: pure index arithmetic
     on (seed, epoch, step), so every rank agrees without communicating and a run resumes
     exactly from a saved (epoch, step).
 
-    Each epoch is a permutation of the data set (identity when ``shuffle`` is False) cut into
-    ``steps_per_epoch`` global batches of ``global_batch_size`` examples; the last
-    ``unused_per_epoch`` examples of the permutation are not visited that epoch (with shuffling,
-    a different subset each epoch). Rank r takes the r-th contiguous slice of a global batch,
-    split into micro-batches in order, so concatenating the ranks' micro-batches gives the
-    global batch back.
+    A row is an example, or with data.packing (``packed=True``) a packed row of examples, whose
+    packing is itself deterministic. Each epoch is a permutation of the rows (identity when
+    ``shuffle`` is False) cut into ``steps_per_epoch`` global batches of ``global_batch_size``
+    rows; the last ``unused_per_epoch`` rows of the permutation are not visited that epoch
+    (with shuffling, a different subset each epoch). Rank r takes the r-th contiguous slice of
+    a global batch, split into micro-batches in order, so concatenating the ranks'
+    micro-batches gives the global batch back.
 
     A data set smaller than one global batch is the user's to fix: DataError naming
     ``train_path`` (data.train_path, when given) and trainer.global_batch_size.
@@ -325,7 +422,7 @@ class BatchOrder:
 
     def __init__(self, num_examples: int, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, seed: int, shuffle: bool = True, *,
-                 train_path: Optional[str] = None):
+                 train_path: Optional[str] = None, packed: bool = False):
         if micro_batch_size < 1 or dp_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size} and dp_size={dp_size} must "
                              f"be >= 1")
@@ -338,8 +435,10 @@ class BatchOrder:
                              f"{dp_size}")
         if num_examples < global_batch_size:
             data = f"data.train_path={train_path}" if train_path else "the data set"
-            raise DataError(f"{data} has {num_examples} examples, fewer than one global "
-                            f"batch (trainer.global_batch_size={global_batch_size})")
+            rows = f"packs into {num_examples} rows (data.packing=true)" if packed else \
+                f"has {num_examples} examples"
+            raise DataError(f"{data} {rows}, fewer than one global batch "
+                            f"(trainer.global_batch_size={global_batch_size})")
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size

@@ -16,23 +16,41 @@ def _fmt(mean, std) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
+def _outer(row: dict) -> str:
+    return "-" if row.get("outer") is None else f"{row['outer']}/{row['outers']}"
+
+
+def _compute(row: dict) -> str:
+    return "-" if row.get("compute") is None else f"{row['compute']:.3g}"
+
+
+COMPUTE_UNIT = ("compute: forward-equivalent token passes (forward + 2 x backward, frozen "
+                "models' forwards and the SFT reference included; lab/budget.py)")
+
+
 def markdown_table(summary: dict) -> str:
     lines = [f"Matched domain accuracy: >= {MATCH_FRACTION:.0%} of the best SFT domain accuracy "
-             f"({summary['best_sft_domain']:.3f}) = {summary['matched_domain_threshold']:.3f}",
-             "", "| method | lr | domain | general | note |", "|---|---|---|---|---|"]
+             f"({summary['best_sft_domain']:.3f}) = {summary['matched_domain_threshold']:.3f}. "
+             f"outer: the anchored checkpoint (outer iteration t of T); {COMPUTE_UNIT}",
+             "", "| method | lr | outer | domain | general | compute | note |",
+             "|---|---|---|---|---|---|---|"]
     if summary["best_sft_domain"] == 0:
         lines.insert(1, "WARNING: SFT never learned the domain (best 0.000): every run "
                         "qualifies and the matched-domain comparison says nothing")
     for method, m in summary["methods"].items():
         lr = "-" if m.get("lr") is None else f"{m['lr']:g}"
-        lines.append(f"| {method} | {lr} | {_fmt(m['domain'], m['domain_std'])} | "
-                     f"{_fmt(m['general'], m['general_std'])} | {m.get('note', '')} |")
+        lines.append(f"| {method} | {lr} | {_outer(m)} | {_fmt(m['domain'], m['domain_std'])} | "
+                     f"{_fmt(m['general'], m['general_std'])} | {_compute(m)} | "
+                     f"{m.get('note', '')} |")
     lines += ["", "All runs (seed mean ± std):", "",
-              "| method | lr | domain | general | seeds |", "|---|---|---|---|---|"]
+              "| method | lr | outer | domain | general | compute | seeds |",
+              "|---|---|---|---|---|---|---|"]
     for method, rows in summary["sweep"].items():
         for r in rows:
-            lines.append(f"| {method} | {r['lr']:g} | {_fmt(r['domain'], r['domain_std'])} | "
-                         f"{_fmt(r['general'], r['general_std'])} | {r['seeds']} |")
+            lines.append(f"| {method} | {r['lr']:g} | {_outer(r)} | "
+                         f"{_fmt(r['domain'], r['domain_std'])} | "
+                         f"{_fmt(r['general'], r['general_std'])} | {_compute(r)} | "
+                         f"{r['seeds']} |")
     return "\n".join(lines)
 
 
@@ -44,12 +62,12 @@ def verdict_lines(summary: dict) -> str:
     seeds = sorted({v["seeds"] for v in rows})
     lines = [f"How close each verdict is ({SPREAD}; "
              f"{' or '.join(map(str, seeds))} seed(s)):", "",
-             "| method | verdict | lr | value | against | margin | spread | |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | verdict | lr | outer | value | against | margin | spread | |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for v in rows:
         closeness = ("1 seed: no spread" if v["within_noise"] is None
                      else "within noise" if v["within_noise"] else "beyond the spread")
-        lines.append(f"| {v['method']} | {v['verdict']} | {v['lr']:g} | "
+        lines.append(f"| {v['method']} | {v['verdict']} | {v['lr']:g} | {_outer(v)} | "
                      f"{_fmt(v['value'], v['value_std'])} | "
                      f"{v['against_name']} {_fmt(v['against'], v['against_std'])} | "
                      f"{v['margin']:+.3f} | {v['spread']:.3f} | {closeness} |")
@@ -57,17 +75,17 @@ def verdict_lines(summary: dict) -> str:
 
 
 def anchored_trace_table(details: Sequence[dict]) -> str:
-    """Per anchored method and lr (seed means): domain, general and KL to p_base after each
-    outer iteration, with sft's final point at the same lr for comparison."""
+    """Per anchored series and lr (seed means): domain, general and KL to p_base after each
+    outer iteration, with the equal arm's sft final point at the same lr for comparison."""
     groups: Dict[tuple, List[dict]] = {}
     for d in details:
         if "trace" in d:
-            groups.setdefault((d["method"], d["lr"]), []).append(d)
+            groups.setdefault((d.get("series", d["method"]), d["lr"]), []).append(d)
     if not groups:
         return ""
     sft = {}
     for d in details:
-        if d["method"] == "sft":
+        if d.get("series", d["method"]) == "sft":  # the equal arm's
             sft.setdefault(d["lr"], []).append(d)
     lines = ["Anchored runs after each outer iteration (seed means; KL: per response token of "
              "the general held-out set, KL(p_theta || p_base)):", "",
@@ -101,55 +119,116 @@ def _clipped_std(means: Sequence[float], stds: Sequence[float]) -> List[List[flo
             [min(s, 1.0 - m) for m, s in zip(means, stds)]]
 
 
+_ARM_LINES = {"equal": "-", "authors": "--", "control": ":"}
+
+
+def _series_styles(points: Sequence[dict]) -> Dict[str, dict]:
+    """Per series: its method's colour and marker, its arm's line style, and (in an alpha
+    sweep) a line width and opacity that grow with alpha."""
+    alphas = sorted({p["alpha"] for p in points if p.get("alpha") is not None})
+    styles = {}
+    for p in points:
+        series = p.get("series", p["method"])
+        if series in styles:
+            continue
+        color, marker = _STYLES[p["method"]]
+        rank = alphas.index(p["alpha"]) if p.get("alpha") is not None else len(alphas) - 1
+        weight = 1.0 if len(alphas) < 2 else 0.45 + 0.55 * rank / (len(alphas) - 1)
+        styles[series] = {"color": color, "marker": marker, "lw": 0.8 + 1.2 * weight,
+                          "alpha": weight, "ls": _ARM_LINES[p.get("arm", "equal")]}
+    return styles
+
+
+def _final(row: dict) -> bool:
+    return row.get("outer") is None or row["outer"] == row["outers"]
+
+
 def plot_pareto(path: Path, points: Sequence[dict], summary: dict) -> None:
-    """The trade-off per method over its lr sweep, as ``path`` (PNG) and the same figure as
-    PDF next to it: seed means with their lr written beside them, error bars, each seed's run
-    faint, each method's frontier."""
+    """``path`` (PNG) and the same figure as PDF next to it. Left: the trade-off per series
+    over its sweep: seed means (final checkpoints labelled with their lr), error bars, each
+    seed's run faint, each series' frontier. Right: general accuracy at matched domain
+    accuracy against compute: every sweep point that reaches the bar faint, each series'
+    matched point with its error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     seeds = sorted({r["seeds"] for rows in summary["sweep"].values() for r in rows})
-    with plt.rc_context({"font.size": 11, "axes.labelsize": 12, "legend.fontsize": 10,
+    styles = _series_styles(points)
+    threshold = summary["matched_domain_threshold"]
+    with plt.rc_context({"font.size": 11, "axes.labelsize": 12, "legend.fontsize": 9,
                          "pdf.fonttype": 42}):
-        fig, ax = plt.subplots(figsize=(10, 6.2))
-        for method, rows in summary["sweep"].items():
-            color, marker = _STYLES[method]
-            runs = [p for p in points if p["method"] == method]
-            ax.scatter([p["domain"] for p in runs], [p["general"] for p in runs], s=16,
-                       marker=marker, facecolors="none", edgecolors=color, alpha=0.5, lw=0.8)
+        fig, (ax, cx) = plt.subplots(1, 2, figsize=(17, 6.6),
+                                     gridspec_kw={"width_ratios": [1.25, 1]})
+        missing = []
+        for series, rows in summary["sweep"].items():
+            st = styles[series]
+            runs = [p for p in points if p.get("series", p["method"]) == series]
+            ax.scatter([p["domain"] for p in runs], [p["general"] for p in runs], s=14,
+                       marker=st["marker"], facecolors="none", edgecolors=st["color"],
+                       alpha=0.4 * st["alpha"], lw=0.8)
             domain, general = [r["domain"] for r in rows], [r["general"] for r in rows]
             ax.errorbar(domain, general,
                         xerr=_clipped_std(domain, [r["domain_std"] for r in rows]),
                         yerr=_clipped_std(general, [r["general_std"] for r in rows]),
-                        fmt=marker, ms=7, color=color, mec="black", mew=0.6, capsize=2.5,
-                        lw=1.0, zorder=3)
-            for r in rows:
+                        fmt=st["marker"], ms=6, color=st["color"], mec="black", mew=0.5,
+                        capsize=2, lw=0.8, alpha=st["alpha"], zorder=3)
+            for r in filter(_final, rows):
                 ax.annotate(f"{r['lr']:.0e}".replace("e-0", "e-"), (r["domain"], r["general"]),
-                            xytext=(5, 4),
-                            textcoords="offset points", fontsize=8.5, color="0.25")
+                            xytext=(5, 4), textcoords="offset points", fontsize=7.5,
+                            color="0.3")
             front = pareto_frontier(rows)
-            ax.plot([r["domain"] for r in front], [r["general"] for r in front], "-",
-                    color=color, lw=1.6, marker=marker, ms=7, mec="black", mew=0.6,
-                    label=method)
+            ax.plot([r["domain"] for r in front], [r["general"] for r in front], st["ls"],
+                    color=st["color"], lw=st["lw"], marker=st["marker"], ms=6, mec="black",
+                    mew=0.5, alpha=st["alpha"], label=series)
+            reach = [r for r in rows if r["domain"] >= threshold - 1e-12 and
+                     r.get("compute") is not None]
+            matched = summary["methods"][series]
+            if matched.get("compute") is None:
+                missing.append(series)
+                continue
+            cx.scatter([r["compute"] for r in reach], [r["general"] for r in reach], s=14,
+                       marker=st["marker"], facecolors="none", edgecolors=st["color"],
+                       alpha=0.5, lw=0.8)
+            cx.errorbar([matched["compute"]], [matched["general"]],
+                        yerr=_clipped_std([matched["general"]], [matched["general_std"]]),
+                        fmt=st["marker"], ms=8, color=st["color"], mec="black", mew=0.6,
+                        capsize=2.5, lw=1.0, zorder=3, label=series)
         base = summary["methods"]["base"]
         ax.scatter([base["domain"]], [base["general"]], marker="*", s=260, color="black",
                    label="base", zorder=5)
-        ax.axvline(summary["matched_domain_threshold"], color="0.4", ls=":", lw=1.2,
+        ax.axvline(threshold, color="0.4", ls=":", lw=1.2,
                    label=f"matched domain ({MATCH_FRACTION:.0%} of best SFT)")
         ax.set_xlabel("domain accuracy (held-out, greedy exact match)")
         ax.set_ylabel("general accuracy (held-out, greedy exact match)")
-        ax.set_title("Domain gain against general skills, per method over its lr sweep")
-        ax.text(1.02, 0.0, f"Large markers: seed means,\nlabelled with their lr.\nError bars: "
-                f"\u00b11 sample std\nover {' or '.join(map(str, seeds))} seeds, clipped to "
-                "[0, 1].\nSmall hollow markers:\nsingle runs.\nLines: each method's\nfrontier.",
-                transform=ax.transAxes, va="bottom", fontsize=10)
+        ax.set_title("Domain gain against general skills, per method over its sweep")
         top = max([p["domain"] for p in points] + [base["domain"] or 0.0])
         ax.set_xlim(-0.02, min(1.02, top * 1.15 + 0.05))
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.savefig(path, dpi=200, bbox_inches="tight")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+        ax.text(1.01, 0.0, f"Large markers: seed means\n(final checkpoints labelled\nwith "
+                f"their lr). Error bars:\n\u00b11 sample std over\n{' or '.join(map(str, seeds))}"
+                " seeds, clipped to [0, 1].\nHollow: single runs.\nLines: frontiers; solid\n"
+                "equal, dashed authors,\ndotted control arm.", transform=ax.transAxes,
+                va="bottom", fontsize=8.5)
+        sft = summary["methods"]["sft"]
+        if sft.get("general") is not None:
+            cx.axhline(sft["general"], color="0.4", ls="--", lw=1.0,
+                       label="sft at matched domain")
+        cx.set_xscale("log")
+        cx.margins(x=0.12)
+        cx.set_xlabel("compute (forward-equivalent token passes, reference included)")
+        cx.set_ylabel("general accuracy at matched domain accuracy")
+        cx.set_title("At matched domain accuracy, against compute")
+        cx.set_ylim(-0.02, 1.02)
+        cx.grid(alpha=0.3, which="both")
+        cx.legend(loc="upper right", fontsize=8)
+        if missing:
+            cx.text(0.02, 0.98, "never reach the matched domain:\n" + "\n".join(missing),
+                    transform=cx.transAxes, va="top", fontsize=7.5, color="0.3")
+        fig.tight_layout()
+        fig.savefig(path, dpi=170, bbox_inches="tight")
         fig.savefig(Path(path).with_suffix(".pdf"), bbox_inches="tight")
         plt.close(fig)

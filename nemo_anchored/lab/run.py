@@ -4,15 +4,16 @@
     2. p_base     the committed base (assets/lab_base, nemo_anchored/lab/base.py) when it was
                   pretrained with these settings; otherwise pretrain a tiny GPT from random init
                   on the general mix (method=sft) and use that run's final checkpoint
-    3. per seed   the SFT reference (sft at the reference lr on the domain data), then every
-                  method x lr from p_base with the same data budget (epochs over D); kl_sft
-                  and anchored use that seed's reference. Plan entries that are the same
+    3. per seed   the SFT references (sft at the reference lr on the domain data), then every
+                  point of the budget arms (lab/budget.py: equal, authors, control) x lr (x
+                  alpha for anchored) from p_base; kl_sft and anchored use that seed's
+                  reference of their arm. Plan entries that are the same
                   training (lab/records.py: the reference and sft at its lr; sft and low_sft
                   at a shared lr) run once, and each finished training's scores are recorded
                   as it ends, so the same command run again continues where it stopped
     4. evaluate   greedy exact match on the held-out domain and general sets and KL(model ||
                   p_base) on the general set, every final model (anchored: also after every
-                  outer iteration)
+                  outer iteration, each a point of the sweep), with each point's compute
     5. report     OUT/results.json (with the summary of lab/summary.py: each method at matched
                   domain accuracy, how close each verdict is), OUT/pareto.png and .pdf,
                   OUT/results.md (the Markdown tables of lab/report.py, also printed), a
@@ -34,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Set
 
 from nemo_anchored.atomic import write_text
 from nemo_anchored.data.builders import write_jsonl
+from nemo_anchored.lab import budget
 from nemo_anchored.lab.base import (REGENERATE, file_digests, pretrain_fingerprint,
                                     verified_committed_base, write_committed_base)
 from nemo_anchored.lab.records import (RUN_RECORD, check_settings, read_run, training_identity,
@@ -67,6 +69,10 @@ def kl_to_reference(model, batch: dict, reference_logprobs) -> float:
     from nemo_anchored.eval.divergence import mean_kl
 
     return mean_kl(response_logprobs(model, batch), reference_logprobs, batch["loss_mask"])
+
+
+def _key(training) -> str:
+    return json.dumps(training.identity, sort_keys=True)
 
 
 def _complete(checkpoint: Path) -> bool:
@@ -227,28 +233,81 @@ class Lab:
         return [1000 + i for i in range(self.s.seeds)]
 
     def _plan(self, base_final: Path, paths: dict) -> List[tuple]:
-        """(seed, method, lr, Training) of every fine-tuning point, in order; per seed the SFT
-        reference first (it is also the sft point at reference_lr). Points whose trainings have
-        equal identities (lab/records.py) share one Training, the first one planned."""
+        """(seed, PointSpec or None, Training) of every fine-tuning training, in order; per seed
+        the SFT references first (the equal arm's is also its sft point at reference_lr; the
+        authors arm's, with their own epochs, are no points: spec None). Entries whose
+        trainings have equal identities (lab/records.py) share one Training, the first one
+        planned. Fills self.stages, the compute accounting's plan (lab/budget.py)."""
+        from nemo_anchored.config import load_config
+
         s, plan, trainings = self.s, [], {}
+        cfg = load_config(self.recipe, list(s.model_overrides), check_paths=False)
+        batch, mbs = cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size
+        steps_per_epoch = s.domain_train // batch
+        tokens_per_step = batch * cfg.data.seq_length
+        prepass = -(-s.domain_train // mbs) * mbs * cfg.data.seq_length
+        swept = len(s.alphas) > 1
+        self.stages: Dict[str, budget.Stage] = {}
+        self.references: Set[str] = set()  # the SFT references' training names
+        equal_reference = budget.PointSpec("sft", "equal", float(s.reference_lr), s.epochs)
         for seed in self._seeds():
-            reference = self.out / "runs" / f"seed{seed}" / f"sft_lr{s.reference_lr:g}" / "final"
-            points = [("sft", float(s.reference_lr))] + [
-                (method, float(lr)) for method in s.methods
-                for lr in (s.low_lrs if method == "low_sft" else s.lrs)]
-            for method, lr in dict.fromkeys(points):  # the reference's sft point once
-                extra = [f"model.base_checkpoint={base_final}", f"trainer.epochs={s.epochs}",
-                         f"anchor.alpha={s.alpha}", f"anchor.outer_iterations={s.outer_iterations}",
-                         f"anchor.inner_epochs={s.inner_epochs}",
-                         f"baselines.kl_lambda={s.kl_lambda}",
-                         f"baselines.stm_threshold={s.stm_threshold}", *METHOD_OVERRIDES[method]]
-                if method == "kl_sft" or method.startswith("anchored"):
-                    extra.append(f"model.reference_checkpoint={reference}")
-                training = self._training(f"seed{seed}/{method}_lr{lr:g}",
-                                          paths["domain", "train"], seed, lr, extra)
-                key = json.dumps(training.identity, sort_keys=True)
-                plan.append((seed, method, lr, trainings.setdefault(key, training)))
+            references = {}  # epochs -> its training's name
+            for epochs in budget.reference_epochs(s):
+                spec = equal_reference if epochs == s.epochs else None
+                name = spec.run_name(swept) if spec else f"reference_e{epochs}_lr{s.reference_lr:g}"
+                training = self._training(
+                    f"seed{seed}/{name}", paths["domain", "train"], seed, s.reference_lr,
+                    [f"model.base_checkpoint={base_final}", f"trainer.epochs={epochs}",
+                     *self._baseline_overrides(), *METHOD_OVERRIDES["sft"]],
+                    evaluate=spec is not None)
+                training = trainings.setdefault(_key(training), training)
+                references[epochs] = training.name
+                self.references.add(training.name)
+                self.stages[training.name] = budget.reference_stage(epochs, steps_per_epoch,
+                                                                    tokens_per_step)
+                plan.append((seed, spec, training))
+            for spec in budget.point_specs(s):
+                if spec == equal_reference:
+                    continue  # planned above
+                extra = [f"model.base_checkpoint={base_final}", f"trainer.epochs={spec.epochs}",
+                         *self._baseline_overrides(), *METHOD_OVERRIDES[spec.method]]
+                if spec.alpha is not None:
+                    extra += [f"anchor.alpha={spec.alpha}",
+                              f"anchor.outer_iterations={spec.outer_iterations}",
+                              f"anchor.inner_epochs={spec.inner_epochs}"]
+                reference = references.get(spec.reference_epochs)
+                if reference is not None:
+                    extra.append("model.reference_checkpoint="
+                                 f"{self.out / 'runs' / reference / 'final'}")
+                training = self._training(f"seed{seed}/{spec.run_name(swept)}",
+                                          paths["domain", "train"], seed, spec.lr, extra)
+                training = trainings.setdefault(_key(training), training)
+                self.stages.setdefault(training.name, budget.stage_for(
+                    spec, steps_per_epoch, tokens_per_step, prepass, reference))
+                plan.append((seed, spec, training))
+        self.steps_per_epoch = steps_per_epoch
         return plan
+
+    def _baseline_overrides(self) -> List[str]:
+        return [f"baselines.kl_lambda={self.s.kl_lambda}",
+                f"baselines.stm_threshold={self.s.stm_threshold}"]
+
+    def _points(self, seed: int, spec: budget.PointSpec, training: Training,
+                scores: dict) -> List[dict]:
+        """The sweep points of one planned spec: its final model, and for anchored specs every
+        outer iteration's checkpoint, each with the compute spent up to it."""
+        point = {"method": spec.method, "series": spec.series(len(self.s.alphas) > 1),
+                 "arm": spec.arm, "alpha": spec.alpha, "lr": spec.lr, "seed": seed}
+        if "trace" not in scores:
+            return [{**point, "outer": None, "outers": None, "domain": scores["domain"],
+                     "general": scores["general"],
+                     "compute": budget.compute(self.stages, training.name)["forward_equivalent"]}]
+        steps = budget.outer_steps(spec, self.steps_per_epoch)
+        return [{**point, "outer": t["outer"] + 1, "outers": spec.outer_iterations,
+                 "domain": t["domain"], "general": t["general"],
+                 "compute": budget.compute(self.stages, training.name,
+                                           steps[t["outer"] + 1])["forward_equivalent"]}
+                for t in scores["trace"]]
 
     def _find_base(self) -> Optional[Path]:
         """The p_base to start from without pretraining: settings.base_checkpoint, else the
@@ -337,28 +396,30 @@ class Lab:
         details: List[dict] = []
         plan = self._plan(base_final, paths)
         trainings = list({id(t): t for *_, t in plan}.values())
-        references = {}  # per seed its first training: the SFT reference
-        for seed, *_, training in plan:
-            references.setdefault(seed, training)
         done = sum((out / "runs" / t.name / RUN_RECORD).is_file() for t in trainings)
         if done:
             self.log(f"lab: continuing in {out}: {done} of {len(trainings)} trainings "
                      "recorded by an earlier run")
         self.progress = tqdm(total=len(trainings), unit="run", dynamic_ncols=True)
+        swept = len(s.alphas) > 1
         try:
-            for seed, method, lr, training in plan:
-                name = f"seed{seed}/{method}_lr{lr:g}"
+            for seed, spec, training in plan:
                 shared = training.name in self.records
                 record = self._result(training)
+                if "failed" in record and training.name in self.references:
+                    raise RuntimeError(f"the SFT reference {training.name} failed: "
+                                       f"{record['failed']}")
+                if spec is None:
+                    continue  # a reference with epochs of its own: no point of the sweep
+                name = f"seed{seed}/{spec.run_name(swept)}"
                 if "failed" in record:
-                    if training is references[seed]:
-                        raise RuntimeError(f"the SFT reference failed: {record['failed']}")
                     self._say(f"  {name}: FAILED ({record['failed']})")
                     continue
                 scores = record["scores"]
-                points.append({"method": method, "lr": lr, "seed": seed,
-                               "domain": scores["domain"], "general": scores["general"]})
-                details.append({**points[-1], "run": training.name,
+                found = self._points(seed, spec, training, scores)
+                points += found
+                details.append({**found[-1], "run": training.name,
+                                "compute_passes": budget.compute(self.stages, training.name),
                                 **{k: v for k, v in scores.items()
                                    if k not in ("domain", "general")}})
                 how = (f"the training of {training.name}" if shared
@@ -400,16 +461,24 @@ class Lab:
     def _config_record(self, wall: float, base_final: Path) -> dict:
         s = self.s
         return {
-            "settings": dataclasses.asdict(s) | {"methods": list(s.methods), "lrs": list(s.lrs),
-                                                 "low_lrs": list(s.low_lrs),
-                                                 "model_overrides": list(s.model_overrides)},
+            "settings": json.loads(json.dumps(dataclasses.asdict(s))),
             "recipe": str(self.recipe),
             "seeds": self._seeds(),
-            "data_budget": f"{s.epochs} epochs over D for every method; anchored: "
-                           f"T={s.outer_iterations} outer x K={s.inner_epochs} inner epochs",
+            "budgets": list(s.budgets),
+            "data_budget": f"equal arm: {s.epochs} epochs over D for every method; anchored: "
+                           f"T={s.outer_iterations} outer x K={s.inner_epochs} inner epochs"
+                           + ("" if "authors" not in s.budgets else
+                              f"; authors arm (reference epochs, T, K): "
+                              f"{dict(s.authors_budgets)}; control arm: sft and kl_sft at the "
+                              f"authors arm's T x K epochs over lrs {list(s.control_lrs)}"),
+            "alphas": list(s.alphas),
             "reference": f"per seed: sft at lr {s.reference_lr:g}, {s.epochs} epochs from the "
-                         "base; reused as the sft point at that lr and seed. kl_sft and "
-                         "anchored_* also depend on it (their compute includes it)",
+                         "base; reused as the sft point at that lr and seed. kl_sft and the "
+                         "equal arm's anchored_* depend on it; the authors arm's anchored "
+                         "variants on sft at that lr with their own reference epochs",
+            "compute": budget.__doc__.split("Compute is counted in ")[1].strip(),
+            "outer_points": "every outer iteration's checkpoint of an anchored run is a point "
+                            "of its sweep (points[].outer of points[].outers)",
             "shared_trainings": "points whose resolved training configs are equal (sft and "
                                 "low_sft at a shared lr: the same objective) come from one "
                                 "training, named in point_details[].run",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from nemo_anchored.config import SHIPPED_RECIPES
+from nemo_anchored.lab.budget import check_budgets
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = SHIPPED_RECIPES / "lab_tiny.yaml"
@@ -14,6 +15,11 @@ COMMITTED_BASE = ROOT / "assets" / "lab_base"
 SUMMARY_METHODS = ("base", "sft", "low_sft", "kl_sft", "dft", "stm", "anchored_logit",
                    "anchored_prob", "anchored_live")
 LAB_METHODS = SUMMARY_METHODS[1:]
+# The authors' public code, per anchored variant: (reference epochs, T, K). KDFlow 3.0 (live
+# anchor) trains 5 epochs where its reference gets 1; 2.0 (snapshot) T = 5 x K = 5 where its
+# reference gets 3. Live runs as one outer iteration, as theirs does (no optimizer restarts).
+AUTHORS_BUDGETS = {"anchored_live": (1, 1, 5), "anchored_logit": (3, 5, 5),
+                   "anchored_prob": (3, 5, 5)}
 
 # Trainer overrides per lab method (the anchored variants share the trainer's `anchored`).
 METHOD_OVERRIDES = {
@@ -54,10 +60,17 @@ class LabSettings:
     lrs: Sequence[float] = (3e-5, 3e-4, 1e-3, 3e-3)
     low_lrs: Sequence[float] = (1e-5, 3e-5, 1e-4)  # low_sft: the sft objective, lower lrs
     reference_lr: float = 1e-3  # the SFT setting of the reference (must be in `lrs` to reuse)
-    # anchored: T outer iterations x K inner epochs = `epochs`
+    # anchored, the equal arm: T outer iterations x K inner epochs = `epochs`
     outer_iterations: int = 2
     inner_epochs: int = 2
-    alpha: float = 0.5
+    alphas: Sequence[float] = (0.5,)  # every anchored point at each (the alpha sweep)
+    # The budget arms (lab/budget.py): "equal"; "authors" and "control" together
+    budgets: Sequence[str] = ("equal",)
+    authors_budgets: Mapping[str, Sequence[int]] = dataclasses.field(
+        default_factory=lambda: dict(AUTHORS_BUDGETS))
+    # The control arm's grid reaches 1e-5: at 5-25 epochs the equal arm's lrs overshoot, and a
+    # baseline given the anchored arm's epochs must be able to train gently.
+    control_lrs: Sequence[float] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
     kl_lambda: float = 0.2
     stm_threshold: float = 2.5
     max_new_tokens: int = 8
@@ -71,10 +84,7 @@ class LabSettings:
         unknown = set(self.methods) - set(LAB_METHODS)
         if unknown:
             raise ValueError(f"unknown lab method(s) {sorted(unknown)}; known: {LAB_METHODS}")
-        if self.outer_iterations * self.inner_epochs != self.epochs:
-            raise ValueError(f"anchored budget T x K = {self.outer_iterations} x "
-                             f"{self.inner_epochs} must equal epochs={self.epochs} (same data "
-                             "budget for every method)")
+        check_budgets(self)
         if "sft" not in self.methods:
             raise ValueError("methods must include sft (the matched-domain rule uses its curve)")
         if self.seeds < 1:
@@ -89,6 +99,8 @@ DEMO = dataclasses.replace(QUICK, seeds=2, methods=("sft", "low_sft", "kl_sft", 
 FULL = LabSettings(general_train=3400, general_eval=400, domain_train=1024, domain_eval=400,
                    pretrain_epochs=30, epochs=6, outer_iterations=3, inner_epochs=2,
                    lrs=(3e-5, 1e-4, 3e-4, 1e-3, 3e-3), low_lrs=(3e-6, 1e-5, 3e-5),
-                   reference_lr=1e-3,
+                   reference_lr=1e-3, alphas=(0.2, 0.5, 0.8),
+                   budgets=("equal", "authors", "control"),
+                   control_lrs=(3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
                    model_overrides=("model.num_layers=4", "model.hidden_size=128",
                                     "model.ffn_hidden_size=384"))

@@ -12,14 +12,17 @@ accuracy there against SFT's. The margin is the difference of the two seed means
 is sqrt(s1^2 + s2^2) of their sample stds over the seeds, the std of the difference between two
 independent runs; a margin smaller than the spread is within the seed noise. The bar's std is
 MATCH_FRACTION x the std of SFT's best-domain point.
+
+A curve is a *series* (lab/budget.py: a method in one budget arm at one alpha; "sft" is the equal
+arm's, whose best point sets the bar). Its sweep is over the learning rate and, for anchored
+series, the outer iteration: every outer iteration's checkpoint is a point of the sweep, with the
+compute spent up to it, and the matched point says when it is an intermediate one.
 """
 from __future__ import annotations
 
 import math
 import statistics
 from typing import Dict, List, Optional, Sequence
-
-from nemo_anchored.lab.settings import LAB_METHODS
 
 MATCH_FRACTION = 0.9
 SPREAD = ("margin: the difference of the two seed means compared; spread: sqrt(s1^2 + s2^2) of "
@@ -35,36 +38,49 @@ def mean_std(values: Sequence[float]) -> tuple:
 
 
 def sweep_table(points: Sequence[dict]) -> Dict[str, List[dict]]:
-    """Per method, per lr (ascending): seed-mean and std of domain and general accuracy."""
-    groups: Dict[str, Dict[float, List[dict]]] = {}
+    """Per series (a point's "series", else its method), per lr and outer iteration
+    (ascending): seed-mean and std of domain and general accuracy, and the compute."""
+    groups: Dict[str, Dict[tuple, List[dict]]] = {}
     for p in points:
-        groups.setdefault(p["method"], {}).setdefault(float(p["lr"]), []).append(p)
+        setting = (float(p["lr"]), p.get("outer") or 0)
+        groups.setdefault(p.get("series", p["method"]), {}).setdefault(setting, []).append(p)
     table = {}
-    for method, by_lr in groups.items():
+    for series, by_setting in groups.items():
         rows = []
-        for lr in sorted(by_lr):
-            runs = by_lr[lr]
+        for lr, outer in sorted(by_setting):
+            runs = by_setting[lr, outer]
             d, d_std = mean_std([r["domain"] for r in runs])
             g, g_std = mean_std([r["general"] for r in runs])
-            rows.append({"lr": lr, "domain": d, "general": g, "domain_std": d_std,
-                         "general_std": g_std, "seeds": len(runs)})
-        table[method] = rows
+            rows.append({"method": runs[0]["method"], "lr": lr, "outer": outer or None,
+                         "outers": runs[0].get("outers"), "compute": runs[0].get("compute"),
+                         "domain": d, "general": g, "domain_std": d_std, "general_std": g_std,
+                         "seeds": len(runs)})
+        table[series] = rows
     return table
 
 
+_MATCHED_KEYS = ("domain", "general", "domain_std", "general_std", "lr", "outer", "outers",
+                 "compute")
+
+
 def matched_point(rows: Sequence[dict], threshold: float) -> dict:
-    """The summary entry of one method from its sweep rows: among rows with seed-mean domain
-    >= threshold, the one with the best general (ties: higher domain, then lower lr). None
-    scores and a note when no row qualifies."""
+    """The summary entry of one series from its sweep rows: among rows with seed-mean domain
+    >= threshold, the one with the best general (ties: higher domain, then less compute, then
+    lower lr). None scores and a note when no row qualifies; a note when the chosen row is an
+    intermediate outer iteration."""
     ok = [r for r in rows if r["domain"] >= threshold - 1e-12]
     if not ok:
         best_domain = max((r["domain"] for r in rows), default=None)
-        return {"domain": None, "general": None, "domain_std": None, "general_std": None,
-                "lr": None, "note": f"no learning rate reaches the matched domain accuracy "
-                f"{threshold:.3f} (best seed-mean domain: "
+        return {**dict.fromkeys(_MATCHED_KEYS), "note": "no learning rate reaches the matched "
+                f"domain accuracy {threshold:.3f} (best seed-mean domain: "
                 f"{'n/a' if best_domain is None else f'{best_domain:.3f}'})"}
-    best = max(ok, key=lambda r: (r["general"], r["domain"], -r["lr"]))
-    return {k: best[k] for k in ("domain", "general", "domain_std", "general_std", "lr")}
+    best = max(ok, key=lambda r: (r["general"], r["domain"], -(r.get("compute") or 0),
+                                  -r["lr"]))
+    found = {k: best.get(k) for k in _MATCHED_KEYS}
+    if found["outer"] is not None and found["outer"] < found["outers"]:
+        found["note"] = (f"an intermediate checkpoint: outer iteration {found['outer']} of "
+                         f"{found['outers']}")
+    return found
 
 
 def summarize(points: Sequence[dict], base: dict) -> dict:
@@ -79,9 +95,8 @@ def summarize(points: Sequence[dict], base: dict) -> dict:
     methods = {"base": {"domain": base["domain"], "general": base["general"],
                         "domain_std": None, "general_std": None, "lr": None,
                         "note": "one pretrained base, evaluated once: no seed spread"}}
-    for method in LAB_METHODS:
-        if method in sweep:
-            methods[method] = matched_point(sweep[method], threshold)
+    for series, rows in sweep.items():
+        methods[series] = matched_point(rows, threshold)
     return {"methods": methods, "sweep": sweep, "best_sft_domain": best_sft,
             "matched_domain_threshold": threshold,
             "verdicts": verdicts(sweep, methods, threshold)}
@@ -91,7 +106,8 @@ def _verdict(method: str, verdict: str, row: dict, key: str, against_name: str,
              against: float, against_std: float, seeds: int) -> dict:
     margin = row[key] - against
     spread = math.hypot(row[f"{key}_std"], against_std)
-    return {"method": method, "verdict": verdict, "lr": row["lr"], "value": row[key],
+    return {"method": method, "verdict": verdict, "lr": row["lr"], "outer": row["outer"],
+            "outers": row["outers"], "value": row[key],
             "value_std": row[f"{key}_std"], "against_name": against_name, "against": against,
             "against_std": against_std, "margin": margin, "spread": spread, "seeds": seeds,
             "within_noise": None if seeds < 2 else abs(margin) < spread}
@@ -104,12 +120,12 @@ def verdicts(sweep: Dict[str, List[dict]], methods: Dict[str, dict],
     general accuracy against SFT's there; each with margin, spread and seeds (module doc).
     ``within_noise`` is None with a single seed (no spread)."""
     sft_best = max(sweep["sft"], key=lambda r: r["domain"])
-    sft_at = _row(sweep["sft"], methods["sft"]["lr"])
+    sft_at = _row(sweep["sft"], methods["sft"])
     found = []
     for method, rows in sweep.items():
         if method == "sft":
             continue
-        matched = _row(rows, methods[method]["lr"])
+        matched = _row(rows, methods[method])
         row = matched or max(rows, key=lambda r: r["domain"])
         seeds = min(row["seeds"], sft_best["seeds"])
         found.append(_verdict(method, "reaches the matched domain" if matched else
@@ -122,8 +138,11 @@ def verdicts(sweep: Dict[str, List[dict]], methods: Dict[str, dict],
     return found
 
 
-def _row(rows: Sequence[dict], lr: Optional[float]) -> Optional[dict]:
-    return next((r for r in rows if lr is not None and r["lr"] == lr), None)
+def _row(rows: Sequence[dict], matched: dict) -> Optional[dict]:
+    """The sweep row of a matched point (None when the series has none)."""
+    if matched["lr"] is None:
+        return None
+    return next(r for r in rows if (r["lr"], r["outer"]) == (matched["lr"], matched["outer"]))
 
 
 def pareto_frontier(rows: Sequence[dict]) -> List[dict]:

@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from nemo_anchored.config import MODEL_DTYPES, GPTConfig, check_layout
+from nemo_anchored.config import MODEL_DTYPES, ConfigError, GPTConfig, check_layout
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
@@ -72,36 +72,72 @@ def transformer_config(cfg: GPTConfig, initialize: bool = True, sequence_paralle
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=pp_size,
         sequence_parallel=sequence_parallel,
+        **_recompute_settings(cfg),
         **skip_init,
     )
+
+
+def _recompute_settings(cfg: GPTConfig) -> dict:
+    """``model.recompute*`` as TransformerConfig's recompute fields (megatron refuses a method or
+    a number of layers with selective recomputation, whose module is the core attention)."""
+    if cfg.recompute is None:
+        return {}
+    if cfg.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {"recompute_granularity": "full", "recompute_method": cfg.recompute_method,
+            "recompute_num_layers": cfg.recompute_num_layers}
+
+
+def attention_backend(cfg: GPTConfig, use_transformer_engine: Optional[bool] = None) -> str:
+    """The core attention a model of ``cfg`` gets: ``te``, ``sdpa`` or ``local``
+    (``model.attention``, with ``auto`` resolved on this machine). ``use_transformer_engine=False``
+    asks for a local-spec model (the converter's, whose state dict keys it writes): ``auto`` is
+    then ``sdpa``."""
+    backend = cfg.attention
+    if backend == "auto":
+        te = transformer_engine_available() if use_transformer_engine is None \
+            else use_transformer_engine
+        return "te" if te else "sdpa"
+    if backend == "te" and use_transformer_engine is False:
+        raise ConfigError("model.attention: te, but this model must use megatron's local layer "
+                          "spec; use sdpa or local")
+    if backend == "te" and not transformer_engine_available():
+        raise ConfigError("model.attention: te, but Transformer Engine is not installed here; "
+                          "use auto, sdpa or local")
+    return backend
 
 
 def build_gpt_model(cfg: GPTConfig, use_transformer_engine: Optional[bool] = None,
                     initialize: bool = True, sequence_parallel: bool = False):
     """Build this rank's part of a megatron-core ``GPTModel`` (its pipeline stage, its TP shard).
 
-    Uses the Transformer Engine layer spec when TE is installed (GPU machines) and the
-    megatron-core local spec otherwise; ``use_transformer_engine`` forces the choice.
-    ``initialize=False`` skips the random initialisation (whose cost grows with the model) for
-    a model whose every weight is loaded next; its weights are then uninitialised memory.
+    The layer spec follows ``attention_backend``: Transformer Engine's, or megatron-core's local
+    spec with ``models.attention.SDPAttention`` or megatron's ``DotProductAttention`` as its core
+    attention. ``initialize=False`` skips the random initialisation (whose cost grows with the
+    model) for a model whose every weight is loaded next; its weights are then uninitialised
+    memory.
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
-    if use_transformer_engine:
+    backend = attention_backend(cfg, use_transformer_engine)
+    if backend == "te":
         layer_spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if backend == "sdpa":
+            from nemo_anchored.models.attention import SDPAttention
+
+            layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
     check_layout(cfg, parallel_state.get_tensor_model_parallel_world_size(),
                  parallel_state.get_pipeline_model_parallel_world_size(),
                  tp_key="tensor-parallel size", pp_key="pipeline-parallel size")
-    model = GPTModel(
+    from nemo_anchored.models.positions import PositionalGPTModel
+
+    model = PositionalGPTModel(
         config=transformer_config(cfg, initialize, sequence_parallel),
         transformer_layer_spec=layer_spec,
         vocab_size=cfg.padded_vocab_size,

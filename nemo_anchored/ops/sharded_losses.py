@@ -9,16 +9,24 @@ Per token, every softmax over the FULL vocabulary (see docs/design/baselines.md)
 
 The layout and evaluation are vocab_parallel.py's (megatron-core's ``parallel_output=True``:
 each tensor-parallel rank holds a contiguous shard [..., V_local] of the vocabulary): a local
-pass for the softmax statistics, a tiny cross-rank merge (``combine_softmax_stats``, plus one
-all-reduce of a float per row), and a local pass for the loss and its gradient shard, written
-by hand during the forward pass.
+pass for the softmax statistics, a tiny cross-rank merge (one all-gather of a few floats per
+row, plus one all-reduce of a float per row), and a local pass for the loss and its gradient
+shard, written by hand during the forward pass, so that backward only scales it.
 
-Accumulation is in fp32 whatever the input dtype (float64 stays float64, for tests); gradients
-are rounded once to the logits' dtype. The inputs are never modified (megatron-core's
-``vocab_parallel_cross_entropy`` does modify fp32 logits in place).
+Two interchangeable kernel sets implement the local passes, as for anchored_kl:
+``TorchKernels`` (plain PyTorch; float64 stays float64, the tests' reference) and
+``FusedKernels`` (the C++/CUDA extension: the logits are read in their own dtype, never copied
+to fp32; unsharded rows take one call that runs both passes per row). ``backend`` chooses.
+DFT and STM are functions of the per-token cross-entropy ([tokens]-sized), so their work on
+the logits is ``token_cross_entropy``'s kernels.
+
+Accumulation is in fp32 whatever the input dtype (float64 stays float64 in the torch
+kernels); gradients are rounded once to the logits' dtype. The inputs are never modified
+(megatron-core's ``vocab_parallel_cross_entropy`` does modify fp32 logits in place).
 
 Non-finite inputs: -inf marks a column with no mass (padded vocabulary) and is exact. A NaN or
-+inf anywhere in a row makes that row's loss NaN; nothing is raised for it (see anchored_kl.py).
++inf anywhere in a row makes that row's loss and gradient NaN; nothing is raised for it (see
+anchored_kl.py).
 """
 from __future__ import annotations
 
@@ -26,22 +34,110 @@ import math
 
 import torch
 
-from nemo_anchored.ops.vocab_parallel import (all_reduce_sum, check_like_policy, check_logits,
-                                              check_shards_agree, combine_softmax_stats,
-                                              g_small, group_rank, group_size, per_token_loss,
-                                              rows, softmax_stats)
+from nemo_anchored.ops.vocab_parallel import (_C, all_reduce_sum, check_like_policy,
+                                              check_logits, check_shards_agree,
+                                              combine_softmax_stats,
+                                              combine_softmax_stats_and_mean, g_small,
+                                              group_rank, group_size, per_token_loss, rows,
+                                              softmax_stats, use_fused)
 
 # --------------------------------------------------------------------------------------------
-# Per-row losses and gradient shards on 2-D [rows, V_local] logits.
+# The local passes: two kernel sets with the same signatures, on 2-D [rows, V_local] logits z
+# (policy) and r (reference). Statistics are [rows, streams, 2] (max, sum-exp) of z, then r;
+# with r also weighted [rows] = sum_v exp(z_v - max_z) (z_v - r_v), which the merge turns into
+# E_p[z - r]. Labels are [rows] column indices into this shard (outside it: no column here).
 
 
-def _cross_entropy_rows(z, labels, tp_group, need_grad):
-    """-log p(label) per row (same on every rank) and the local gradient shard p - onehot.
+class TorchKernels:
+    """Plain PyTorch, in float32, or float64 for float64 inputs. Mirrors the per-column math of
+    csrc/anchored_kl_math.h (whose comments explain the forms) with [rows, V] temporaries."""
+
+    @staticmethod
+    def _wide(x):
+        return x if x.dtype == torch.float64 else x.float()
+
+    def loss_stats(self, z, r):
+        z = self._wide(z)
+        if r is None:
+            return softmax_stats(z), None
+        r = self._wide(r)
+        stats = softmax_stats(z, r)
+        top = stats[:, 0, :1]
+        e = torch.exp(z - torch.where(top == -math.inf, torch.zeros_like(top), top))
+        weighted = torch.where(e == 0, torch.zeros_like(e), e * (z - r)).sum(-1)
+        return stats, weighted
+
+    def cross_entropy_grad(self, z, labels, lse):
+        held = (labels >= 0) & (labels < z.shape[-1])
+        index = torch.where(held, labels, 0).unsqueeze(-1)
+        top, log_sum = lse[:, 0, :1], lse[:, 0, 1:]
+        # copy=True: for fp32 logits .to() would return the input itself, which the in-place
+        # ops below must not touch.
+        p = z.to(lse.dtype, copy=True).sub_(top).sub_(log_sum).exp_()
+        p.scatter_add_(-1, index, -held.to(p.dtype).unsqueeze(-1))
+        return p.to(z.dtype)
+
+    def reverse_kl(self, z_in, r, lse, mean_difference, need_grad):
+        z, r = z_in.to(lse.dtype), r.to(lse.dtype)
+        top, log_sum = lse.unbind(-1)  # each [rows, 2]: policy, reference
+        p = torch.exp((z - top[:, :1]) - log_sum[:, :1])
+        p_ref = torch.exp((r - top[:, 1:]) - log_sum[:, 1:])
+        y = (z - r) - ((top[:, :1] - top[:, 1:]) + (log_sum[:, :1] - log_sum[:, 1:]))
+        small = y.abs() < 0.5
+        y_small = torch.where(small, y, torch.zeros_like(y))
+        term = torch.where(small, p_ref * g_small(y_small),
+                           torch.where(p == 0, p_ref, p * y - p + p_ref))
+        grad = None
+        if need_grad:
+            grad = torch.where(p == 0, torch.zeros_like(p),
+                               p * ((z - r) - mean_difference[:, None])).to(z_in.dtype)
+        return term.sum(dim=-1), grad
+
+
+class FusedKernels:
+    """The C++/CUDA extension (csrc/sharded_losses_*.{cpp,cu})."""
+
+    @staticmethod
+    def loss_stats(z, r):
+        return _C.loss_stats(z, r)
+
+    @staticmethod
+    def cross_entropy_grad(z, labels, lse):
+        return _C.cross_entropy_grad(z, labels, lse)
+
+    @staticmethod
+    def reverse_kl(z, r, lse, mean_difference, need_grad):
+        kl, grad = _C.reverse_kl_grad(z, r, lse, mean_difference, need_grad)
+        return kl, (grad if need_grad else None)
+
+    @staticmethod
+    def cross_entropy_unsharded(z, labels, need_grad):
+        loss, grad = _C.cross_entropy_fused(z, labels, need_grad)
+        return loss, (grad if need_grad else None)
+
+    @staticmethod
+    def reverse_kl_unsharded(z, r, need_grad):
+        kl, grad = _C.reverse_kl_fused(z, r, need_grad)
+        return kl, (grad if need_grad else None)
+
+
+def _kernels(logits, backend):
+    return FusedKernels() if use_fused(logits, backend) else TorchKernels()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-row losses (the same on every rank) and gradient shards.
+
+
+def _cross_entropy_rows(z, labels, tp_group, kernels, need_grad):
+    """-log p(label) per row and the local gradient shard p - onehot(label).
 
     labels: [rows] int64 indices into the full vocabulary, already checked to lie in it.
     """
-    # 1. Local pass: softmax statistics, and the label's logit where this rank holds it.
-    stats = softmax_stats(z if z.dtype == torch.float64 else z.float())
+    if group_size(tp_group) == 1 and hasattr(kernels, "cross_entropy_unsharded"):
+        return kernels.cross_entropy_unsharded(z, labels, need_grad)
+    # 1. Local pass: softmax statistics; the label's logit where this rank holds it.
+    stats, _ = kernels.loss_stats(z, None)
     local = labels - group_rank(tp_group) * z.shape[-1]
     held = (local >= 0) & (local < z.shape[-1])
     index = torch.where(held, local, 0).unsqueeze(-1)
@@ -49,56 +145,29 @@ def _cross_entropy_rows(z, labels, tp_group, need_grad):
 
     # 2. Merge: the full-vocabulary log-sum-exp; the label's logit from the one rank holding it
     # (the others add an exact 0, so the sum is exact and the same on every rank).
-    top, log_sum = combine_softmax_stats(stats, tp_group)[:, 0].unbind(-1)
+    lse = combine_softmax_stats(stats, tp_group)
+    top, log_sum = lse[:, 0].unbind(-1)
     all_reduce_sum(label_logit, tp_group)
     loss = (top - label_logit) + log_sum
     if not need_grad:
         return loss, None
 
-    # 3. Local pass: the gradient shard p - onehot(label). copy=True: for fp32 logits .to()
-    # would return the input itself, which the in-place ops below must not touch.
-    p = z.to(stats.dtype, copy=True).sub_(top[:, None]).sub_(log_sum[:, None]).exp_()
-    p.scatter_add_(-1, index, -held.to(p.dtype).unsqueeze(-1))
-    return loss, p.to(z.dtype)
+    # 3. Local pass: the gradient shard.
+    return loss, kernels.cross_entropy_grad(z, local, lse)
 
 
-def _reverse_kl_rows(z, r, tp_group, need_grad):
-    """KL(p || p_ref) per row (same on every rank) and the local gradient shard."""
-    grad_dtype = z.dtype
-    # 1. Local pass: (max, sum-exp) of the policy and reference streams.
-    stats = softmax_stats(*(x if x.dtype == torch.float64 else x.float() for x in (z, r)))
-
-    # 2. Merge: full-vocabulary (max, log sum-exp), [rows, 1] per stream.
-    top, log_sum = combine_softmax_stats(stats, tp_group).unbind(-1)
-    (top_p, top_r), (log_sum_p, log_sum_r) = top.split(1, -1), log_sum.split(1, -1)
-
-    # 3. Local pass. y = log p - log p_ref is formed from the raw logit difference first, so it
-    # is exact where the two models agree (the KL-SFT policy starts at its reference).
-    z, r = z.to(stats.dtype), r.to(stats.dtype)
-    y = (z - r) - ((top_p - top_r) + (log_sum_p - log_sum_r))
-    p = torch.exp((z - top_p) - log_sum_p)
-    p_ref = torch.exp((r - top_r) - log_sum_r)
-    # KL = sum_v (p y - p + p_ref), since both sum to 1. Each term is p_ref g(y) >= 0 with
-    # g(y) = y e^y - e^y + 1, so no cancellation across columns and a tiny KL stays accurate;
-    # near y = 0, g comes from its series. Columns with p = 0 (padding in both when p_ref = 0
-    # too) contribute p_ref; p > 0 with p_ref = 0 gives y = +inf and an infinite KL.
-    small = y.abs() < 0.5
-    y_small = torch.where(small, y, torch.zeros_like(y))
-    term = torch.where(small, p_ref * g_small(y_small),
-                       torch.where(p == 0, p_ref, p * y - p + p_ref))
-    partials = [term.sum(dim=-1)]
-    if need_grad:
-        # The gradient p (y - KL) takes the KL as E_p[y], its other form: computed from the same
-        # y, it cancels the rounding shift that y inherits from the two log-sum-exps (~1e-7,
-        # not small next to y where the models nearly agree).
-        p_times_y = torch.where(p > 0, p * y, torch.zeros_like(p))
-        partials.append(p_times_y.sum(dim=-1))
-    partials = all_reduce_sum(torch.stack(partials, dim=-1), tp_group)
-    kl = partials[:, 0].contiguous()
-    if not need_grad:
-        return kl, None
-    grad = torch.where(p > 0, p * (y - partials[:, 1:]), torch.zeros_like(p))
-    return kl, grad.to(grad_dtype)
+def _reverse_kl_rows(z, r, tp_group, kernels, need_grad):
+    """KL(p || p_ref) per row and the local gradient shard p (y - KL)."""
+    if group_size(tp_group) == 1 and hasattr(kernels, "reverse_kl_unsharded"):
+        return kernels.reverse_kl_unsharded(z, r, need_grad)
+    # 1-2. Statistics of both streams and E_p[z - r] over the full vocabulary: the gradient's
+    # KL is taken as E_p[y] = E_p[z - r] - (LSE_z - LSE_r), whose LSE part cancels against
+    # y's own, so the gradient needs no all-reduce before it is written.
+    stats, weighted = kernels.loss_stats(z, r)
+    lse, mean_difference = combine_softmax_stats_and_mean(stats, weighted, tp_group)
+    # 3. Local pass: the partial KL and the gradient shard; one all-reduce of the partials.
+    partial, grad = kernels.reverse_kl(z, r, lse, mean_difference, need_grad)
+    return all_reduce_sum(partial, tp_group), grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +199,8 @@ def _check_labels(labels, logits, tp_group):
 # Public API.
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
-                        tp_group=None) -> torch.Tensor:
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, tp_group=None,
+                        backend: str = "auto") -> torch.Tensor:
     """Per-token cross-entropy -log p(label) over the full vocabulary, shape ``labels.shape``.
 
     Args:
@@ -141,6 +210,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
         labels: [...] integer indices into the FULL vocabulary [0, V_local * TP), the same on
             every rank. A label at a -inf (padded) column gives +inf.
         tp_group: the process group over which the last dimension is sharded (None: unsharded).
+        backend: "torch", "fused" or "auto" (fused when built for the device and dtype).
 
     Returns:
         fp32 per-token loss (fp64 for fp64 logits), identical on every rank of ``tp_group``.
@@ -148,13 +218,15 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
     """
     check_logits(logits, "logits")
     _check_labels(labels, logits, tp_group)
+    kernels = _kernels(logits, backend)
     check_shards_agree(logits, tp_group)
-    z, y = rows(logits.detach()), labels.reshape(-1).long()
-    return per_token_loss(logits, lambda need_grad: _cross_entropy_rows(z, y, tp_group, need_grad))
+    z, y = rows(logits.detach()), labels.reshape(-1).long().contiguous()
+    return per_token_loss(logits, lambda need_grad: _cross_entropy_rows(
+        z, y, tp_group, kernels, need_grad))
 
 
 def reverse_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
-               tp_group=None) -> torch.Tensor:
+               tp_group=None, backend: str = "auto") -> torch.Tensor:
     """Per-token KL(p_theta || p_ref) over the full vocabulary, shape ``policy_logits.shape[:-1]``.
 
     The KL-SFT regulariser (loss = CE + lambda * KL, lambda = 0.2 in the paper).
@@ -167,16 +239,18 @@ def reverse_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
             Padded columns must be -inf in both inputs (they then contribute nothing); a
             column where p > 0 and p_ref = 0 gives +inf (and a non-finite gradient).
         tp_group: the process group over which the last dimension is sharded (None: unsharded).
+        backend: "torch", "fused" or "auto" (fused when built for the device and dtype).
 
     Returns:
         fp32 per-token loss (fp64 for fp64 logits), identical on every rank of ``tp_group``.
     """
     check_logits(policy_logits, "policy_logits")
     check_like_policy(reference_logits, "reference_logits", policy_logits)
+    kernels = _kernels(policy_logits, backend)
     check_shards_agree(policy_logits, tp_group)
     z, r = rows(policy_logits.detach()), rows(reference_logits.detach())
-    return per_token_loss(policy_logits,
-                          lambda need_grad: _reverse_kl_rows(z, r, tp_group, need_grad))
+    return per_token_loss(policy_logits, lambda need_grad: _reverse_kl_rows(
+        z, r, tp_group, kernels, need_grad))
 
 
 def dft_loss(ce: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """What the losses on vocab-sharded logits share: softmax statistics and their cross-rank merge,
-the row and shard checks, and the hand-written gradient (as megatron-core's
-``tensor_parallel/cross_entropy.py`` keeps its own).
+the row and shard checks, the choice of kernels (``backend``) and the hand-written gradient (as
+megatron-core's ``tensor_parallel/cross_entropy.py`` keeps its own).
 
 Layout: megatron-core's ``parallel_output=True``, each rank of the tensor-parallel group holding
 a contiguous shard [..., V_local] of the vocabulary, the same V_local on every rank. A loss over
@@ -18,6 +18,11 @@ import math
 
 import torch
 import torch.distributed as dist
+
+try:
+    from nemo_anchored import _C
+except ImportError:  # not built: the torch kernels still work
+    _C = None
 
 # --------------------------------------------------------------------------------------------
 # The tensor-parallel group.
@@ -76,12 +81,30 @@ def combine_softmax_stats(stats: torch.Tensor, tp_group) -> torch.Tensor:
     split in two so log-probabilities can be formed as (x - max) - log_sum (see
     csrc/anchored_kl_math.h).
     """
-    gathered = all_gather(stats, tp_group)
+    top, total, _ = _merge_softmax_stats(all_gather(stats, tp_group))
+    return torch.stack([top, torch.log(total)], dim=-1)
+
+
+def combine_softmax_stats_and_mean(stats: torch.Tensor, weighted: torch.Tensor, tp_group):
+    """(``combine_softmax_stats(stats)``, E_p[f] [rows]) in one all-gather, p the softmax of
+    stream 0 over the full vocabulary. ``weighted`` [rows]: this rank's sum of
+    exp(x_v - max) f_v over its columns, relative to stream 0's local max (as its sum-exp is)."""
+    rows, streams = stats.shape[:2]
+    local = torch.cat([stats.reshape(rows, 2 * streams), weighted.reshape(rows, 1)], dim=-1)
+    gathered = all_gather(local, tp_group)
+    top, total, rescale = _merge_softmax_stats(gathered[..., :-1].reshape(-1, rows, streams, 2))
+    mean = (gathered[..., -1] * rescale[..., 0]).sum(dim=0) / total[:, 0]
+    return torch.stack([top, torch.log(total)], dim=-1), mean
+
+
+def _merge_softmax_stats(gathered: torch.Tensor):
+    """Every rank's (max, sum-exp) [ranks, rows, streams, 2] -> the full-vocabulary max (0 for a
+    row with no finite column), sum of exp(x - max), and each rank's factor exp(max_k - max)."""
     maxes, sums = gathered[..., 0], gathered[..., 1]
     top = maxes.amax(dim=0)  # propagates NaN
     top_safe = torch.where(top == -math.inf, torch.zeros_like(top), top)
-    total = (sums * torch.exp(maxes - top_safe)).sum(dim=0)
-    return torch.stack([top_safe, torch.log(total)], dim=-1)
+    rescale = torch.exp(maxes - top_safe)
+    return top_safe, (sums * rescale).sum(dim=0), rescale
 
 
 # (k - 1) / k! for k = 17 down to 2: the series of g below to float64 precision at |x| < 0.5.
@@ -94,6 +117,43 @@ def g_small(x: torch.Tensor) -> torch.Tensor:
     for coefficient in _G_SERIES[1:]:
         acc = acc * x + coefficient
     return acc * x * x
+
+
+# --------------------------------------------------------------------------------------------
+# The choice of kernels: plain PyTorch (float64 too: the tests' reference) or the C++/CUDA
+# extension nemo_anchored._C (fp32 accumulation for fp32, bf16 and fp16 logits).
+
+BACKENDS = ("auto", "torch", "fused")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_available(device: torch.device | str = "cpu") -> bool:
+    """Whether the extension is built with kernels for this device type."""
+    device = torch.device(device)
+    if _C is None:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and _C.built_with_cuda())
+
+
+def use_fused(logits: torch.Tensor, backend: str) -> bool:
+    """Whether a call with ``backend`` runs the extension's kernels on ``logits``: "torch" never,
+    "auto" when they are built for its device and dtype, "fused" always (ValueError or
+    RuntimeError saying why not, rather than a silent fallback)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    fused_ok = fused_available(logits.device) and logits.dtype in FUSED_DTYPES
+    if backend == "fused" and not fused_ok:
+        if _C is None:
+            raise RuntimeError("backend='fused': the nemo_anchored._C extension is not built "
+                               "(run `make build` or `pip install --no-build-isolation -e .`)")
+        if logits.dtype not in FUSED_DTYPES:
+            raise ValueError(f"backend='fused' takes float32, bfloat16 or float16 logits, got "
+                             f"{logits.dtype}; use backend='torch' for {logits.dtype}")
+        raise RuntimeError(f"backend='fused': the nemo_anchored._C extension was built without "
+                           f"kernels for device type {logits.device.type!r}")
+    return fused_ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +216,9 @@ def rows(x: torch.Tensor | None) -> torch.Tensor | None:
 # The hand-written gradient.
 
 
+_SCALE_CHUNK_ELEMENTS = 1 << 20
+
+
 class _HandWrittenGradient(torch.autograd.Function):
     """A per-token loss whose gradient w.r.t. the logits is written during the forward pass
     (by ``loss_and_grad(need_grad=True) -> (loss rows, gradient rows)``)."""
@@ -173,7 +236,15 @@ class _HandWrittenGradient(torch.autograd.Function):
         # In place: the buffer is ours, and a second backward is refused by autograd's version
         # check. Multiplying by the fp32 scale rounds once to the logits' dtype.
         scale_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        grad.mul_(grad_loss.reshape(-1, 1).to(scale_dtype))
+        scale = grad_loss.reshape(-1, 1).to(scale_dtype)
+        if grad.device.type == "cpu" and grad.dtype != scale_dtype:
+            # On the CPU, an in-place bf16/fp16 * fp32 multiply makes two fp32 copies of the
+            # whole gradient (measured: 500 MiB at 2048 x 32000): bound them by chunks of rows.
+            rows = max(1, _SCALE_CHUNK_ELEMENTS // max(1, grad.shape[-1]))
+            for g, s in zip(grad.split(rows), scale.split(rows)):
+                g.mul_(s)
+        else:
+            grad.mul_(scale)
         return grad.view(ctx.logits_shape), None
 
 

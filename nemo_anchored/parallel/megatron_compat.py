@@ -16,10 +16,11 @@ Three entry points, each called from exactly one place:
   have failed). Each patch, and when it applies:
 
   * **CPU-only torch** (the developer and CI machines). megatron-core is written for GPUs: it
-    allocates on ``torch.cuda.current_device()``, seeds and forks the CUDA RNG, and its pipeline
-    schedules create tensors on ``"cuda"`` and call ``torch.cuda.synchronize()``; each raises
-    "Torch not compiled with CUDA enabled". CUDA devices mapped to the CPU and a CPU RNG tracker
-    remove exactly those blockers; GPU runs never get them.
+    allocates on ``torch.cuda.current_device()``, seeds and forks the CUDA RNG (and saves and
+    restores it around activation recomputation), and its pipeline schedules create tensors on
+    ``"cuda"`` and call ``torch.cuda.synchronize()``; each raises "Torch not compiled with CUDA
+    enabled". CUDA devices mapped to the CPU and a CPU RNG tracker remove exactly those
+    blockers; GPU runs never get them.
   * **torch's Adam under megatron's distributed optimizer** (neither Apex nor Transformer Engine
     installed, CPU or GPU): loading its state fails as shipped; see
     ``_keep_a_step_per_parameter`` and ``prepare_optimizer_for_load``.
@@ -158,8 +159,20 @@ def _redirect_cuda_device_to_cpu() -> None:
     # wait on CUDA-graph events, which never exist on CPU); torch's CPU stream is the no-op analog.
     torch.cuda.current_stream = torch.cpu.current_stream
     # Entered for the rest of the process: the mode stack is thread-local, and on CPU autograd
-    # runs backward on the calling thread, so forward and backward both see it.
+    # runs backward on the calling thread, so forward and backward both see it; except a
+    # backward pass started by `tensor.backward()` or `torch.autograd.backward`, which runs
+    # inside the mode's own handler, where the mode is off (megatron's schedules call the
+    # autograd engine directly). The one CUDA allocation such a backward pass can meet is
+    # activation recomputation rebuilding megatron's causal mask (local attention): built on
+    # the CPU from the start instead.
     CudaToCpuMode().__enter__()
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    def default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.ones(sq, sq, dtype=torch.bool).triu(diagonal=1)
+
+    utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = default_causal_mask
 
 
 def _use_cpu_rng_tracker() -> None:
@@ -202,6 +215,16 @@ def _use_cpu_rng_tracker() -> None:
     if mcore_random._CUDA_RNG_STATE_TRACKER is not None and not isinstance(
             mcore_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         mcore_random.initialize_rng_tracker(force_reset=True)
+
+    # Activation recomputation (megatron's CheckpointFunction) saves the CPU state, the CUDA
+    # state and the tracker's states before a forward and restores them to redraw the same
+    # dropout masks when it recomputes. There is no CUDA generator here: the default stream
+    # and the tracker's streams are all CPU states, which the other two already cover. The
+    # CUDA state becomes an empty stand-in: reading the real one raises, and setting it would
+    # queue a callback that never runs (torch's lazy CUDA initialisation), one per recomputed
+    # layer, for the life of the process.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 # ------------------------------------------------------- torch's Adam in the distributed optimizer

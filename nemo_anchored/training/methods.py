@@ -93,7 +93,8 @@ class CrossEntropy(MethodLoss):
 
     def _per_token(self, policy, reference, snapshot, batch, mask):
         ce = token_cross_entropy(policy, batch["labels"].to(policy.device),
-                                 tp_group=parallel_state.get_tensor_model_parallel_group())
+                                 tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                 backend=self.cfg.baselines.backend)
         return ce, {"ce": (ce.detach() * mask).sum()}
 
 
@@ -109,7 +110,8 @@ class KlSft(CrossEntropy):
     def _per_token(self, policy, reference, snapshot, batch, mask):
         ce, sums = super()._per_token(policy, reference, snapshot, batch, mask)
         kl_ref = reverse_kl(policy, reference,
-                            tp_group=parallel_state.get_tensor_model_parallel_group())
+                            tp_group=parallel_state.get_tensor_model_parallel_group(),
+                            backend=self.cfg.baselines.backend)
         sums["kl_policy_ref"] = (kl_ref.detach() * mask).sum()
         return ce + self.kl_lambda * kl_ref, sums
 
@@ -137,7 +139,7 @@ class Stm(CrossEntropy):
 
         def base_ce(policy, reference, snapshot, batch):
             ce = token_cross_entropy(policy, batch["labels"].to(policy.device),
-                                     tp_group=tp_group)
+                                     tp_group=tp_group, backend=self.cfg.baselines.backend)
             return ce.sum(), torch.tensor(1, dtype=torch.int), {"ce": ce, "index": batch["index"]}
 
         outputs = forward_over_dataset(base_ce)

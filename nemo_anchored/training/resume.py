@@ -12,10 +12,10 @@ from nemo_anchored.checkpoint.format import CheckpointError, read_marker, scan_c
 from nemo_anchored.config import ConfigError
 
 # The settings a resume must share with its checkpoint (which records them): a changed global
-# batch or seed reorders the data, a changed held-out fraction changes the training examples, a
-# changed lr changes the updates, and none of them would fail.
+# batch, seed or packing reorders the data, a changed held-out fraction changes the training
+# examples, a changed lr changes the updates, and none of them would fail.
 RESUME_SETTINGS = ("trainer.global_batch_size", "trainer.seed", "data.valid_fraction",
-                   "optim.lr")
+                   "data.packing", "optim.lr")
 
 
 def settings_of(cfg) -> Dict[str, object]:
@@ -71,8 +71,9 @@ def _compare_settings(cfg, run_dir: Path, path: Path) -> List[str]:
         return [f"warning: {what}; resuming anyway (checkpoint.allow_changed_settings=true): "
                 "the data order or the updates from here on differ from the saved run's"]
     raise ConfigError(
-        f"{what}. Resuming would change the run silently (the global batch size, the seed "
-        "and the held-out fraction set the data order, the learning rate the updates). "
+        f"{what}. Resuming would change the run silently (the global batch size, the seed, "
+        "the held-out fraction and the packing set the data order, the learning rate the "
+        "updates). "
         "Restore them, resume anyway with checkpoint.allow_changed_settings=true, or start "
         "over from step 0 "
         f"with checkpoint.resume=none (this truncates {run_dir / 'metrics.jsonl'})")

@@ -95,11 +95,18 @@ class Trainer:
                                      on_error=d.on_error, overlong=d.overlong,
                                      cache_dir=d.cache_dir)
         self.dataset, valid_set = split_off_validation(cfg, dataset, tokenizer)
+        if d.packing:  # after the split, so that no row mixes training and held-out examples
+            self.dataset = self.dataset.packed()
+            valid_set = None if valid_set is None else valid_set.packed()
         t = cfg.trainer
         self.order = BatchOrder(len(self.dataset), t.global_batch_size, t.micro_batch_size,
                                 ctx.dp_rank, ctx.dp_size, t.seed, d.shuffle,
-                                train_path=d.train_path)
+                                train_path=d.train_path, packed=d.packing)
         self.stack = self._build_models()
+        if d.packing and self.stack.policy.thd_packing and t.micro_batch_size != 1:
+            raise ConfigError("data.packing: with Transformer Engine's attention, packed rows "
+                              "run as megatron's THD packed sequences, one row per "
+                              "micro-batch: set trainer.micro_batch_size=1")
         self.model = wrap_for_training(self.stack, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             use_distributed_optimizer=cfg.parallelism.use_distributed_optimizer))
@@ -170,8 +177,9 @@ class Trainer:
         return optimizer, scheduler
 
     def _forward_over_dataset(self, loss_fn) -> List[Dict[str, torch.Tensor]]:
-        """``loss_fn``'s outputs (last stage) for every example once, in order, from the models
-        in eval mode without backward: the methods' passes before training."""
+        """``loss_fn``'s outputs (last stage) for every row (example, or packed row) once, in
+        order, from the models in eval mode without backward: the methods' passes before
+        training."""
         n, mbs = len(self.dataset), self.cfg.trainer.micro_batch_size
         return self._forward_only([self.dataset.batch(torch.arange(i, i + mbs).clamp_max(n - 1))
                                    for i in range(0, n, mbs)], loss_fn)
@@ -433,9 +441,12 @@ class Trainer:
         self.log.info(f"layout: world {c.world_size} = TP {c.tp_size} x PP {c.pp_size} x "
                       f"DP {c.dp_size}; device {c.device}; resident models: "
                       f"{1 + len(self.stack.frozen_models)}")
+        rows = "rows" if self.cfg.data.packing else "examples"
         self.log.info(f"data: {self.dataset.report.summary()}; {self.order.steps_per_epoch} "
-                      f"steps per epoch ({self.order.unused_per_epoch} examples unused per "
+                      f"steps per epoch ({self.order.unused_per_epoch} {rows} unused per "
                       "epoch: not a multiple of the global batch)")
+        if self.cfg.data.packing:
+            self.log.info(self.dataset.summary())
         if self.validation is not None:
             self.log.info(self.validation.summary)
         if self.prepare_summary is not None:

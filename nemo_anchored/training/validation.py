@@ -30,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from nemo_anchored.data import DataError, SFTDataset, cached_sft_dataset
+from nemo_anchored.data.sft import PackedSFTDataset, pack_examples
 from nemo_anchored.training.methods import MethodLoss
 
 Batches = List[Dict[str, torch.Tensor]]
@@ -60,6 +61,10 @@ class Rows:
     @property
     def loss_mask(self) -> torch.Tensor:
         return self.batch(range(len(self)))["loss_mask"]
+
+    def packed(self) -> PackedSFTDataset:
+        """These examples, packed into seq_length rows (data.packing)."""
+        return pack_examples(self.dataset, self.rows)
 
 
 def hold_out(dataset: SFTDataset, fraction: float, seed: int) -> Tuple[Rows, Rows]:
@@ -111,7 +116,8 @@ class Validation:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         prepared = self.loss.prepare(lambda fn: forward_only(self._slice(0, 1), fn), dataset,
                                      device)
-        self.summary = f"validation: {len(dataset)} examples ({self._source(cfg)}), after " \
+        rows = "packed rows" if cfg.data.packing else "examples"
+        self.summary = f"validation: {len(dataset)} {rows} ({self._source(cfg)}), after " \
                        + (f"every {self.interval} steps and " if self.interval else "") \
                        + f"the last step{f'; {prepared}' if prepared else ''}"
 
@@ -119,8 +125,9 @@ class Validation:
         d = cfg.data
         if d.valid_path is not None:
             return f"data.valid_path={d.valid_path}"
-        return f"held out of the {len(self.dataset.dataset)} of data.train_path by " \
-               f"data.valid_fraction={d.valid_fraction} and trainer.seed={cfg.trainer.seed}"
+        return f"held out of the {self.dataset.report.examples_kept} examples of " \
+               f"data.train_path by data.valid_fraction={d.valid_fraction} and " \
+               f"trainer.seed={cfg.trainer.seed}"
 
     def due(self, step: int) -> bool:
         return step == self.total_steps or bool(self.interval and step % self.interval == 0)

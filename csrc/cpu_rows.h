@@ -1,0 +1,125 @@
+// What the CPU kernels share: exp and log1p as vectorizable float arithmetic, sums in
+// independent lanes, and the running softmax of a row, all over blocks of kBlock columns that a
+// kernel has converted to fp32 on its stack (so the hot loops run over plain float arrays that
+// the compiler vectorizes, with -fno-trapping-math, which lets it turn the selects into blends).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace anchored_kl {
+
+// A kernel's per-row functions are compiled for AVX-512 and AVX2 too and picked at load time by
+// the CPU (GCC function multiversioning), so one build is fast on any x86-64 machine.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AKL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AKL_CPU_CLONES
+#endif
+// A function the clones call keeps the baseline (SSE2) code unless it is inlined into them:
+// the clones' target does not reach their callees.
+#if defined(__GNUC__)
+#define AKL_INLINE inline __attribute__((always_inline))
+#else
+#define AKL_INLINE inline
+#endif
+
+constexpr int64_t kBlock = 512;
+constexpr int kLanes = 16;  // independent partial sums: lets the reductions vectorize
+
+// exp and log1p as straight-line float arithmetic that vectorizes (libm calls do not).
+struct CpuMath {
+  // Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Taylor to degree 7 (rel. error < 1e-8
+  // before rounding). Underflows to 0 below -87.3 (no subnormals); NaN stays NaN.
+  static inline float exp(float x) {
+    const float xc = x < -87.3f ? -87.3f : (x > 88.f ? 88.f : x);
+    const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest
+    const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
+    float p = 1.f / 5040.f;
+    p = p * r + 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    const float y = p * scale;
+    return x < -87.3f ? 0.f : (x > 88.f ? std::numeric_limits<float>::infinity() : y);
+  }
+  // log(1 + t) for t in [0, 1] as 2 atanh(s), s = t / (2 + t) in [0, 1/3] (rel. error < 1e-8).
+  static inline float log1p(float t) {
+    const float s = t / (2.f + t);
+    const float s2 = s * s;
+    float p = 1.f / 15.f;
+    p = p * s2 + 1.f / 13.f;
+    p = p * s2 + 1.f / 11.f;
+    p = p * s2 + 1.f / 9.f;
+    p = p * s2 + 1.f / 7.f;
+    p = p * s2 + 1.f / 5.f;
+    p = p * s2 + 1.f / 3.f;
+    p = p * s2 + 1.f;
+    return 2.f * s * p;
+  }
+};
+
+// Sum of n <= kBlock floats in kLanes independent partial sums (a reduction that vectorizes).
+AKL_INLINE float lane_sum(const float* x, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += x[j + k];
+  float total = 0.f;
+  for (; j < n; ++j) total += x[j];
+  for (int k = 0; k < kLanes; ++k) total += acc[k];
+  return total;
+}
+
+// Running (max, sum of exp(x - max)) of one stream over a row; double sums across blocks, so
+// 1e5+ columns cost no precision.
+struct RowSoftmax {
+  float max = -std::numeric_limits<float>::infinity();
+  double sum = 0.0;
+
+  // Merges n <= kBlock values and leaves e[k] = exp(x[k] - max) (the new max; 0 while the row
+  // has nothing but -inf) for callers that also sum something weighted by p. Returns the factor
+  // exp(old max - new max) by which such sums over the earlier columns must be rescaled. A NaN
+  // or +inf input makes the sum NaN, so the row's loss is NaN.
+  AKL_INLINE double add(const float* x, int64_t n, float* e) {
+    float lane[kLanes];
+    for (int k = 0; k < kLanes; ++k) lane[k] = -std::numeric_limits<float>::infinity();
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int k = 0; k < kLanes; ++k) lane[k] = x[j + k] > lane[k] ? x[j + k] : lane[k];
+    float block_max = -std::numeric_limits<float>::infinity();
+    for (; j < n; ++j) block_max = x[j] > block_max ? x[j] : block_max;
+    for (int k = 0; k < kLanes; ++k) block_max = lane[k] > block_max ? lane[k] : block_max;
+    const float new_max = block_max > max ? block_max : max;
+    if (new_max == -std::numeric_limits<float>::infinity()) {  // nothing but -inf so far
+      for (int64_t k = 0; k < n; ++k) e[k] = 0.f;
+      return 1.0;
+    }
+    for (int64_t k = 0; k < n; ++k) e[k] = CpuMath::exp(x[k] - new_max);
+    const double rescale = std::exp(static_cast<double>(max) - new_max);
+    sum = sum * rescale + lane_sum(e, n);
+    max = new_max;
+    return rescale;
+  }
+
+  AKL_INLINE void add(const float* x, int64_t n) {
+    float e[kBlock];
+    add(x, n, e);
+  }
+};
+
+// n values of a row in fp32.
+template <typename T>
+AKL_INLINE void load_block(const T* src, int64_t n, float* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+}  // namespace anchored_kl
