@@ -36,10 +36,7 @@ import torch
 from nemo_anchored.ops.vocab_parallel import (all_reduce_sum, check_like_policy, check_logits,
                                               check_shards_agree, combine_softmax_stats,
                                               g_small, group_size, per_token_loss, rows,
-                                              softmax_stats)
-
-BACKENDS = ("auto", "torch", "fused")
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+                                              softmax_stats, use_fused)
 
 try:
     from nemo_anchored import _C
@@ -164,14 +161,6 @@ class FusedKernels:
         return kl, (grad if need_grad else None)
 
 
-def fused_available(device: torch.device | str = "cpu") -> bool:
-    """Whether the extension is built with kernels for this device type."""
-    device = torch.device(device)
-    if _C is None:
-        return False
-    return device.type == "cpu" or (device.type == "cuda" and _C.built_with_cuda())
-
-
 def _kl_rows(z, c, r, spec: AnchorSpec, tp_group, kernels, need_grad):
     """Per-row KL over the full vocabulary (same on every rank) and the local gradient shard."""
     if group_size(tp_group) == 1 and hasattr(kernels, "unsharded"):
@@ -255,27 +244,9 @@ def _check_arguments(policy, reference, current, alpha, interpolation, temperatu
     if current is not None:
         check_like_policy(current, "current_logits", policy)
     spec = AnchorSpec.validated(alpha, interpolation, temperature)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    kernels = _choose_kernels(policy, backend)
+    kernels = FusedKernels() if use_fused(policy, backend) else TorchKernels()
     check_shards_agree(policy, tp_group)
     return spec, kernels
-
-
-def _choose_kernels(policy, backend):
-    if backend == "torch":
-        return TorchKernels()
-    fused_ok = fused_available(policy.device) and policy.dtype in _FUSED_DTYPES
-    if backend == "fused" and not fused_ok:
-        if _C is None:
-            raise RuntimeError("backend='fused': the nemo_anchored._C extension is not built "
-                               "(run `make build` or `pip install --no-build-isolation -e .`)")
-        if policy.dtype not in _FUSED_DTYPES:
-            raise ValueError(f"backend='fused' takes float32, bfloat16 or float16 logits, got "
-                             f"{policy.dtype}; use backend='torch' for {policy.dtype}")
-        raise RuntimeError(f"backend='fused': the nemo_anchored._C extension was built without "
-                           f"kernels for device type {policy.device.type!r}")
-    return FusedKernels() if fused_ok else TorchKernels()
 
 
 def _detached_rows(policy, current, reference):
