@@ -17,13 +17,12 @@ import argparse
 import json
 import os
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from tests.launch import CheckLog
-from nemo_anchored.config import GPTConfig
+from nemo_anchored.config import AnchorConfig, GPTConfig, LoggingConfig, RunConfig
 from nemo_anchored.data.packing import block_causal_mask, restarting_positions
 from nemo_anchored.eval.generate import greedy_generate_ids
 from nemo_anchored.models.co_resident import CoResidentModels
@@ -77,10 +76,8 @@ def micro_batches(packed: bool):
 
 
 def method_loss(method: str) -> MethodLoss:
-    cfg = SimpleNamespace(
-        method=method, logging=SimpleNamespace(diagnostics_every=0),
-        anchor=SimpleNamespace(alpha=0.5, interpolation="logit", temperature=1.0,
-                               backend="auto"))
+    cfg = RunConfig(method=method, logging=LoggingConfig(diagnostics_every=0),
+                    anchor=AnchorConfig(alpha=0.5, interpolation="logit"))
     return MethodLoss.for_config(cfg)
 
 
