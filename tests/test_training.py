@@ -90,13 +90,13 @@ def step_records(run):
     return [m for m in run["metrics"] if "event" not in m]
 
 
-def assert_same_training(a, b, label, weights=True):
+def assert_same_training(a, b, label, weights=True, tol=TOL):
     la, lb = step_records(a), step_records(b)
     assert [m["step"] for m in la] == [m["step"] for m in lb] and len(la) == 4, label
     for x, y in zip(la, lb):
         for key in ("loss", "grad_norm", "kl_policy_ref", "anchor_step_kl", "anchor_bound"):
             if key in x:
-                assert math.isclose(x[key], y[key], rel_tol=TOL, abs_tol=1e-9), (label, key, x, y)
+                assert math.isclose(x[key], y[key], rel_tol=tol, abs_tol=1e-9), (label, key, x, y)
     for x, y in zip(a["trace"], b["trace"] if weights else []):
         assert math.isclose(x["policy"], y["policy"], rel_tol=TOL), (label, "weights", x, y)
 
@@ -107,11 +107,20 @@ def test_parallel_layouts_match_tp1(runs, method, layout):
     assert_same_training(runs[f"{method}_tp1"], runs[f"{method}_{layout}"], f"{method} {layout}")
 
 
+# AdamW amplifies rounding (SGD's comment above): TP = 2 against TP = 1 measured 4e-8 relative
+# at step 1, 1.5e-6 at step 2, and at step 4 (after the optimizer restart of the second outer
+# iteration) 4e-6 on the loss and 1.1e-5 on the gradient norm with SDPA as the CPU's attention
+# and the threaded kernels (this bound was 1e-5 before both; the layer-level comparison of SDPA
+# against megatron's attention is tests/test_attention.py's, at 1e-5).
+ADAMW_TOL = 3e-5
+
+
 def test_adamw_losses_match_across_layouts(runs):
-    assert_same_training(runs["adamw_tp1"], runs["adamw_tp2"], "adamw tp2", weights=False)
+    assert_same_training(runs["adamw_tp1"], runs["adamw_tp2"], "adamw tp2", weights=False,
+                         tol=ADAMW_TOL)
     # megatron's distributed optimizer shards the AdamW state over the two replicas.
     assert_same_training(runs["adamw_tp1"], runs["adamw_dp2_distributed_optimizer"],
-                         "adamw dp2 distributed optimizer", weights=False)
+                         "adamw dp2 distributed optimizer", weights=False, tol=ADAMW_TOL)
 
 
 def test_final_weights_match_across_layouts(runs):
