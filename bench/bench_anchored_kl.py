@@ -11,7 +11,7 @@ Implementations (``--backends``):
   autograd for the gradient), with the anchor formed from the detached current logits (the
   policy's in live mode, the snapshot's otherwise) and the reference; full vocabulary;
 - ``compiled``: the same function under ``torch.compile`` (KDFlow compiles it too); compile
-  time is left out (it happens in the warm-up step);
+  time is left out (it happens in the warm-up steps);
 - ``liger``: Liger-Kernel's KL divergence and JSD (beta = 0, forward KL) on torch's
   log-softmax, at alpha = 1 only (KL(p_ref || p_theta), the case they compute); GPU only,
   reported as not available otherwise;
@@ -26,7 +26,7 @@ the rank's slice of the full one).
 Each (implementation, shape, mode) runs in fresh processes so its peak memory is its own: on
 the CPU the rise of the peak resident set (VmHWM) over the resident inputs (the largest over
 the ranks), on the GPU torch.cuda.max_memory_allocated over the inputs. Times are medians of
---repeats steps after a warm-up; on the CPU the process's CPU time per step is recorded too,
+--repeats steps after WARMUP_STEPS; on the CPU the process's CPU time per step is recorded too,
 which a loaded machine inflates less than the wall time. The effective bandwidth counts the
 bytes the operator must move: each input shard read once and the gradient written once. The
 copy bandwidth it is compared with (a large copy, bytes read + written, on the same threads)
@@ -50,6 +50,10 @@ import torch
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).parent / "results"
+# Untimed steps first: compilation, the one-off shard check, allocator growth, and on Linux the
+# kernel's first compactions for huge pages (ours asks for them for its gradient: its first 2-3
+# steps took up to 2x the later ones).
+WARMUP_STEPS = 3
 DEFAULT_SHAPES = ["4096x32000", "2048x19008"]  # 19008 = Qwen2.5's 152064 vocabulary / TP 8
 BACKENDS = ["eager", "compiled", "liger", "fused", "torch"]
 BASELINES = ["eager", "compiled", "liger", "torch"]  # what "fused" is compared with
@@ -210,7 +214,8 @@ def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp) -> dict |
     copy_src = torch.ones(moved // 8 if backend == "fused" else 0, device=device)
     copy_dst = torch.zeros_like(copy_src)
 
-    step()  # warm-up (compilation, the one-off shard check, allocator growth)
+    for _ in range(WARMUP_STEPS):
+        step()
     z.grad = None
     synchronize(device)
     if device == "cuda":

@@ -20,6 +20,10 @@ struct Inputs {
   Interp mode;
 };
 
+// An uninitialised tensor like z for a gradient that a kernel writes in full (on the CPU backed
+// by huge pages where the OS allows: cpu_rows.h, advise_huge_pages).
+torch::Tensor gradient_like(const torch::Tensor& z);
+
 // Local softmax statistics [rows, streams, 2] (max, sum of exp(x - max)), fp32.
 torch::Tensor row_stats_cpu(const Inputs& in);
 // Given the full-vocabulary LSEs as (max, log_sum) pairs [rows, streams, 2]:

@@ -1,5 +1,5 @@
 // CPU kernels of the anchored KL: per-row softmax statistics, the column pass (partial KL and
-// the gradient p - q), and both fused per row for the unsharded case.
+// the gradient p - q), and the unsharded row in one call that keeps the row's exps (row_fused).
 //
 // Each row is walked in blocks of kBlock columns converted to fp32 on the stack, the
 // temperature folded in (cpu_rows.h: why that vectorizes), so no [rows x V] temporary exists
@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace anchored_kl {
 namespace {
@@ -41,6 +42,18 @@ struct Params {
 Params make_params(double alpha, double inv_tau, bool live) {
   return {static_cast<float>(alpha), static_cast<float>(inv_tau),
           static_cast<float>(std::log1p(-alpha)), static_cast<float>(std::log(alpha)), live};
+}
+
+// Columns [j0, j0 + n) of z and r, and of c in snapshot mode, scaled into zb, rb and cb;
+// returns the current model's block (zb in live mode).
+template <typename T>
+AKL_INLINE const float* load_columns(const RowPtrs<T>& row, int64_t j0, int64_t n,
+                                     const Params& prm, float* zb, float* cb, float* rb) {
+  load_scaled(row.z + j0, n, prm.inv_tau, zb);
+  load_scaled(row.r + j0, n, prm.inv_tau, rb);
+  if (prm.live) return zb;
+  load_scaled(row.c + j0, n, prm.inv_tau, cb);
+  return cb;
 }
 
 template <typename T, Interp Mode>
@@ -81,13 +94,7 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
-    load_scaled(row.z + j0, n, prm.inv_tau, zb);
-    load_scaled(row.r + j0, n, prm.inv_tau, rb);
-    const float* cur = zb;
-    if (!prm.live) {
-      load_scaled(row.c + j0, n, prm.inv_tau, cb);
-      cur = cb;
-    }
+    const float* cur = load_columns(row, j0, n, prm, zb, cb, rb);
     if constexpr (Mode == Interp::kLogit)  // in a loop of its own: see logit_element
       for (int64_t j = 0; j < n; ++j) ab[j] = anchor_logit(cur[j], rb[j], prm.alpha);
     for (int64_t j = 0; j < n; ++j) {
@@ -108,12 +115,97 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
   return kl;
 }
 
-// Local (max, sum) -> (max, log sum): the row's global pairs when the row is not sharded.
-void lse_from_stats(const float* stats, int streams, float* lse) {
-  for (int k = 0; k < streams; ++k) {
-    lse[2 * k] = stats[2 * k];
-    lse[2 * k + 1] = std::log(stats[2 * k + 1]);
+// Asks for columns [j0, j0 + n) of a row's inputs in the L2 (prefetcht1), one request per line.
+template <typename T>
+AKL_INLINE void prefetch_block(const RowPtrs<T>& row, int64_t j0, int64_t n, bool live) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t j = j0; j < j0 + n; j += kLine) {
+    __builtin_prefetch(row.z + j, 0, 2);
+    __builtin_prefetch(row.r + j, 0, 2);
+    if (!live) __builtin_prefetch(row.c + j, 0, 2);
   }
+}
+
+// The unsharded row (fused_cpu) in three passes while it stays in cache: the streams' maxima;
+// exp(x - max) of each into `e` (3 x cols fp32) and their sums; then the columns, with p and q
+// as e / sum. row_stats + row_kl_grad, which serve sharded rows and so cannot keep the exps,
+// take 4 exps per column in logit mode (2 + p and q again) and 6-7 in prob mode (+ log q and x
+// by log_add_exp, with a log1p each); this takes 2, and 3-4 in prob mode (x's log_add_exp). A row
+// of 32k fp32 columns (256 KB of inputs, as much again of e) stays in the L2 (2 MiB per core on the
+// benchmark's Xeon), so DRAM sees one read per input; 152k columns spill to the L3. The first pass
+// alone waits on DRAM (little arithmetic per byte: profiled, its loads took ~18% of the row's
+// samples), so the column pass, the one with the most arithmetic, prefetches the next row into the
+// L2 as it goes (`next`, null for a thread's last row; measured 5% off the row's time).
+template <typename T, Interp Mode>
+AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, int64_t cols,
+                                const Params& prm, float* e, T* grad) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  // e's streams: 0 policy z; 1 anchor a (logit) or current c (prob snapshot); 2 reference r
+  // (prob). Prob live uses no slot 1: c == z.
+  float* const es[3] = {e, e + cols, e + 2 * cols};
+  const bool used[3] = {true, Mode == Interp::kLogit || !prm.live, Mode == Interp::kProb};
+  float max[3] = {-kInf, -kInf, -kInf};
+  float zb[kBlock], cb[kBlock], rb[kBlock], gb[kBlock], kb[kBlock];
+  for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, cols - j0);
+    load_scaled(row.z + j0, n, prm.inv_tau, es[0] + j0);
+    if constexpr (Mode == Interp::kLogit) {
+      load_scaled(row.r + j0, n, prm.inv_tau, rb);
+      const float* cur = es[0] + j0;
+      if (!prm.live) {
+        load_scaled(row.c + j0, n, prm.inv_tau, cb);
+        cur = cb;
+      }
+      for (int64_t j = 0; j < n; ++j) es[1][j0 + j] = anchor_logit(cur[j], rb[j], prm.alpha);
+    } else {
+      if (!prm.live) load_scaled(row.c + j0, n, prm.inv_tau, es[1] + j0);
+      load_scaled(row.r + j0, n, prm.inv_tau, es[2] + j0);
+    }
+    for (int k = 0; k < 3; ++k)
+      if (used[k]) max[k] = std::max(max[k], lane_max(es[k] + j0, n));
+  }
+  double sum[3] = {0.0, 0.0, 0.0};
+  for (int k = 0; k < 3; ++k)
+    if (used[k]) sum[k] = exp_in_place(es[k], cols, max[k]);
+  if (Mode == Interp::kProb && prm.live) {
+    max[1] = max[0];
+    sum[1] = sum[0];
+  }
+  // The row's (max, log_sum) pairs in the stats' stream order (logit: z, a; prob: z, c, r),
+  // and 1 / sum per stream of e.
+  float lse[6], inv_sum[3];
+  for (int k = 0; k < 3; ++k) {
+    lse[2 * k] = max[k];
+    lse[2 * k + 1] = std::log(static_cast<float>(sum[k]));
+    inv_sum[k] = static_cast<float>(1.0 / sum[k]);
+  }
+  const float* const current_exps = es[prm.live ? 0 : 1];  // prob mode's p_c before 1 / sum
+  double kl = 0.0;
+  for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, cols - j0);
+    const float* cur = load_columns(row, j0, n, prm, zb, cb, rb);
+    if (next != nullptr) prefetch_block(*next, j0, n, prm.live);
+    for (int64_t j = 0; j < n; ++j) {
+      const float p = es[0][j0 + j] * inv_sum[0];
+      float q, x;
+      if constexpr (Mode == Interp::kLogit) {
+        q = es[1][j0 + j] * inv_sum[1];
+        x = logit_log_ratio(zb[j], cur[j], rb[j], prm.alpha, lse);
+      } else {
+        q = (1.f - prm.alpha) * (current_exps[j0 + j] * inv_sum[1]) +
+            prm.alpha * (es[2][j0 + j] * inv_sum[2]);
+        x = prob_log_ratio<CpuMath>(zb[j], cur[j], rb[j], lse, prm.log_one_minus_alpha,
+                                    prm.log_alpha);
+      }
+      const Element el = kl_element_of(p, q, finite(x) ? x : nonfinite_x(p, q));
+      gb[j] = el.p_minus_q * prm.inv_tau;
+      kb[j] = el.kl_term;
+    }
+    kl += lane_sum(kb, n);
+    if (grad != nullptr)
+      for (int64_t j = 0; j < n; ++j) grad[j0 + j] = static_cast<T>(gb[j]);
+  }
+  return kl;
 }
 
 template <typename T>
@@ -141,6 +233,12 @@ void dispatch(const Inputs& in, Fn&& fn) {
 
 }  // namespace
 
+torch::Tensor gradient_like(const torch::Tensor& z) {
+  auto grad = torch::empty_like(z);
+  if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  return grad;
+}
+
 torch::Tensor row_stats_cpu(const Inputs& in) {
   const int64_t rows = in.z.size(0), cols = in.z.size(1);
   const int streams = num_streams(in.mode);
@@ -163,7 +261,7 @@ std::tuple<torch::Tensor, torch::Tensor> kl_grad_cpu(const Inputs& in, const tor
   const int64_t rows = in.z.size(0), cols = in.z.size(1);
   const int streams = num_streams(in.mode);
   auto kl = torch::empty({rows}, in.z.options().dtype(torch::kFloat32));
-  auto grad = need_grad ? torch::empty_like(in.z) : torch::Tensor();
+  auto grad = need_grad ? gradient_like(in.z) : torch::Tensor();
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
   const float* lse_ptr = lse.data_ptr<float>();
   float* kl_ptr = kl.data_ptr<float>();
@@ -182,24 +280,22 @@ std::tuple<torch::Tensor, torch::Tensor> kl_grad_cpu(const Inputs& in, const tor
 
 std::tuple<torch::Tensor, torch::Tensor> fused_cpu(const Inputs& in, bool need_grad) {
   const int64_t rows = in.z.size(0), cols = in.z.size(1);
-  const int streams = num_streams(in.mode);
   auto kl = torch::empty({rows}, in.z.options().dtype(torch::kFloat32));
-  auto grad = need_grad ? torch::empty_like(in.z) : torch::Tensor();
+  auto grad = need_grad ? gradient_like(in.z) : torch::Tensor();
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
     T* g = need_grad ? grad.data_ptr<T>() : nullptr;
-    // Both passes per row while the row is still in cache.
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      float stats[6], lse[6];
+      std::vector<float> e(3 * cols);
       for (int64_t i = begin; i < end; ++i) {
-        const RowPtrs<T> row = row_ptrs<T>(in, i);
-        row_stats<T, Mode>(row, cols, prm, stats);
-        lse_from_stats(stats, streams, lse);
-        kl_ptr[i] = static_cast<float>(
-            row_kl_grad<T, Mode>(row, cols, prm, lse, g ? g + i * cols : nullptr));
+        const RowPtrs<T> row = row_ptrs<T>(in, i), next = row_ptrs<T>(in, std::min(i + 1, end - 1));
+        T* row_grad = g ? g + i * cols : nullptr;
+        const double kl =
+            row_fused<T, Mode>(row, i + 1 < end ? &next : nullptr, cols, prm, e.data(), row_grad);
+        kl_ptr[i] = static_cast<float>(kl);
       }
     });
   });

@@ -96,14 +96,10 @@ struct Element {
   float p_minus_q;  // gradient of the KL w.r.t. z_v (before the 1/temperature factor)
 };
 
-// One column from lp = log p, lq = log q and x = lq - lp computed from input differences
-// (more accurate than lq - lp; non-finite only at -inf columns, where lq - lp is exact).
+// One column from p, q and x = log q - log p computed from input differences (more accurate
+// than log q - log p), which the caller has made exact where it is not finite (-inf columns).
 // No branches (both forms, then a select) so the CPU loop vectorizes.
-template <class Math>
-AKL_HD Element kl_element(float lp, float lq, float x) {
-  const float p = Math::exp(lp);
-  const float q = Math::exp(lq);
-  x = finite(x) ? x : lq - lp;
+AKL_HD Element kl_element_of(float p, float q, float x) {
   const bool small = fabsf(x) < 0.5f;
   const float xs = small ? x : 0.f;
   Element e;
@@ -114,6 +110,35 @@ AKL_HD Element kl_element(float lp, float lq, float x) {
   return e;
 }
 
+// The same from lp = log p and lq = log q (x non-finite only at -inf columns, where lq - lp is
+// exact).
+template <class Math>
+AKL_HD Element kl_element(float lp, float lq, float x) {
+  return kl_element_of(Math::exp(lp), Math::exp(lq), finite(x) ? x : lq - lp);
+}
+
+// x where it is not finite, from p and q alone (the CPU's unsharded rows have p and q but not
+// their logs): +inf where only q has mass, -inf where only p has, and NaN where both have
+// (which finite inputs never give), so that a row with such a column stays NaN.
+AKL_HD float nonfinite_x(float p, float q) {
+  return p == 0.f ? INFINITY : q == 0.f ? -INFINITY : NAN;
+}
+
+// x = log q - log p in logit mode, a - z as a combination of input differences (exactly 0 from
+// c - z in live mode) less the LSEs' difference.
+AKL_HD float logit_log_ratio(float z, float c, float r, float alpha, const float* lse) {
+  return ((1.f - alpha) * (c - z) + alpha * (r - z)) - lse_difference(lse, 1, 0);
+}
+
+// x = log q - log p in prob mode, relative to log p from input differences (for x when q is
+// close to p); lq - lp would lose |lp| * eps when the policy puts almost no mass on the column.
+template <class Math>
+AKL_HD float prob_log_ratio(float z, float c, float r, const float* lse, float log_one_minus_alpha,
+                            float log_alpha) {
+  return log_add_exp<Math>(log_one_minus_alpha + (c - z) + lse_difference(lse, 0, 1),
+                           log_alpha + (r - z) + lse_difference(lse, 0, 2));
+}
+
 // Logit mode's element given the anchor logit a = anchor_logit(c, r, alpha). Apart from
 // column_element so that the CPU can form a in a loop of its own: GCC does not vectorize a
 // loop around anchor_logit's tests of alpha (the loop is too large for it to unswitch).
@@ -121,9 +146,7 @@ template <class Math>
 AKL_HD Element logit_element(float z, float c, float r, float a, float alpha, const float* lse) {
   const float lp = log_softmax_at(z, lse, 0);
   const float lq = log_softmax_at(a, lse, 1);
-  // a - z as a combination of input differences: exactly 0 from c - z in live mode.
-  const float d = (1.f - alpha) * (c - z) + alpha * (r - z);
-  return kl_element<Math>(lp, lq, d - lse_difference(lse, 1, 0));
+  return kl_element<Math>(lp, lq, logit_log_ratio(z, c, r, alpha, lse));
 }
 
 // The element of one column given the row's global (max, log_sum) pairs, order above.
@@ -134,13 +157,11 @@ AKL_HD Element column_element(float z, float c, float r, float alpha, const floa
     return logit_element<Math>(z, c, r, anchor_logit(c, r, alpha), alpha, lse);
   const float lp = log_softmax_at(z, lse, 0);
   // log q = log((1-alpha) p_c + alpha p_r) twice: absolute (each stream from its own max, for
-  // q itself) and relative to log p from input differences (for x when q is close to p);
-  // lp + x would lose |lp| * eps when the policy puts almost no mass on the column.
+  // q itself) and relative to log p (prob_log_ratio).
   const float lq = log_add_exp<Math>(log_one_minus_alpha + log_softmax_at(c, lse, 1),
                                      log_alpha + log_softmax_at(r, lse, 2));
-  const float x = log_add_exp<Math>(log_one_minus_alpha + (c - z) + lse_difference(lse, 0, 1),
-                                    log_alpha + (r - z) + lse_difference(lse, 0, 2));
-  return kl_element<Math>(lp, lq, x);
+  return kl_element<Math>(lp, lq,
+                          prob_log_ratio<Math>(z, c, r, lse, log_one_minus_alpha, log_alpha));
 }
 
 // ---------------------------------------------------------------------------------------------

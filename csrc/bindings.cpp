@@ -104,7 +104,7 @@ torch::Tensor per_row_f32(const torch::Tensor& z) {
 }
 
 torch::Tensor grad_if(const torch::Tensor& z, bool need_grad) {
-  return need_grad ? torch::empty_like(z) : torch::Tensor();
+  return need_grad ? gradient_like(z) : torch::Tensor();
 }
 
 std::tuple<torch::Tensor, torch::Tensor> loss_stats(const torch::Tensor& z,
@@ -129,7 +129,7 @@ torch::Tensor cross_entropy_grad(const torch::Tensor& z, const torch::Tensor& la
   check_loss_logits(z, torch::Tensor());
   check_per_row(labels, z, {z.size(0)}, torch::kInt64, "labels");
   check_per_row(lse, z, {z.size(0), 1, 2}, torch::kFloat32, "lse");
-  auto grad = torch::empty_like(z);
+  auto grad = gradient_like(z);
 #ifdef WITH_CUDA
   if (z.is_cuda()) {
     cross_entropy_grad_cuda(z, labels, lse, grad);
