@@ -30,8 +30,8 @@ test: lint $(EXT_STAMP)
 	$(PY) -m pytest -q -m "not real_model" tests
 
 # `nemo-anchored lab --smoke` (the real-model lab, small) end to end: five trainings of the
-# 135M SmolLM2 on the CPU (minutes: 4 of them took 5.5 min on 2 shared cores; 6.5 GiB
-# resident), too heavy for the suite's budget.
+# 135M SmolLM2 on the CPU, too heavy for the suite's budget (7 min 15 s on 2 quiet cores: 111 s
+# converting the model, 310 s the lab; 6.5 GiB resident).
 test-real-model: lint $(EXT_STAMP)
 	$(PY) -m pytest -q -m real_model tests
 

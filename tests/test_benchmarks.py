@@ -437,6 +437,18 @@ with model_parallel(1, 1, seed=0):
     out["long_logprob_diff"] = abs(lm.logprob(long_prompt, [65, 66]) -
                                    direct_logprob(long_prompt[-(MAX_LEN - 1):], [65, 66]))
     out["truncated"] = lm.truncated - before
+    # The drift on an over-long prompt: the prompt as generation saw it (lm.fit) + the response
+    # fit the model (the real-model lab's use); the uncut prompt does not.
+    fitted = lm.fit(long_prompt, 1)
+    out["fit_len"] = len(fitted)
+    long_response = lm.generate([long_prompt], 4)[0]
+    out["long_kl_self"] = kl_on_base_responses(model, model, [fitted], [long_response],
+                                               vocab_size=V)
+    try:
+        kl_on_base_responses(model, model, [long_prompt], [long_response], vocab_size=V)
+        out["uncut_refused"] = False
+    except ValueError:
+        out["uncut_refused"] = True
     mmlu = evaluate_mmlu(lm.logprob, tok, limit=3, seed=1)
     save_checkpoint(work / "ckpt", model=model)
 
@@ -528,6 +540,8 @@ def test_megatron_logprob_equals_a_float64_recomputation(megatron_checks):
     assert out["logprob_max_diff"] < 1e-5
     assert out["long_generate"] and out["long_logprob_diff"] < 1e-5
     assert out["truncated"] == 2
+    assert out["fit_len"] == 511 and out["uncut_refused"]  # MAX_LEN - 1
+    assert out["long_kl_self"] == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.slow

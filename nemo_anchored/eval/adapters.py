@@ -50,12 +50,17 @@ class MegatronLM:
         self.truncated = 0
         self._cache = _LastInputCache()
 
-    def _fit(self, ids: Sequence[int], room: int) -> List[int]:
-        """``ids`` cut from the left to at most max_length - room tokens."""
+    def fit(self, ids: Sequence[int], room: int) -> List[int]:
+        """``ids`` cut from the left to at most max_length - room tokens: a prompt as
+        ``generate`` (room 1) and ``logprob`` feed it to the model."""
         if self.max_length is None or len(ids) + room <= self.max_length:
             return list(ids)
-        self.truncated += 1
         return list(ids)[len(ids) + room - self.max_length:]
+
+    def _fit(self, ids: Sequence[int], room: int) -> List[int]:
+        fitted = self.fit(ids, room)
+        self.truncated += len(fitted) < len(ids)
+        return fitted
 
     def generate(self, prompts: List[List[int]], max_new_tokens: int) -> List[List[int]]:
         from nemo_anchored.eval.generate import greedy_generate_ids

@@ -288,7 +288,10 @@ class RealModelLab(Lab):
             base = model
         else:
             base = self._base_model()
-        kl = kl_on_base_responses(model, base, self.instruction_prompts[:s.kl_prompts],
+        # The prompts as the base's generation saw them (cut from the left if over-long), so
+        # that prompt + response fits the model as it did then.
+        kl = kl_on_base_responses(model, base,
+                                  [lm.fit(p, 1) for p in self.instruction_prompts[:s.kl_prompts]],
                                   self.base_responses, vocab_size=tok.vocab_size,
                                   batch_size=s.eval_batch)
         per_item = {"instructions": instructions, "mmlu": mmlu, "mmlu_logprob": mmlu_logprob}
