@@ -188,3 +188,10 @@ def test_tiny_lab_with_every_arm(tmp_path):
         "forward": 3 * P, "backward": 3 * P, "forward_equivalent": 9 * P}
     assert (out / "pareto.png").stat().st_size > 1000
     assert "| anchored_live a0.8 authors | 0.001 | 3/3 |" in (out / "results.md").read_text()
+    # the authors arm's reference is scored and reported (the ceiling of the runs toward it)
+    (reference,) = results["references"]
+    assert (reference["run"], reference["epochs"]) == ("seed1000/reference_e1_lr0.001", 1)
+    assert 0 <= reference["domain"] <= 1 and 0 <= reference["general"] <= 1
+    assert reference["kl_to_base_general"] > 0
+    assert reference["compute_passes"] == {"forward": P, "backward": P, "forward_equivalent": 3 * P}
+    assert "| 1 | 0.001 |" in (out / "results.md").read_text()

@@ -1,5 +1,6 @@
 """The lab's report: results.md's Markdown tables (the matched-domain summary, every run, how
-close each verdict is, the anchored runs after each outer iteration) and pareto.png / .pdf."""
+close each verdict is, the anchored runs after each outer iteration, the authors arm's SFT
+references) and pareto.png / .pdf."""
 from __future__ import annotations
 
 import statistics
@@ -103,6 +104,30 @@ def anchored_trace_table(details: Sequence[dict]) -> str:
                          f"{statistics.fmean(r['domain'] for r in ref):.3f} | "
                          f"{statistics.fmean(r['general'] for r in ref):.3f} | "
                          f"{statistics.fmean(r['kl_to_base_general'] for r in ref):.3f} |")
+    return "\n".join(lines)
+
+
+def reference_table(references: Sequence[dict]) -> str:
+    """The SFT references that are no sweep points (the authors arm's, with epochs of their own),
+    seed mean ± std per epochs: an anchored run toward one learns no more than it has."""
+    if not references:
+        return ""
+    lines = ["SFT references of the authors arm (the anchored runs' targets; seed mean ± std):", "",
+             "| epochs | lr | domain | general | KL to base | compute | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    groups: Dict[int, List[dict]] = {}
+    for r in references:
+        groups.setdefault(r["epochs"], []).append(r)
+
+    def stat(rows, key):
+        values = [r[key] for r in rows]
+        return _fmt(statistics.fmean(values),
+                    statistics.stdev(values) if len(values) > 1 else None)
+
+    for epochs, rows in sorted(groups.items()):
+        lines.append(f"| {epochs} | {rows[0]['lr']:g} | {stat(rows, 'domain')} | "
+                     f"{stat(rows, 'general')} | {stat(rows, 'kl_to_base_general')} | "
+                     f"{rows[0]['compute_passes']['forward_equivalent']:.3g} | {len(rows)} |")
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ from nemo_anchored.lab.base import (REGENERATE, file_digests, pretrain_fingerpri
 from nemo_anchored.lab.records import (RUN_RECORD, check_settings, read_run, training_identity,
                                        write_run)
 from nemo_anchored.lab.report import (anchored_trace_table, markdown_table, plot_pareto,
-                                      verdict_lines)
+                                      reference_table, verdict_lines)
 from nemo_anchored.lab.settings import COMMITTED_BASE, METHOD_OVERRIDES, RECIPE, LabSettings
 from nemo_anchored.lab.summary import MATCH_FRACTION, SPREAD, summarize
 from nemo_anchored.lab.tasks import GENERAL_TASKS, make_splits
@@ -248,7 +248,7 @@ class Lab:
         prepass = -(-s.domain_train // mbs) * mbs * cfg.data.seq_length
         swept = len(s.alphas) > 1
         self.stages: Dict[str, budget.Stage] = {}
-        self.references: Set[str] = set()  # the SFT references' training names
+        self.references: Dict[str, int] = {}  # the SFT references' training names: epochs
         equal_reference = budget.PointSpec("sft", "equal", float(s.reference_lr), s.epochs)
         for seed in self._seeds():
             references = {}  # epochs -> its training's name
@@ -258,11 +258,10 @@ class Lab:
                 training = self._training(
                     f"seed{seed}/{name}", paths["domain", "train"], seed, s.reference_lr,
                     [f"model.base_checkpoint={base_final}", f"trainer.epochs={epochs}",
-                     *self._baseline_overrides(), *METHOD_OVERRIDES["sft"]],
-                    evaluate=spec is not None)
+                     *self._baseline_overrides(), *METHOD_OVERRIDES["sft"]])
                 training = trainings.setdefault(_key(training), training)
                 references[epochs] = training.name
-                self.references.add(training.name)
+                self.references[training.name] = epochs
                 self.stages[training.name] = budget.reference_stage(epochs, steps_per_epoch,
                                                                     tokens_per_step)
                 plan.append((seed, spec, training))
@@ -287,6 +286,19 @@ class Lab:
                 plan.append((seed, spec, training))
         self.steps_per_epoch = steps_per_epoch
         return plan
+
+    def _reference_row(self, seed: int, training: Training, record: dict) -> dict:
+        """The scores of an SFT reference that is no point of the sweep (the authors arm's):
+        the anchored runs toward it can learn no more of the domain than it has. A record of
+        an earlier lab that did not score references is scored from its final checkpoint."""
+        scores = record["scores"]
+        if scores is None:
+            with self._checkpoint_model(self.out / "runs" / training.name / "final") as model:
+                scores = self._evaluate(model)
+        return {"run": training.name, "seed": seed, "epochs": self.references[training.name],
+                "lr": self.s.reference_lr, "domain": scores["domain"],
+                "general": scores["general"], "kl_to_base_general": scores["kl_to_base_general"],
+                "compute_passes": budget.compute(self.stages, training.name)}
 
     def _baseline_overrides(self) -> List[str]:
         return [f"baselines.kl_lambda={self.s.kl_lambda}",
@@ -394,6 +406,7 @@ class Lab:
 
         points: List[dict] = []
         details: List[dict] = []
+        references: List[dict] = []
         plan = self._plan(base_final, paths)
         trainings = list({id(t): t for *_, t in plan}.values())
         done = sum((out / "runs" / t.name / RUN_RECORD).is_file() for t in trainings)
@@ -409,8 +422,9 @@ class Lab:
                 if "failed" in record and training.name in self.references:
                     raise RuntimeError(f"the SFT reference {training.name} failed: "
                                        f"{record['failed']}")
-                if spec is None:
-                    continue  # a reference with epochs of its own: no point of the sweep
+                if spec is None:  # a reference with epochs of its own: no point of the sweep
+                    references.append(self._reference_row(seed, training, record))
+                    continue
                 name = f"seed{seed}/{spec.run_name(swept)}"
                 if "failed" in record:
                     self._say(f"  {name}: FAILED ({record['failed']})")
@@ -443,12 +457,13 @@ class Lab:
             "base": base,
             "failed_runs": self.failed,
             "point_details": details,
+            "references": references,
             "config": self._config_record(wall, base_final),
         }
         write_text(out / "results.json", json.dumps(results, indent=1))
         plot_pareto(out / "pareto.png", points, summary)
         table = "\n\n".join([markdown_table(summary), verdict_lines(summary),
-                              anchored_trace_table(details)])
+                              anchored_trace_table(details), reference_table(references)])
         write_text(out / "results.md", table + "\n")
         self.log("")
         self.log(table)
