@@ -148,16 +148,11 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
   float zb[kBlock], cb[kBlock], rb[kBlock], gb[kBlock], kb[kBlock];
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
-    load_scaled(row.z + j0, n, prm.inv_tau, es[0] + j0);
     if constexpr (Mode == Interp::kLogit) {
-      load_scaled(row.r + j0, n, prm.inv_tau, rb);
-      const float* cur = es[0] + j0;
-      if (!prm.live) {
-        load_scaled(row.c + j0, n, prm.inv_tau, cb);
-        cur = cb;
-      }
+      const float* cur = load_columns(row, j0, n, prm, es[0] + j0, cb, rb);
       for (int64_t j = 0; j < n; ++j) es[1][j0 + j] = anchor_logit(cur[j], rb[j], prm.alpha);
     } else {
+      load_scaled(row.z + j0, n, prm.inv_tau, es[0] + j0);
       if (!prm.live) load_scaled(row.c + j0, n, prm.inv_tau, es[1] + j0);
       load_scaled(row.r + j0, n, prm.inv_tau, es[2] + j0);
     }
