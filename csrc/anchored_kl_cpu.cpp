@@ -8,6 +8,7 @@
 #include "anchored_kl.h"
 #include "cpu_rows.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -126,28 +127,34 @@ AKL_INLINE void prefetch_block(const RowPtrs<T>& row, int64_t j0, int64_t n, boo
   }
 }
 
-// The unsharded row (fused_cpu) in three passes while it stays in cache: the streams' maxima;
-// exp(x - max) of each into `e` (3 x cols fp32) and their sums; then the columns, with p and q
-// as e / sum. row_stats + row_kl_grad, which serve sharded rows and so cannot keep the exps,
-// take 4 exps per column in logit mode (2 + p and q again) and 6-7 in prob mode (+ log q and x
-// by log_add_exp, with a log1p each); this takes 2, and 3-4 in prob mode (x's log_add_exp). A row
-// of 32k fp32 columns (256 KB of inputs, as much again of e) stays in the L2 (2 MiB per core on the
-// benchmark's Xeon), so DRAM sees one read per input; 152k columns spill to the L3. The first pass
-// alone waits on DRAM (little arithmetic per byte: profiled, its loads took ~18% of the row's
-// samples), so the column pass, the one with the most arithmetic, prefetches the next row into the
-// L2 as it goes (`next`, null for a thread's last row; measured 5% off the row's time).
+// The unsharded row (fused_cpu) in two passes while it stays in cache. The first takes each
+// block's exps relative to the block's own max, exp(x - block max), into `e` (3 x cols fp32)
+// while the block is in the L1, with the block's max and sum; the second forms p and q as
+// e x factor, the block's factor exp(block max - row max) / row sum being one scalar per block
+// and stream. row_stats + row_kl_grad, which serve sharded rows and so cannot keep the exps,
+// take 4 exps per column in logit mode (2 + p and q again) and 6-7 in prob mode (+ log q and
+// x by log_add_exp, with a log1p each); this takes 2, and 3-4 in prob mode (x's log_add_exp),
+// and reads e once, in the pass that needs it. A row of 32k fp32
+// columns (256 KB of inputs, as much again of e) stays in the L2 (2 MiB per core on the
+// benchmark's Xeon), so DRAM sees one read per input; 152k columns spill to the L3. The first
+// pass waits on DRAM (little arithmetic per byte), so the second, the one with the most
+// arithmetic, prefetches the next row into the L2 as it goes (`next`, null for a thread's last
+// row). `block` holds 2 x 3 floats per block of kBlock columns: maxima, then sums and factors.
 template <typename T, Interp Mode>
 AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, int64_t cols,
-                                const Params& prm, float* e, T* grad) {
+                                const Params& prm, float* e, float* block, T* grad) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
+  const int64_t blocks = (cols + kBlock - 1) / kBlock;
   // e's streams: 0 policy z; 1 anchor a (logit) or current c (prob snapshot); 2 reference r
   // (prob). Prob live uses no slot 1: c == z.
   float* const es[3] = {e, e + cols, e + 2 * cols};
+  float* const block_max[3] = {block, block + blocks, block + 2 * blocks};
+  float* const factor[3] = {block + 3 * blocks, block + 4 * blocks, block + 5 * blocks};
   const bool used[3] = {true, Mode == Interp::kLogit || !prm.live, Mode == Interp::kProb};
   float max[3] = {-kInf, -kInf, -kInf};
   float zb[kBlock], cb[kBlock], rb[kBlock], gb[kBlock], kb[kBlock];
-  for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
-    const int64_t n = std::min(kBlock, cols - j0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
     if constexpr (Mode == Interp::kLogit) {
       const float* cur = load_columns(row, j0, n, prm, es[0] + j0, cb, rb);
       for (int64_t j = 0; j < n; ++j) es[1][j0 + j] = anchor_logit(cur[j], rb[j], prm.alpha);
@@ -156,39 +163,47 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
       if (!prm.live) load_scaled(row.c + j0, n, prm.inv_tau, es[1] + j0);
       load_scaled(row.r + j0, n, prm.inv_tau, es[2] + j0);
     }
-    for (int k = 0; k < 3; ++k)
-      if (used[k]) max[k] = std::max(max[k], lane_max(es[k] + j0, n));
+    for (int k = 0; k < 3; ++k) {
+      if (!used[k]) continue;
+      block_max[k][b] = lane_max(es[k] + j0, n);
+      factor[k][b] = exp_block(es[k] + j0, n, block_max[k][b]);  // the block's sum, for now
+      max[k] = std::max(max[k], block_max[k][b]);
+    }
   }
-  double sum[3] = {0.0, 0.0, 0.0};
-  for (int k = 0; k < 3; ++k)
-    if (used[k]) sum[k] = exp_in_place(es[k], cols, max[k]);
-  if (Mode == Interp::kProb && prm.live) {
-    max[1] = max[0];
-    sum[1] = sum[0];
-  }
-  // The row's (max, log_sum) pairs in the stats' stream order (logit: z, a; prob: z, c, r),
-  // and 1 / sum per stream of e.
-  float lse[6], inv_sum[3];
+  // The row's sums, then each block's factor; the (max, log_sum) pairs in the stats' stream
+  // order (logit: z, a; prob: z, c, r). A block of nothing but -inf gets the factor 0 x 1 / sum:
+  // 0, or NaN for a stream of nothing but -inf, as 0 x inf made it when e held exp(x - row max).
+  float lse[6];
   for (int k = 0; k < 3; ++k) {
+    if (!used[k]) continue;
+    const auto scale = [&](int64_t b) {
+      return block_max[k][b] == -kInf ? 0.0 : std::exp(double{block_max[k][b]} - max[k]);
+    };
+    double sum = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) sum += factor[k][b] * scale(b);
+    for (int64_t b = 0; b < blocks; ++b) factor[k][b] = static_cast<float>(scale(b) / sum);
     lse[2 * k] = max[k];
-    lse[2 * k + 1] = std::log(static_cast<float>(sum[k]));
-    inv_sum[k] = static_cast<float>(1.0 / sum[k]);
+    lse[2 * k + 1] = std::log(static_cast<float>(sum));
   }
-  const float* const current_exps = es[prm.live ? 0 : 1];  // prob mode's p_c before 1 / sum
+  if (Mode == Interp::kProb && prm.live) {
+    lse[2] = lse[0];
+    lse[3] = lse[1];
+  }
+  const int current = prm.live ? 0 : 1;  // prob mode's p_c
   double kl = 0.0;
-  for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
-    const int64_t n = std::min(kBlock, cols - j0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
     const float* cur = load_columns(row, j0, n, prm, zb, cb, rb);
     if (next != nullptr) prefetch_block(*next, j0, n, prm.live);
+    const float fp = factor[0][b], fq = factor[1][b], fc = factor[current][b], fr = factor[2][b];
     for (int64_t j = 0; j < n; ++j) {
-      const float p = es[0][j0 + j] * inv_sum[0];
+      const float p = es[0][j0 + j] * fp;
       float q, x;
       if constexpr (Mode == Interp::kLogit) {
-        q = es[1][j0 + j] * inv_sum[1];
+        q = es[1][j0 + j] * fq;
         x = logit_log_ratio(zb[j], cur[j], rb[j], prm.alpha, lse);
       } else {
-        q = (1.f - prm.alpha) * (current_exps[j0 + j] * inv_sum[1]) +
-            prm.alpha * (es[2][j0 + j] * inv_sum[2]);
+        q = (1.f - prm.alpha) * (es[current][j0 + j] * fc) + prm.alpha * (es[2][j0 + j] * fr);
         x = prob_log_ratio<CpuMath>(zb[j], cur[j], rb[j], lse, prm.log_one_minus_alpha,
                                     prm.log_alpha);
       }
@@ -228,16 +243,9 @@ void dispatch(const Inputs& in, Fn&& fn) {
 
 }  // namespace
 
-torch::Tensor gradient_like(const torch::Tensor& z) {
-  auto grad = torch::empty_like(z);
-  if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
-  return grad;
-}
-
-torch::Tensor row_stats_cpu(const Inputs& in) {
+void row_stats_cpu(const Inputs& in, const at::TensorBase& stats) {
   const int64_t rows = in.z.size(0), cols = in.z.size(1);
   const int streams = num_streams(in.mode);
-  auto stats = torch::empty({rows, streams, 2}, in.z.options().dtype(torch::kFloat32));
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
   float* out = stats.data_ptr<float>();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
@@ -248,53 +256,46 @@ torch::Tensor row_stats_cpu(const Inputs& in) {
         row_stats<T, Mode>(row_ptrs<T>(in, i), cols, prm, out + i * streams * 2);
     });
   });
-  return stats;
 }
 
-std::tuple<torch::Tensor, torch::Tensor> kl_grad_cpu(const Inputs& in, const torch::Tensor& lse,
-                                                     bool need_grad) {
+void kl_grad_cpu(const Inputs& in, const at::TensorBase& lse, const at::TensorBase& kl,
+                 const at::TensorBase& grad) {
   const int64_t rows = in.z.size(0), cols = in.z.size(1);
   const int streams = num_streams(in.mode);
-  auto kl = torch::empty({rows}, in.z.options().dtype(torch::kFloat32));
-  auto grad = need_grad ? gradient_like(in.z) : torch::Tensor();
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
   const float* lse_ptr = lse.data_ptr<float>();
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
-    T* g = need_grad ? grad.data_ptr<T>() : nullptr;
+    T* g = grad.defined() ? grad.data_ptr<T>() : nullptr;
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         kl_ptr[i] = static_cast<float>(row_kl_grad<T, Mode>(
             row_ptrs<T>(in, i), cols, prm, lse_ptr + i * streams * 2, g ? g + i * cols : nullptr));
     });
   });
-  return {kl, grad};
 }
 
-std::tuple<torch::Tensor, torch::Tensor> fused_cpu(const Inputs& in, bool need_grad) {
+void fused_cpu(const Inputs& in, const at::TensorBase& kl, const at::TensorBase& grad) {
   const int64_t rows = in.z.size(0), cols = in.z.size(1);
-  auto kl = torch::empty({rows}, in.z.options().dtype(torch::kFloat32));
-  auto grad = need_grad ? gradient_like(in.z) : torch::Tensor();
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
-    T* g = need_grad ? grad.data_ptr<T>() : nullptr;
+    T* g = grad.defined() ? grad.data_ptr<T>() : nullptr;
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> e(3 * cols);
+      std::vector<float> e(3 * cols), block(6 * ((cols + kBlock - 1) / kBlock));
       for (int64_t i = begin; i < end; ++i) {
         const RowPtrs<T> row = row_ptrs<T>(in, i), next = row_ptrs<T>(in, std::min(i + 1, end - 1));
         T* row_grad = g ? g + i * cols : nullptr;
-        const double kl =
-            row_fused<T, Mode>(row, i + 1 < end ? &next : nullptr, cols, prm, e.data(), row_grad);
+        const double kl = row_fused<T, Mode>(row, i + 1 < end ? &next : nullptr, cols, prm,
+                                             e.data(), block.data(), row_grad);
         kl_ptr[i] = static_cast<float>(kl);
       }
     });
   });
-  return {kl, grad};
 }
 
 }  // namespace anchored_kl

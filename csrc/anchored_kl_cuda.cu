@@ -533,9 +533,9 @@ void check_sizes(const Inputs& in) {
 }
 
 // Whether every row of every tensor (grad too, when defined) starts on a 16-byte boundary.
-bool rows_aligned(const Inputs& in, const torch::Tensor& grad) {
+bool rows_aligned(const Inputs& in, const at::TensorBase& grad) {
   if (in.z.size(1) % (kPackBytes / in.z.element_size()) != 0) return false;
-  const auto aligned = [](const torch::Tensor& t) {
+  const auto aligned = [](const at::TensorBase& t) {
     return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % kPackBytes == 0;
   };
   return aligned(in.z) && aligned(in.r) && (!in.c.has_value() || aligned(*in.c)) &&
@@ -625,12 +625,11 @@ bool launch_resident(const Problem<T>& pb, int64_t rows, float* kl, T* grad, cud
 
 }  // namespace
 
-torch::Tensor row_stats_cuda(const Inputs& in) {
+void row_stats_cuda(const Inputs& in, const at::TensorBase& stats) {
   const c10::cuda::CUDAGuard guard(in.z.device());
   check_sizes(in);
   const int64_t rows = in.z.size(0);
-  auto stats = torch::empty({rows, num_streams(in.mode), 2}, in.z.options().dtype(torch::kFloat32));
-  if (rows == 0) return stats;
+  if (rows == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
@@ -644,23 +643,20 @@ torch::Tensor row_stats_cuda(const Inputs& in) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return stats;
 }
 
-std::tuple<torch::Tensor, torch::Tensor> kl_grad_cuda(const Inputs& in, const torch::Tensor& lse,
-                                                      bool need_grad) {
+void kl_grad_cuda(const Inputs& in, const at::TensorBase& lse, const at::TensorBase& kl,
+                  const at::TensorBase& grad) {
   const c10::cuda::CUDAGuard guard(in.z.device());
   check_sizes(in);
   const int64_t rows = in.z.size(0);
-  auto kl = torch::empty({rows}, in.z.options().dtype(torch::kFloat32));
-  auto grad = need_grad ? torch::empty_like(in.z) : torch::Tensor();
-  if (rows == 0) return {kl, grad};
+  if (rows == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
     const Problem<T> pb = make_problem<T>(in);
-    T* g = need_grad ? static_cast<T*>(grad.data_ptr()) : nullptr;
+    T* g = grad.defined() ? static_cast<T*>(grad.data_ptr()) : nullptr;
     with_pack_width<T>(rows_aligned(in, grad), [&](auto width) {
       constexpr int W = decltype(width)::value;
       kl_grad_kernel<T, Mode, W>
@@ -669,22 +665,19 @@ std::tuple<torch::Tensor, torch::Tensor> kl_grad_cuda(const Inputs& in, const to
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {kl, grad};
 }
 
-std::tuple<torch::Tensor, torch::Tensor> fused_cuda(const Inputs& in, bool need_grad) {
+void fused_cuda(const Inputs& in, const at::TensorBase& kl, const at::TensorBase& grad) {
   const c10::cuda::CUDAGuard guard(in.z.device());
   check_sizes(in);
   const int64_t rows = in.z.size(0);
-  auto kl = torch::empty({rows}, in.z.options().dtype(torch::kFloat32));
-  auto grad = need_grad ? torch::empty_like(in.z) : torch::Tensor();
-  if (rows == 0) return {kl, grad};
+  if (rows == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
     const Problem<T> pb = make_problem<T>(in);
-    T* g = need_grad ? static_cast<T*>(grad.data_ptr()) : nullptr;
+    T* g = grad.defined() ? static_cast<T*>(grad.data_ptr()) : nullptr;
     const bool aligned = rows_aligned(in, grad);
     if (aligned && launch_resident<T, Mode>(pb, rows, kl.data_ptr<float>(), g, stream)) return;
     with_pack_width<T>(aligned, [&](auto width) {
@@ -695,7 +688,6 @@ std::tuple<torch::Tensor, torch::Tensor> fused_cuda(const Inputs& in, bool need_
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {kl, grad};
 }
 
 }  // namespace anchored_kl

@@ -1,6 +1,9 @@
-// Python bindings: one function per pass, dispatched on the tensors' device. The SFT-stage
-// losses' bindings also allocate their outputs (sharded_losses.h).
+// Python bindings: one function per pass, dispatched on the tensors' device. They check every
+// argument and allocate every output (anchored_kl.h, sharded_losses.h).
+#include <torch/extension.h>
+
 #include "anchored_kl.h"
+#include "cpu_rows.h"
 #include "sharded_losses.h"
 
 namespace anchored_kl {
@@ -20,7 +23,9 @@ Inputs make_inputs(const torch::Tensor& z, const std::optional<torch::Tensor>& c
                   z.scalar_type() == torch::kHalf,
               "the fused kernels take float32, bfloat16 or float16 logits");
   TORCH_CHECK(mode == 0 || mode == 1, "mode must be 0 (logit) or 1 (prob)");
-  return {z, c, r, alpha, inv_tau, static_cast<Interp>(mode)};
+  return {z,       c ? std::optional<at::TensorBase>(*c) : std::nullopt,
+          r,       alpha,
+          inv_tau, static_cast<Interp>(mode)};
 }
 
 bool built_with_cuda() {
@@ -36,14 +41,36 @@ void check_device(const torch::Tensor& z) {
               "the anchored_kl extension was built without kernels for device ", z.device());
 }
 
+torch::Tensor per_row_f32(const torch::Tensor& z) {
+  return torch::empty({z.size(0)}, z.options().dtype(torch::kFloat32));
+}
+
+// An uninitialised tensor like z for a gradient that a kernel writes in full, on the CPU backed
+// by huge pages where the OS allows (cpu_rows.h, advise_huge_pages).
+torch::Tensor gradient_like(const torch::Tensor& z) {
+  auto grad = torch::empty_like(z);
+  if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  return grad;
+}
+
+torch::Tensor grad_if(const torch::Tensor& z, bool need_grad) {
+  return need_grad ? gradient_like(z) : torch::Tensor();
+}
+
 torch::Tensor row_stats(const torch::Tensor& z, const std::optional<torch::Tensor>& c,
                         const torch::Tensor& r, double alpha, double inv_tau, int64_t mode) {
   check_device(z);
   const Inputs in = make_inputs(z, c, r, alpha, inv_tau, mode);
+  auto stats =
+      torch::empty({z.size(0), num_streams(in.mode), 2}, z.options().dtype(torch::kFloat32));
 #ifdef WITH_CUDA
-  if (z.is_cuda()) return row_stats_cuda(in);
+  if (z.is_cuda()) {
+    row_stats_cuda(in, stats);
+    return stats;
+  }
 #endif
-  return row_stats_cpu(in);
+  row_stats_cpu(in, stats);
+  return stats;
 }
 
 std::tuple<torch::Tensor, torch::Tensor> kl_grad(const torch::Tensor& z,
@@ -57,10 +84,16 @@ std::tuple<torch::Tensor, torch::Tensor> kl_grad(const torch::Tensor& z,
                   lse.size(2) == 2 && lse.scalar_type() == torch::kFloat &&
                   lse.device() == z.device() && lse.is_contiguous(),
               "lse must be a contiguous float32 [rows, streams, 2] tensor on the logits' device");
+  auto kl = per_row_f32(z);
+  auto grad = grad_if(z, need_grad);
 #ifdef WITH_CUDA
-  if (z.is_cuda()) return kl_grad_cuda(in, lse, need_grad);
+  if (z.is_cuda()) {
+    kl_grad_cuda(in, lse, kl, grad);
+    return {kl, grad};
+  }
 #endif
-  return kl_grad_cpu(in, lse, need_grad);
+  kl_grad_cpu(in, lse, kl, grad);
+  return {kl, grad};
 }
 
 std::tuple<torch::Tensor, torch::Tensor> fused(const torch::Tensor& z,
@@ -69,10 +102,16 @@ std::tuple<torch::Tensor, torch::Tensor> fused(const torch::Tensor& z,
                                                int64_t mode, bool need_grad) {
   check_device(z);
   const Inputs in = make_inputs(z, c, r, alpha, inv_tau, mode);
+  auto kl = per_row_f32(z);
+  auto grad = grad_if(z, need_grad);
 #ifdef WITH_CUDA
-  if (z.is_cuda()) return fused_cuda(in, need_grad);
+  if (z.is_cuda()) {
+    fused_cuda(in, kl, grad);
+    return {kl, grad};
+  }
 #endif
-  return fused_cpu(in, need_grad);
+  fused_cpu(in, kl, grad);
+  return {kl, grad};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -97,14 +136,6 @@ void check_per_row(const torch::Tensor& x, const torch::Tensor& z, at::IntArrayR
                   x.is_contiguous(),
               what, " must be a contiguous ", dtype, " tensor of shape ", shape,
               " on the logits' device");
-}
-
-torch::Tensor per_row_f32(const torch::Tensor& z) {
-  return torch::empty({z.size(0)}, z.options().dtype(torch::kFloat32));
-}
-
-torch::Tensor grad_if(const torch::Tensor& z, bool need_grad) {
-  return need_grad ? gradient_like(z) : torch::Tensor();
 }
 
 std::tuple<torch::Tensor, torch::Tensor> loss_stats(const torch::Tensor& z,

@@ -37,9 +37,13 @@ constexpr int kLanes = 16;  // independent partial sums: lets the reductions vec
 // exp and log1p as straight-line float arithmetic that vectorizes (libm calls do not).
 struct CpuMath {
   // Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Taylor to degree 7 (rel. error < 1e-8
-  // before rounding). Underflows to 0 below -87.3 (no subnormals); NaN stays NaN.
+  // before rounding). Underflows to 0 below -87.3 (no subnormals); NaN stays NaN. Overflows to
+  // +inf from 88.4 (a little early: the kernels' arguments are <= 0 but for rounding): there
+  // n = 128 puts the all-ones exponent into the scale, so the upper clamp needs no select of
+  // its own, and the lower one's test gives the 0.
   static inline float exp(float x) {
-    const float xc = x < -87.3f ? -87.3f : (x > 88.f ? 88.f : x);
+    const bool underflow = x < -87.3f;
+    const float xc = underflow ? -87.3f : (x > 89.f ? 89.f : x);
     const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest
     const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
     float p = 1.f / 5040.f;
@@ -53,8 +57,7 @@ struct CpuMath {
     const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof(scale));
-    const float y = p * scale;
-    return x < -87.3f ? 0.f : (x > 88.f ? std::numeric_limits<float>::infinity() : y);
+    return underflow ? 0.f : p * scale;
   }
   // log(1 + t) for t in [0, 1] as 2 atanh(s), s = t / (2 + t) in [0, 1/3] (rel. error < 1e-8).
   static inline float log1p(float t) {
@@ -84,17 +87,14 @@ AKL_INLINE float lane_sum(const float* x, int64_t n) {
   return total;
 }
 
-// Max of n <= kBlock floats in kLanes independent lanes (NaN is skipped: the sums catch it).
+// Max of n floats. A NaN may or may not be skipped (the vector max keeps its second operand):
+// either way the exps and sums that follow are NaN. The OpenMP reduction is what vectorizes
+// it: GCC keeps the kLanes-lanes form of lane_sum, spelled with a select, in scalar registers.
 AKL_INLINE float lane_max(const float* x, int64_t n) {
-  float lane[kLanes];
-  for (int k = 0; k < kLanes; ++k) lane[k] = -std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) lane[k] = x[j + k] > lane[k] ? x[j + k] : lane[k];
-  float block_max = -std::numeric_limits<float>::infinity();
-  for (; j < n; ++j) block_max = x[j] > block_max ? x[j] : block_max;
-  for (int k = 0; k < kLanes; ++k) block_max = lane[k] > block_max ? lane[k] : block_max;
-  return block_max;
+  float max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : max)
+  for (int64_t j = 0; j < n; ++j) max = x[j] > max ? x[j] : max;
+  return max;
 }
 
 // Running (max, sum of exp(x - max)) of one stream over a row; double sums across blocks, so
@@ -127,21 +127,15 @@ struct RowSoftmax {
   }
 };
 
-// x[j] = exp(x[j] - max) over a whole row of n values whose max is known, returning their sum
-// (blocks in fp32 lanes, summed in double like RowSoftmax). A row of nothing but -inf gives 0s.
-AKL_INLINE double exp_in_place(float* x, int64_t n, float max) {
+// x[j] = exp(x[j] - max) over n <= kBlock values whose max is known (0s when it is -inf: a
+// block of nothing but -inf), returning their sum.
+AKL_INLINE float exp_block(float* x, int64_t n, float max) {
   if (max == -std::numeric_limits<float>::infinity()) {
     for (int64_t j = 0; j < n; ++j) x[j] = 0.f;
-    return 0.0;
+    return 0.f;
   }
-  double sum = 0.0;
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    const int64_t m = n - j0 < kBlock ? n - j0 : kBlock;
-    float* block = x + j0;
-    for (int64_t j = 0; j < m; ++j) block[j] = CpuMath::exp(block[j] - max);
-    sum += lane_sum(block, m);
-  }
-  return sum;
+  for (int64_t j = 0; j < n; ++j) x[j] = CpuMath::exp(x[j] - max);
+  return lane_sum(x, n);
 }
 
 // A fresh gradient of hundreds of MiB is mapped anew by glibc on every call, and the first write

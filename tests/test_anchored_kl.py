@@ -142,6 +142,22 @@ def test_extreme_and_padded_logits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_blocks_padded_or_far_below_the_row_max(backend):
+    # The CPU kernel takes exps per block of 512 columns relative to the block's own max and
+    # rescales them by block: here a block far below the others (its scale underflows), a
+    # block of nothing but -inf (a padded vocabulary's tail) and one partly padded.
+    z, r, c = (logits((5, 1700), seed=s, padded=600) for s in (40, 41, 42))
+    for t in (z, r, c):
+        t[:, :512] -= 120.0
+    for interpolation, current in itertools.product(["logit", "prob"], [None, c]):
+        loss, grad = run(z, r, current, alpha=0.5, interpolation=interpolation, backend=backend)
+        ref_loss, ref_grad = anchored_kl_reference(z, r, current, 0.5, interpolation)
+        assert max_row_relative_error(loss, ref_loss) <= 1e-5
+        assert relative_error(grad, ref_grad) <= 1e-5
+        assert (grad[:, 1100:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_anchor_mass_where_policy_has_none_is_infinite(backend):
     z, r = logits((2, 50), seed=20), logits((2, 50), seed=21)
     z[0, 7] = -math.inf  # the policy rules out a token the reference allows
