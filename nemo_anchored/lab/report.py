@@ -115,20 +115,25 @@ def reference_table(references: Sequence[dict]) -> str:
     lines = ["SFT references of the authors arm (the anchored runs' targets; seed mean ± std):", "",
              "| epochs | lr | domain | general | KL to base | compute | seeds |",
              "|---|---|---|---|---|---|---|"]
-    groups: Dict[int, List[dict]] = {}
-    for r in references:
-        groups.setdefault(r["epochs"], []).append(r)
-
-    def stat(rows, key):
-        values = [r[key] for r in rows]
-        return _fmt(statistics.fmean(values),
-                    statistics.stdev(values) if len(values) > 1 else None)
-
-    for epochs, rows in sorted(groups.items()):
-        lines.append(f"| {epochs} | {rows[0]['lr']:g} | {stat(rows, 'domain')} | "
-                     f"{stat(rows, 'general')} | {stat(rows, 'kl_to_base_general')} | "
+    for epochs, rows in _reference_groups(references).items():
+        stat = {key: _fmt(*_mean_std([r[key] for r in rows]))
+                for key in ("domain", "general", "kl_to_base_general")}
+        lines.append(f"| {epochs} | {rows[0]['lr']:g} | {stat['domain']} | {stat['general']} | "
+                     f"{stat['kl_to_base_general']} | "
                      f"{rows[0]['compute_passes']['forward_equivalent']:.3g} | {len(rows)} |")
     return "\n".join(lines)
+
+
+def _reference_groups(references: Sequence[dict]) -> Dict[int, List[dict]]:
+    """The references by their epochs, in increasing order (one row per seed in each)."""
+    groups: Dict[int, List[dict]] = {}
+    for r in sorted(references, key=lambda r: r["epochs"]):
+        groups.setdefault(r["epochs"], []).append(r)
+    return groups
+
+
+def _mean_std(values: Sequence[float]):
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 # Okabe & Ito's colour-blind-safe palette, one colour and one marker per lab method, so that a
@@ -168,12 +173,14 @@ def _final(row: dict) -> bool:
     return row.get("outer") is None or row["outer"] == row["outers"]
 
 
-def plot_pareto(path: Path, points: Sequence[dict], summary: dict) -> None:
+def plot_pareto(path: Path, points: Sequence[dict], summary: dict,
+                references: Sequence[dict] = ()) -> None:
     """``path`` (PNG) and the same figure as PDF next to it. Left: the trade-off per series
     over its sweep: seed means (final checkpoints labelled with their lr), error bars, each
-    seed's run faint, each series' frontier. Right: general accuracy at matched domain
-    accuracy against compute: every sweep point that reaches the bar faint, each series'
-    matched point with its error bar."""
+    seed's run faint, each series' frontier; the authors arm's SFT references (``references``,
+    the anchored runs' targets) as grey crosses labelled with their epochs. Right: general
+    accuracy at matched domain accuracy against compute: every sweep point that reaches the
+    bar faint, each series' matched point with its error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,6 +227,15 @@ def plot_pareto(path: Path, points: Sequence[dict], summary: dict) -> None:
                         yerr=_clipped_std([matched["general"]], [matched["general_std"]]),
                         fmt=st["marker"], ms=8, color=st["color"], mec="black", mew=0.6,
                         capsize=2.5, lw=1.0, zorder=3, label=series)
+        for i, (epochs, rows) in enumerate(_reference_groups(references).items()):
+            (domain, domain_std), (general, general_std) = (
+                _mean_std([r[key] for r in rows]) for key in ("domain", "general"))
+            ax.errorbar([domain], [general], xerr=_clipped_std([domain], [domain_std or 0.0]),
+                        yerr=_clipped_std([general], [general_std or 0.0]), fmt="x", ms=9, mew=2,
+                        color="0.35", capsize=2, lw=0.8, zorder=4,
+                        label="SFT reference of the authors arm" if i == 0 else None)
+            ax.annotate(f"ref. {epochs} ep", (domain, general), xytext=(6, -11),
+                        textcoords="offset points", fontsize=8, color="0.25")
         base = summary["methods"]["base"]
         ax.scatter([base["domain"]], [base["general"]], marker="*", s=260, color="black",
                    label="base", zorder=5)

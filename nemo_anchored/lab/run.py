@@ -461,7 +461,7 @@ class Lab:
             "config": self._config_record(wall, base_final),
         }
         write_text(out / "results.json", json.dumps(results, indent=1))
-        plot_pareto(out / "pareto.png", points, summary)
+        plot_pareto(out / "pareto.png", points, summary, references)
         table = "\n\n".join([markdown_table(summary), verdict_lines(summary),
                               anchored_trace_table(details), reference_table(references)])
         write_text(out / "results.md", table + "\n")
