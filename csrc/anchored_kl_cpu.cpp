@@ -144,7 +144,7 @@ template <typename T, Interp Mode>
 AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, int64_t cols,
                                 const Params& prm, float* e, float* block, T* grad) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const int64_t blocks = (cols + kBlock - 1) / kBlock;
+  const int64_t blocks = blocks_of(cols);
   // e's streams: 0 policy z; 1 anchor a (logit) or current c (prob snapshot); 2 reference r
   // (prob). Prob live uses no slot 1: c == z.
   float* const es[3] = {e, e + cols, e + 2 * cols};
@@ -166,7 +166,8 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
     for (int k = 0; k < 3; ++k) {
       if (!used[k]) continue;
       block_max[k][b] = lane_max(es[k] + j0, n);
-      factor[k][b] = exp_block(es[k] + j0, n, block_max[k][b]);  // the block's sum, for now
+      factor[k][b] =
+          exp_block(es[k] + j0, n, block_max[k][b], es[k] + j0);  // the block's sum, for now
       max[k] = std::max(max[k], block_max[k][b]);
     }
   }
@@ -286,7 +287,7 @@ void fused_cpu(const Inputs& in, const at::TensorBase& kl, const at::TensorBase&
     constexpr Interp Mode = decltype(mode_tag)::value;
     T* g = grad.defined() ? grad.data_ptr<T>() : nullptr;
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> e(3 * cols), block(6 * ((cols + kBlock - 1) / kBlock));
+      std::vector<float> e(3 * cols), block(6 * blocks_of(cols));
       for (int64_t i = begin; i < end; ++i) {
         const RowPtrs<T> row = row_ptrs<T>(in, i), next = row_ptrs<T>(in, std::min(i + 1, end - 1));
         T* row_grad = g ? g + i * cols : nullptr;

@@ -23,9 +23,9 @@ Inputs make_inputs(const torch::Tensor& z, const std::optional<torch::Tensor>& c
                   z.scalar_type() == torch::kHalf,
               "the fused kernels take float32, bfloat16 or float16 logits");
   TORCH_CHECK(mode == 0 || mode == 1, "mode must be 0 (logit) or 1 (prob)");
-  return {z,       c ? std::optional<at::TensorBase>(*c) : std::nullopt,
-          r,       alpha,
-          inv_tau, static_cast<Interp>(mode)};
+  std::optional<at::TensorBase> current;
+  if (c.has_value()) current = *c;
+  return {z, current, r, alpha, inv_tau, static_cast<Interp>(mode)};
 }
 
 bool built_with_cuda() {

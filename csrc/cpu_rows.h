@@ -32,6 +32,9 @@ namespace anchored_kl {
 #endif
 
 constexpr int64_t kBlock = 512;
+
+// Blocks of kBlock columns in a row of n.
+constexpr int64_t blocks_of(int64_t n) { return (n + kBlock - 1) / kBlock; }
 constexpr int kLanes = 16;  // independent partial sums: lets the reductions vectorize
 
 // exp and log1p as straight-line float arithmetic that vectorizes (libm calls do not).
@@ -97,6 +100,17 @@ AKL_INLINE float lane_max(const float* x, int64_t n) {
   return max;
 }
 
+// e[j] = exp(x[j] - max) over n <= kBlock values whose max is known (e may be x), 0s when max is
+// -inf (nothing but -inf so far); returns their sum.
+AKL_INLINE float exp_block(const float* x, int64_t n, float max, float* e) {
+  if (max == -std::numeric_limits<float>::infinity()) {
+    for (int64_t j = 0; j < n; ++j) e[j] = 0.f;
+    return 0.f;
+  }
+  for (int64_t j = 0; j < n; ++j) e[j] = CpuMath::exp(x[j] - max);
+  return lane_sum(e, n);
+}
+
 // Running (max, sum of exp(x - max)) of one stream over a row; double sums across blocks, so
 // 1e5+ columns cost no precision.
 struct RowSoftmax {
@@ -110,13 +124,10 @@ struct RowSoftmax {
   AKL_INLINE double add(const float* x, int64_t n, float* e) {
     const float block_max = lane_max(x, n);
     const float new_max = block_max > max ? block_max : max;
-    if (new_max == -std::numeric_limits<float>::infinity()) {  // nothing but -inf so far
-      for (int64_t k = 0; k < n; ++k) e[k] = 0.f;
-      return 1.0;
-    }
-    for (int64_t k = 0; k < n; ++k) e[k] = CpuMath::exp(x[k] - new_max);
-    const double rescale = std::exp(static_cast<double>(max) - new_max);
-    sum = sum * rescale + lane_sum(e, n);
+    const double rescale = new_max == -std::numeric_limits<float>::infinity()
+                               ? 1.0  // nothing but -inf so far: the sum stays 0
+                               : std::exp(static_cast<double>(max) - new_max);
+    sum = sum * rescale + exp_block(x, n, new_max, e);
     max = new_max;
     return rescale;
   }
@@ -126,17 +137,6 @@ struct RowSoftmax {
     add(x, n, e);
   }
 };
-
-// x[j] = exp(x[j] - max) over n <= kBlock values whose max is known (0s when it is -inf: a
-// block of nothing but -inf), returning their sum.
-AKL_INLINE float exp_block(float* x, int64_t n, float max) {
-  if (max == -std::numeric_limits<float>::infinity()) {
-    for (int64_t j = 0; j < n; ++j) x[j] = 0.f;
-    return 0.f;
-  }
-  for (int64_t j = 0; j < n; ++j) x[j] = CpuMath::exp(x[j] - max);
-  return lane_sum(x, n);
-}
 
 // A fresh gradient of hundreds of MiB is mapped anew by glibc on every call, and the first write
 // to each 4 KiB page faults into the kernel, which zeroes it: on the 2-core Xeon of the operator
