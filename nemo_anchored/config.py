@@ -182,9 +182,12 @@ class ParallelismConfig:
     use_distributed_optimizer: bool = False
     sequence_parallel: bool = False  # needs Transformer Engine (GPU machines)
     # A collective that waits longer than this for a peer (a dead or hung node) stops the run
-    # with an error instead of hanging; must exceed the longest legitimate wait (a checkpoint
-    # save, the slowest rank's start-up).
+    # with an error instead of hanging; must exceed the longest legitimate wait after start-up
+    # (a checkpoint save or load while the other ranks wait).
     collective_timeout_s: float = 600.0
+    # How long the ranks wait for each other to start (the rendezvous and the parallel groups):
+    # nodes whose containers or imports are slow may start minutes after the first.
+    startup_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -439,6 +442,7 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
              f"(model.attention=te or auto), not model.attention={m.attention}: megatron's "
              "local norms refuse sequence parallelism")
     _require(p.collective_timeout_s > 0, "parallelism.collective_timeout_s", "must be > 0")
+    _require(p.startup_timeout_s > 0, "parallelism.startup_timeout_s", "must be > 0")
     _require(world_size % (tp * pp) == 0, "parallelism",
              f"TP={tp} x PP={pp} does not divide the {world_size} processes")
     dp = world_size // (tp * pp)

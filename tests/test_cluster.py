@@ -16,7 +16,7 @@ import pytest
 from tests.launch import REPO, free_port, torchrun_agent, worker_logs
 
 DATA = REPO / "recipes/data/tiny_sft.jsonl"
-TIMEOUT_S = 15  # parallelism.collective_timeout_s: above any legitimate wait on a busy 2-core box
+TIMEOUT_S = 15  # parallelism.collective_timeout_s: above any wait after start-up, busy 2-core box
 STEPS = 8  # 2 outer iterations x 4 inner steps
 
 
@@ -89,12 +89,62 @@ def text(log_dir: Path) -> str:
     return "\n".join(worker_logs(log_dir).values())
 
 
-def test_collective_timeout_must_be_positive():
+@pytest.mark.parametrize("key", ["collective_timeout_s", "startup_timeout_s"])
+def test_timeouts_must_be_positive(key):
     from nemo_anchored.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"parallelism.collective_timeout_s: must be > 0"):
+    with pytest.raises(ConfigError, match=rf"parallelism.{key}: must be > 0"):
         load_config(REPO / "recipes/tiny_cpu.yaml",
-                    [f"data.train_path={DATA}", "parallelism.collective_timeout_s=0"])
+                    [f"data.train_path={DATA}", f"parallelism.{key}=0"])
+
+
+LATE_S, SHORT_S = 6.0, 2.0  # rank 1 starts LATE_S after rank 0; collective timeout SHORT_S
+
+
+def _late_start_rank(out: str) -> None:
+    """Rank 1 joins LATE_S late, longer than the collective timeout but within the start-up
+    timeout; then it stops answering while rank 0 waits in a barrier."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from nemo_anchored.parallel.distributed import init_model_parallel, peer_failure, shutdown
+
+    rank = int(os.environ["RANK"])
+    if rank == 1:
+        time.sleep(LATE_S)
+    init_model_parallel(1, 1, timeout_s=SHORT_S, startup_timeout_s=120)
+    groups = [dist.group.WORLD if g is None else g
+              for g in parallel_state._global_process_group_list]
+    timeouts = {g._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                for g in groups}
+    if rank == 1:
+        time.sleep(SHORT_S + 6)  # alive but silent: rank 0's barrier must time out meanwhile
+        return
+    start = time.monotonic()
+    try:
+        dist.barrier()
+        failure = None
+    except RuntimeError as error:
+        failure = peer_failure(error)
+    Path(out).write_text(json.dumps({"groups": len(groups), "timeouts": sorted(timeouts),
+                                     "waited_s": time.monotonic() - start, "failure": failure}))
+    shutdown()
+
+
+@pytest.mark.slow  # two spawned ranks, one of them started late on purpose
+def test_start_up_waits_longer_than_collectives(tmp_path):
+    """A rank that starts later than the collective timeout still joins (start-up has its own
+    timeout); afterwards every group of the rank uses the collective timeout."""
+    from nemo_anchored.parallel.local_world import run_local_world
+
+    out = tmp_path / "rank0.json"
+    run_local_world(_late_start_rank, 2, args=(str(out),))
+    seen = json.loads(out.read_text())
+    assert seen["groups"] > 1  # the default group and megatron's
+    assert seen["timeouts"] == [SHORT_S]
+    assert seen["failure"] is not None, "the barrier with a silent peer did not fail"
+    assert seen["waited_s"] < LATE_S, seen  # the collective timeout, not the start-up one
 
 
 @pytest.mark.slow  # four torchrun launches and training runs

@@ -6,9 +6,12 @@ and tests run the same code path unlaunched. The backend is NCCL when CUDA is av
 otherwise. ``init_process_group`` is where ``megatron_compat.install()`` is called, before
 anything is built with megatron-core.
 
-Every group gets the same collective timeout: a rank that waits longer than that for a peer (a
-dead or hung node, whose connections may stay open) gets an error instead of a hang, which
-``peer_failure`` tells apart from other errors.
+Two timeouts bound a rank's wait for its peers. While the world starts (the rendezvous, megatron's
+groups) ranks wait up to the start-up timeout: nodes of one job start minutes apart when their
+containers or imports are slow. Once a barrier has seen every rank, every group gets the collective
+timeout instead: a rank that waits longer than that for a peer (a dead or hung node, whose
+connections may stay open) gets an error instead of a hang, which ``peer_failure`` tells apart
+from other errors. So a short collective timeout detects failures fast without failing slow starts.
 """
 
 import contextlib
@@ -68,13 +71,17 @@ def init_model_parallel(
     *,
     seed: Optional[int] = None,
     timeout_s: float = 1800.0,
+    startup_timeout_s: Optional[float] = None,
 ) -> ParallelContext:
     """Initialise torch.distributed (if needed) and megatron's TP x PP x DP process groups.
 
     The data-parallel size is whatever remains of the world size. With ``seed`` the RNGs are
-    seeded as well (see ``set_seed``). ``timeout_s`` bounds every collective's wait for a peer.
+    seeded as well (see ``set_seed``). ``startup_timeout_s`` (default ``timeout_s``) bounds the
+    wait for every rank to reach this point; ``timeout_s`` then bounds every collective's wait
+    for a peer, in every group.
     """
-    init_process_group(timeout_s)
+    startup_s = timeout_s if startup_timeout_s is None else startup_timeout_s
+    init_process_group(startup_s)
     vector_math.settle()
     from megatron.core import parallel_state
 
@@ -87,8 +94,11 @@ def init_model_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
-        distributed_timeout_minutes=timeout_s / 60,  # megatron: timedelta(minutes=...)
+        distributed_timeout_minutes=startup_s / 60,  # megatron: timedelta(minutes=...)
     )
+    # A barrier on the default group (every rank has started), then the collective timeout on
+    # it and on each of megatron's groups this rank belongs to.
+    parallel_state.update_pg_timeout(timedelta(seconds=timeout_s))
     if seed is not None:
         set_seed(seed)
     return current_context()

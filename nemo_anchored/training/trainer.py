@@ -22,8 +22,9 @@ end, and a resume checks what it continues from (training/resume.py).
 
 From outside, a run ends in two more ways (docs/design/cluster.md): SIGTERM or SIGUSR1 to any
 rank saves a checkpoint at the next step boundary and exits 0 (training/preemption.py); a peer
-that dies or stops answering for parallelism.collective_timeout_s turns into a one-line
-``PeerLost`` on every rank that waits for it. Either way the same command resumes.
+that dies or stops answering for parallelism.collective_timeout_s (before the world has started:
+parallelism.startup_timeout_s) turns into a one-line ``PeerLost`` on every rank that waits for
+it. Either way the same command resumes.
 """
 from __future__ import annotations
 
@@ -488,8 +489,18 @@ def run(cfg) -> Optional[Path]:
     from nemo_anchored.parallel.distributed import init_model_parallel, shutdown
 
     p = cfg.parallelism
-    ctx = init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                              seed=cfg.trainer.seed, timeout_s=p.collective_timeout_s)
+    try:
+        ctx = init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                  seed=cfg.trainer.seed, timeout_s=p.collective_timeout_s,
+                                  startup_timeout_s=p.startup_timeout_s)
+    except Exception as error:
+        what = peer_failure(error)
+        if what is None:
+            raise
+        raise PeerLost(
+            f"the ranks did not all start ({what}): a node or process did not come up within "
+            f"parallelism.startup_timeout_s={p.startup_timeout_s:g} s, or cannot reach the "
+            "others (MASTER_ADDR/MASTER_PORT, the network interface)") from error
     try:
         with PreemptionSignals() as signals:
             return Trainer(cfg, ctx, preemption=signals).fit()
