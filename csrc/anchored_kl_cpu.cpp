@@ -143,15 +143,14 @@ AKL_INLINE void prefetch_block(const RowPtrs<T>& row, int64_t j0, int64_t n, boo
 template <typename T, Interp Mode>
 AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, int64_t cols,
                                 const Params& prm, float* e, float* block, T* grad) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   const int64_t blocks = blocks_of(cols);
   // e's streams: 0 policy z; 1 anchor a (logit) or current c (prob snapshot); 2 reference r
   // (prob). Prob live uses no slot 1: c == z.
   float* const es[3] = {e, e + cols, e + 2 * cols};
-  float* const block_max[3] = {block, block + blocks, block + 2 * blocks};
-  float* const factor[3] = {block + 3 * blocks, block + 4 * blocks, block + 5 * blocks};
+  BlockSoftmax s[3] = {{block, block + 3 * blocks},
+                       {block + blocks, block + 4 * blocks},
+                       {block + 2 * blocks, block + 5 * blocks}};
   const bool used[3] = {true, Mode == Interp::kLogit || !prm.live, Mode == Interp::kProb};
-  float max[3] = {-kInf, -kInf, -kInf};
   float zb[kBlock], cb[kBlock], rb[kBlock], gb[kBlock], kb[kBlock];
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
@@ -163,29 +162,13 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
       if (!prm.live) load_scaled(row.c + j0, n, prm.inv_tau, es[1] + j0);
       load_scaled(row.r + j0, n, prm.inv_tau, es[2] + j0);
     }
-    for (int k = 0; k < 3; ++k) {
-      if (!used[k]) continue;
-      block_max[k][b] = lane_max(es[k] + j0, n);
-      factor[k][b] =
-          exp_block(es[k] + j0, n, block_max[k][b], es[k] + j0);  // the block's sum, for now
-      max[k] = std::max(max[k], block_max[k][b]);
-    }
+    for (int k = 0; k < 3; ++k)
+      if (used[k]) s[k].add(b, es[k] + j0, n, es[k] + j0);
   }
-  // The row's sums, then each block's factor; the (max, log_sum) pairs in the stats' stream
-  // order (logit: z, a; prob: z, c, r). A block of nothing but -inf gets the factor 0 x 1 / sum:
-  // 0, or NaN for a stream of nothing but -inf, as 0 x inf made it when e held exp(x - row max).
+  // The (max, log_sum) pairs in the stats' stream order (logit: z, a; prob: z, c, r).
   float lse[6];
-  for (int k = 0; k < 3; ++k) {
-    if (!used[k]) continue;
-    const auto scale = [&](int64_t b) {
-      return block_max[k][b] == -kInf ? 0.0 : std::exp(double{block_max[k][b]} - max[k]);
-    };
-    double sum = 0.0;
-    for (int64_t b = 0; b < blocks; ++b) sum += factor[k][b] * scale(b);
-    for (int64_t b = 0; b < blocks; ++b) factor[k][b] = static_cast<float>(scale(b) / sum);
-    lse[2 * k] = max[k];
-    lse[2 * k + 1] = std::log(static_cast<float>(sum));
-  }
+  for (int k = 0; k < 3; ++k)
+    if (used[k]) s[k].finish(blocks, lse + 2 * k);
   if (Mode == Interp::kProb && prm.live) {
     lse[2] = lse[0];
     lse[3] = lse[1];
@@ -196,7 +179,8 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
     const float* cur = load_columns(row, j0, n, prm, zb, cb, rb);
     if (next != nullptr) prefetch_block(*next, j0, n, prm.live);
-    const float fp = factor[0][b], fq = factor[1][b], fc = factor[current][b], fr = factor[2][b];
+    const float fp = s[0].factor[b], fq = s[1].factor[b], fc = s[current].factor[b],
+                fr = s[2].factor[b];
     for (int64_t j = 0; j < n; ++j) {
       const float p = es[0][j0 + j] * fp;
       float q, x;

@@ -171,9 +171,10 @@ AKL_HD Element column_element(float z, float c, float r, float alpha, const floa
 
 // Cross-entropy: d(-log p_y) / d z_v = p_v - [v == y], lp = log p_v. (Near p_y = 1, 1 - p_y is
 // limited by the fp32 rounding of the row's sum-exp near 1, so an expm1 form would gain nothing.)
+AKL_HD float cross_entropy_element_of(float p, bool is_label) { return p - (is_label ? 1.f : 0.f); }
 template <class Math>
 AKL_HD float cross_entropy_element(float lp, bool is_label) {
-  return Math::exp(lp) - (is_label ? 1.f : 0.f);
+  return cross_entropy_element_of(Math::exp(lp), is_label);
 }
 
 // Reverse KL, KL(p || p_ref) = E_p[y] with y = log p - log p_ref: the statistics pass also sums
@@ -194,18 +195,22 @@ struct ReverseKlElement {
 // out of it, and z - r is exact where the two models agree (where KL-SFT starts).
 // mean_difference = E_p[z - r]. Padded columns (-inf in both) give 0 and 0; a NaN p (a row
 // with a NaN or +inf) keeps the gradient NaN, as the test is p == 0, not p > 0.
-template <class Math>
-AKL_HD ReverseKlElement reverse_kl_element(float z, float r, const float* lse,
-                                           float mean_difference) {
-  const float p = Math::exp(log_softmax_at(z, lse, 0));
-  const float p_ref = Math::exp(log_softmax_at(r, lse, 1));
-  const float y = (z - r) - lse_difference(lse, 0, 1);  // +-inf or NaN only at -inf columns
+// From p, p_ref and d = z - r (the CPU's unsharded rows have p and p_ref without an exp).
+AKL_HD ReverseKlElement reverse_kl_element_of(float p, float p_ref, float d, const float* lse,
+                                              float mean_difference) {
+  const float y = d - lse_difference(lse, 0, 1);  // +-inf or NaN only at -inf columns
   const bool small = fabsf(y) < 0.5f;
   ReverseKlElement e;
   // p == 0: the term is p_ref (and 0 * y could be NaN); p > 0 with p_ref = 0 gives +inf.
   e.kl_term = small ? p_ref * g_small(small ? y : 0.f) : (p == 0.f ? p_ref : p * y - p + p_ref);
-  e.grad = p == 0.f ? 0.f : p * ((z - r) - mean_difference);
+  e.grad = p == 0.f ? 0.f : p * (d - mean_difference);
   return e;
+}
+template <class Math>
+AKL_HD ReverseKlElement reverse_kl_element(float z, float r, const float* lse,
+                                           float mean_difference) {
+  return reverse_kl_element_of(Math::exp(log_softmax_at(z, lse, 0)),
+                               Math::exp(log_softmax_at(r, lse, 1)), z - r, lse, mean_difference);
 }
 
 }  // namespace anchored_kl

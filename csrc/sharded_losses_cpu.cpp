@@ -1,7 +1,7 @@
 // CPU kernels of the SFT-stage losses: per-row softmax statistics, the column pass (the
-// cross-entropy's or reverse KL's gradient, and the KL's partial sum), and both per row for
-// the unsharded case. The same scheme as anchored_kl_cpu.cpp: blocks of kBlock columns in fp32
-// on the stack (cpu_rows.h), double row accumulators, rows split over threads.
+// cross-entropy's or reverse KL's gradient, and the KL's partial sum), and the unsharded row in
+// one call that keeps the row's exps. The same scheme as anchored_kl_cpu.cpp: blocks of kBlock
+// columns in fp32 on the stack (cpu_rows.h), double row accumulators, rows split over threads.
 #include "sharded_losses.h"
 
 #include <ATen/Parallel.h>
@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "anchored_kl_math.h"
 #include "cpu_rows.h"
@@ -42,14 +43,6 @@ AKL_CPU_CLONES void row_stats(const T* z, const T* r, int64_t cols, float* stats
   *weighted = static_cast<float>(policy_weighted);
 }
 
-// Local (max, sum) pairs -> the row's global (max, log_sum) pairs when it is not sharded.
-void lse_from_stats(const float* stats, int streams, float* lse) {
-  for (int k = 0; k < streams; ++k) {
-    lse[2 * k] = stats[2 * k];
-    lse[2 * k + 1] = std::log(stats[2 * k + 1]);
-  }
-}
-
 // grad = p - onehot(label) for one row; lse: the policy's global (max, log_sum).
 template <typename T>
 AKL_CPU_CLONES void row_cross_entropy_grad(const T* z, int64_t cols, int64_t label,
@@ -78,6 +71,86 @@ AKL_CPU_CLONES double row_reverse_kl(const T* z, const T* r, int64_t cols, const
       const ReverseKlElement e = reverse_kl_element<CpuMath>(zb[j], rb[j], lse, mean_difference);
       gb[j] = e.grad;
       kb[j] = e.kl_term;
+    }
+    kl += lane_sum(kb, n);
+    if (grad != nullptr)
+      for (int64_t j = 0; j < n; ++j) grad[j0 + j] = static_cast<T>(gb[j]);
+  }
+  return kl;
+}
+
+// The unsharded rows (the *_fused_cpu calls) in two passes while the row stays in cache, as in
+// anchored_kl_cpu.cpp's row_fused: the first keeps each block's exps in `e` (BlockSoftmax), the
+// second forms the probabilities from them, so a column takes one exp per distribution where
+// the sharded rows' statistics and gradient passes take two.
+
+// Returns the row's cross-entropy and writes p - onehot(label) when grad != nullptr. e: cols
+// floats; block: 2 per block of kBlock columns.
+template <typename T>
+AKL_CPU_CLONES float row_cross_entropy_fused(const T* z, int64_t cols, int64_t label, float* e,
+                                             float* block, T* grad) {
+  const int64_t blocks = blocks_of(cols);
+  BlockSoftmax p{block, block + blocks};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
+    load_block(z + j0, n, e + j0);
+    p.add(b, e + j0, n, e + j0);
+  }
+  float lse[2];
+  p.finish(blocks, lse);
+  if (grad != nullptr) {
+    float gb[kBlock];
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
+      const float factor = p.factor[b];
+      for (int64_t j = 0; j < n; ++j)
+        gb[j] = cross_entropy_element_of(e[j0 + j] * factor, j0 + j == label);
+      for (int64_t j = 0; j < n; ++j) grad[j0 + j] = static_cast<T>(gb[j]);
+    }
+  }
+  const float label_logit = 0 <= label && label < cols ? static_cast<float>(z[label]) : NAN;
+  return (lse[0] - label_logit) + lse[1];
+}
+
+// Returns the row's KL(p || p_ref) and writes its gradient when grad != nullptr. e: 2 x cols
+// floats; block: 5 per block (z's and r's maxima and factors, then each block's share of
+// E_p[z - r] before its factor).
+template <typename T>
+AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, int64_t cols, float* e,
+                                           float* block, T* grad) {
+  const int64_t blocks = blocks_of(cols);
+  float* const ez = e;
+  float* const er = e + cols;
+  BlockSoftmax p{block, block + 2 * blocks}, ref{block + blocks, block + 3 * blocks};
+  float* const weighted = block + 4 * blocks;
+  float zb[kBlock], rb[kBlock], t[kBlock];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
+    load_block(z + j0, n, zb);
+    load_block(r + j0, n, rb);
+    p.add(b, zb, n, ez + j0);
+    ref.add(b, rb, n, er + j0);
+    for (int64_t j = 0; j < n; ++j) t[j] = weighted_difference(ez[j0 + j], zb[j], rb[j]);
+    weighted[b] = lane_sum(t, n);
+  }
+  float lse[4];
+  p.finish(blocks, lse);
+  ref.finish(blocks, lse + 2);
+  double mean = 0.0;  // E_p[z - r]
+  for (int64_t b = 0; b < blocks; ++b) mean += double{weighted[b]} * p.factor[b];
+  const float mean_difference = static_cast<float>(mean);
+  float gb[kBlock], kb[kBlock];
+  double kl = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
+    load_block(z + j0, n, zb);
+    load_block(r + j0, n, rb);
+    const float fp = p.factor[b], fr = ref.factor[b];
+    for (int64_t j = 0; j < n; ++j) {
+      const ReverseKlElement el = reverse_kl_element_of(ez[j0 + j] * fp, er[j0 + j] * fr,
+                                                        zb[j] - rb[j], lse, mean_difference);
+      gb[j] = el.grad;
+      kb[j] = el.kl_term;
     }
     kl += lane_sum(kb, n);
     if (grad != nullptr)
@@ -120,6 +193,17 @@ void for_each_row(const at::TensorBase& z, Row&& row) {
   });
 }
 
+// The same for the unsharded rows: row(i, e, block) with each thread's scratch of `streams`
+// x cols floats for the row's exps and `per_block` floats per block of kBlock columns.
+template <class Row>
+void for_each_unsharded_row(const at::TensorBase& z, int streams, int per_block, Row&& row) {
+  const int64_t cols = z.size(1);
+  at::parallel_for(0, z.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> e(streams * cols), block(per_block * blocks_of(cols));
+    for (int64_t i = begin; i < end; ++i) row(i, e.data(), block.data());
+  });
+}
+
 }  // namespace
 
 void loss_stats_cpu(const at::TensorBase& z, const at::TensorBase& r, const at::TensorBase& stats,
@@ -154,17 +238,9 @@ void cross_entropy_fused_cpu(const at::TensorBase& z, const at::TensorBase& labe
   float* loss_ptr = loss.data_ptr<float>();
   dispatch(z, [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    // Both passes per row while the row is still in cache.
-    for_each_row(z, [&](int64_t i) {
-      const T* zi = row_of<T>(z, i);
-      float stats[2], lse[2];
-      row_stats<T>(zi, nullptr, z.size(1), stats, nullptr);
-      lse_from_stats(stats, 1, lse);
-      if (grad.defined())
-        row_cross_entropy_grad<T>(zi, z.size(1), label[i], lse, grad_row<T>(grad, i));
-      const int64_t y = label[i];
-      const float label_logit = 0 <= y && y < z.size(1) ? static_cast<float>(zi[y]) : NAN;
-      loss_ptr[i] = (lse[0] - label_logit) + lse[1];
+    for_each_unsharded_row(z, 1, 2, [&](int64_t i, float* e, float* block) {
+      loss_ptr[i] = row_cross_entropy_fused<T>(row_of<T>(z, i), z.size(1), label[i], e, block,
+                                               grad_row<T>(grad, i));
     });
   });
 }
@@ -190,14 +266,9 @@ void reverse_kl_fused_cpu(const at::TensorBase& z, const at::TensorBase& r,
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(z, [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    for_each_row(z, [&](int64_t i) {
-      const T* zi = row_of<T>(z, i);
-      const T* ri = row_of<T>(r, i);
-      float stats[4], lse[4], weighted;
-      row_stats<T>(zi, ri, z.size(1), stats, &weighted);
-      lse_from_stats(stats, 2, lse);
-      kl_ptr[i] = static_cast<float>(
-          row_reverse_kl<T>(zi, ri, z.size(1), lse, weighted / stats[1], grad_row<T>(grad, i)));
+    for_each_unsharded_row(z, 2, 5, [&](int64_t i, float* e, float* block) {
+      kl_ptr[i] = static_cast<float>(row_reverse_kl_fused<T>(
+          row_of<T>(z, i), row_of<T>(r, i), z.size(1), e, block, grad_row<T>(grad, i)));
     });
   });
 }

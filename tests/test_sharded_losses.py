@@ -108,6 +108,22 @@ def test_padded_columns_carry_nothing(op, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_whole_blocks_padded_or_far_below_the_row_max(op, backend):
+    # The CPU's unsharded rows keep their exps per block of 512 columns relative to the block's
+    # own max and rescale them by block: here a block far below the others (its scale
+    # underflows), a block of nothing but -inf (a padded vocabulary's tail) and one partly padded.
+    z, other, weights = inputs(op, (5, 1700), seed=30, padded=600)
+    for t in (z, other) if op == "kl" else (z,):
+        t[:, :512] -= 120.0
+    loss, grad = run(op, z, other, weights, backend=backend)
+    ref_loss, ref_grad = reference(op, z, other, weights)
+    assert max_row_relative_error(loss, ref_loss) <= 1e-5
+    assert relative_error(grad, ref_grad) <= 1e-5
+    assert (grad[:, 1100:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_label_at_a_minus_inf_column_gives_infinite_loss(backend):
     z, labels, weights = inputs("ce", (5, 300), seed=4, padded=10)
     labels[2] = 295  # a padded column
