@@ -269,7 +269,8 @@ from nemo_anchored.lab.settings import LabSettings
 
 def main():
     s = LabSettings(**TINY)
-    Lab(Path(sys.argv[1]), s, log=lambda *a: None).run()
+    jobs = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    Lab(Path(sys.argv[1]), s, log=print, jobs=jobs).run()
     print(json.dumps({"ok": True}))
 
 if __name__ == "__main__":
@@ -279,17 +280,19 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def tiny_labs(tmp_path_factory):
-    """The tiny lab, run twice with the same settings and seeds (in parallel processes)."""
+    """The tiny lab, run twice with the same settings and seeds (at the same time): in one
+    process, and with its fine-tunings in 2 worker processes (jobs=2)."""
     tmp = tmp_path_factory.mktemp("lab")
     script = tmp / "lab.py"
     script.write_text(LAB_SCRIPT.replace("**TINY", f"**{TINY!r}"))
     outs = [tmp / "a", tmp / "b"]
-    procs = [subprocess.Popen([PYTHON, str(script), str(out)], env=ENV, cwd=ROOT,
+    procs = [subprocess.Popen([PYTHON, str(script), str(out), str(jobs)], env=ENV, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for out in outs]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
+             for out, jobs in zip(outs, (1, 2))]
+    for proc, out in zip(procs, outs):
+        said, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-4000:]
+        (tmp / f"{out.name}.log").write_text(said)
     return outs
 
 
@@ -345,10 +348,14 @@ def test_tiny_lab_end_to_end(tiny_labs):
 
 
 @pytest.mark.slow
-def test_same_seed_same_results(tiny_labs):
+def test_same_seed_same_results_in_one_process_or_in_workers(tiny_labs):
     a, b = (json.loads((out / "results.json").read_text()) for out in tiny_labs)
     assert a["points"] == b["points"] and a["base"] == b["base"]
     assert a["point_details"] == b["point_details"]
+    assert (a["config"]["jobs"], b["config"]["jobs"]) == (1, 2)
+    said = [(tiny_labs[0].parent / f"{name}.log").read_text() for name in ("a", "b")]
+    assert "in worker processes" not in said[0]
+    assert "lab: 4 trainings, 2 at a time in worker processes" in said[1]
 
 
 def _comparable(out: Path) -> dict:

@@ -1,8 +1,8 @@
 """`nemo-anchored lab --out DIR [--quick|--demo|--full|--real|--smoke] [--seeds N]
-[--budgets ARMS] [--alphas A,B] [--task T] [--dry-run]`: the forgetting lab (the tiny model:
-nemo_anchored/lab/run.py; SmolLM2-135M-Instruct: lab/real_model.py), or with --pretrain-only the
-committed base the tiny lab starts from. The same command again continues an interrupted lab in
-DIR (nemo_anchored/lab/records.py)."""
+[--budgets ARMS] [--alphas A,B] [--task T] [--dry-run] [--jobs N]`: the forgetting lab (the
+tiny model: nemo_anchored/lab/run.py; SmolLM2-135M-Instruct: lab/real_model.py), or with
+--pretrain-only the committed base the tiny lab starts from. The same command again continues
+an interrupted lab in DIR (nemo_anchored/lab/records.py)."""
 import argparse
 import dataclasses
 import os
@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--pretrain-only", action="store_true",
                         help="pretrain p_base and write it, with checksums and settings, to "
                         f"--out (how assets/lab_base is made: `{REGENERATE}`)")
+    parser.add_argument("--jobs", type=int, default=1, help="the tiny lab's fine-tunings run "
+                        "this many at a time, each in a worker process of OMP_NUM_THREADS "
+                        "threads (default 1); the results are the same for any number")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each run's step checkpoints (the final weights are kept)")
     return parser
@@ -69,6 +72,11 @@ def run(args) -> int:
         raise UserError("--dry-run and --task are the real-model lab's: add --real or --smoke")
     if args.out is None and not args.dry_run:
         raise UserError("--out: required (the lab's output directory)")
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: must be >= 1")
+    if args.jobs > 1 and (real or args.pretrain_only):
+        raise UserError("--jobs: the tiny lab's fine-tunings only (the real-model lab and "
+                        "--pretrain-only run one training at a time)")
     settings = dataclasses.replace(real_model.SMOKE if args.smoke else real_model.GPU if real
                                    else FULL if args.full else DEMO if args.demo else QUICK)
     if args.task is not None:
@@ -95,5 +103,5 @@ def run(args) -> int:
     elif args.pretrain_only:
         pretrain_only(Path(args.out), settings)
     else:
-        Lab(Path(args.out), settings).run()
+        Lab(Path(args.out), settings, jobs=args.jobs).run()
     return 0

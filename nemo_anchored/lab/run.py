@@ -20,7 +20,8 @@
                   progress bar over the runs while it trains
 
 Everything runs in one process (one process group; megatron's groups are rebuilt per run),
-through the project's own Trainer; `nemo-anchored lab` (cli/lab.py) runs it.
+through the project's own Trainer, or with ``jobs`` > 1 the fine-tunings run that many at a
+time in worker processes, with the same results; `nemo-anchored lab` (cli/lab.py) runs it.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from nemo_anchored.atomic import write_text
 from nemo_anchored.data.builders import write_jsonl
@@ -98,10 +99,12 @@ class Training:
 
 class Lab:
     def __init__(self, out: Path, settings: LabSettings, recipe: Path = RECIPE,
-                 log=print, committed_base: Optional[Path] = COMMITTED_BASE):
+                 log=print, committed_base: Optional[Path] = COMMITTED_BASE, jobs: int = 1):
         settings.check()
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.out, self.s, self.recipe, self.log = Path(out), settings, Path(recipe), log
-        self.committed_base = committed_base
+        self.committed_base, self.jobs = committed_base, jobs
         self.failed: List[dict] = []
         self.timings: Dict[str, float] = {}
         self.records: Dict[str, dict] = {}  # by training name, once finished or read back
@@ -128,25 +131,69 @@ class Lab:
             self.log(message)
 
     def _result(self, training: Training) -> dict:
-        """The record of ``training``: read back when an earlier lab in OUT finished it (its
-        final checkpoint still complete, unless it failed), else trained now and recorded."""
+        """The record of ``training`` (see ``_read_or_train``), kept for the rest of the lab."""
         if training.name not in self.records:
-            run_dir = self.out / "runs" / training.name
-            record = read_run(run_dir, training.identity)
-            if record is not None and "failed" not in record and \
-                    not _complete(run_dir / "final"):
-                record = None
-            if record is None:
-                shutil.rmtree(run_dir, ignore_errors=True)  # what a killed attempt left
-                record = write_run(run_dir, training.identity, self._train(training))
-                self.trained.add(training.name)
-            self.records[training.name] = record
-            self.timings[training.name] = record["time_s"]
-            if "failed" in record:
-                self.failed.append({"run": training.name, "error": record["failed"]})
-            if self.progress is not None:
-                self.progress.update()
+            self._keep(training, *self._read_or_train(training))
         return self.records[training.name]
+
+    def _read_or_train(self, training: Training) -> Tuple[dict, bool]:
+        """The record of ``training``, read back when an earlier lab in OUT finished it (its
+        final checkpoint still complete, unless it failed), else trained now and recorded; and
+        whether it was trained now."""
+        run_dir = self.out / "runs" / training.name
+        record = read_run(run_dir, training.identity)
+        if record is not None and ("failed" in record or _complete(run_dir / "final")):
+            return record, False
+        shutil.rmtree(run_dir, ignore_errors=True)  # what a killed attempt left
+        return write_run(run_dir, training.identity, self._train(training)), True
+
+    def _keep(self, training: Training, record: dict, trained: bool) -> None:
+        self.records[training.name] = record
+        self.timings[training.name] = record["time_s"]
+        if trained:
+            self.trained.add(training.name)
+        if "failed" in record:
+            self.failed.append({"run": training.name, "error": record["failed"]})
+        if self.progress is not None:
+            self.progress.update()
+
+    def _train_in_parallel(self, trainings: Sequence[Training], base_final: Path) -> None:
+        """The trainings without a record, ``jobs`` at a time in worker processes (spawned:
+        each its own world of one process, its own megatron state, OMP_NUM_THREADS threads),
+        the SFT references first: the others start from them. A worker records a training as
+        the sequential pass would; that pass then finds every record here. A training's
+        result does not depend on the process that runs it (each is seeded from its own
+        config), so any ``jobs`` gives the same results.json."""
+        import multiprocessing
+        import warnings
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        pending = [t for t in trainings if not (self.out / "runs" / t.name / RUN_RECORD).is_file()]
+        if not pending:
+            return
+        waves = ([t for t in pending if t.name in self.references],
+                 [t for t in pending if t.name not in self.references])
+        workers = min(self.jobs, len(pending))
+        self._say(f"lab: {len(pending)} trainings, {workers} at a time in worker processes")
+        pool = ProcessPoolExecutor(workers,
+                                   mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_worker,
+                                   initargs=(self.out, self.s, self.recipe, base_final,
+                                             list(warnings.filters)))
+        try:
+            for wave in waves:
+                futures = {pool.submit(_read_or_train_in_worker, t.name): t for t in wave}
+                for future in as_completed(futures):
+                    training = futures[future]
+                    self._keep(training, *future.result())
+                    record = self.records[training.name]
+                    if "failed" in record and training.name in self.references:
+                        raise RuntimeError(f"the SFT reference {training.name} failed: "
+                                           f"{record['failed']}")
+        finally:
+            # On an error, the trainings already running finish (and are recorded); the
+            # queued ones are dropped.
+            pool.shutdown(cancel_futures=True)
 
     def _train(self, training: Training) -> dict:
         """One Trainer run in its own model-parallel scope: {"scores", "time_s"}, or {"failed":
@@ -348,8 +395,9 @@ class Lab:
             raise RuntimeError(f"pretraining the base failed: {record['failed']}")
         return self.out / "runs" / training.name / "final"
 
-    def _prepare(self) -> dict:
-        """Writes the task data; returns the JSONL paths by (kind, split)."""
+    def _prepare(self, write: bool = True) -> dict:
+        """Writes the task data (a worker process reads what its lab wrote); returns the JSONL
+        paths by (kind, split)."""
         import torch
 
         from nemo_anchored.parallel.distributed import init_process_group
@@ -364,7 +412,8 @@ class Lab:
         for kind, splits in (("general", self.general), ("domain", self.domain)):
             for split, examples in splits.items():
                 paths[kind, split] = data / f"{kind}_{split}.jsonl"
-                write_jsonl(paths[kind, split], examples)
+                if write:
+                    write_jsonl(paths[kind, split], examples)
         self.general_eval_batch = eval_batch(self.recipe, paths["general", "eval"])
         self.base_logprobs = None
         init_process_group()
@@ -416,6 +465,8 @@ class Lab:
         self.progress = tqdm(total=len(trainings), unit="run", dynamic_ncols=True)
         swept = len(s.alphas) > 1
         try:
+            if self.jobs > 1:
+                self._train_in_parallel(trainings, base_final)
             for seed, spec, training in plan:
                 shared = training.name in self.records
                 record = self._result(training)
@@ -510,8 +561,33 @@ class Lab:
                             "when none qualifies); stds are sample stds over seeds",
             "verdicts": SPREAD,
             "wall_time_s": wall,
+            "jobs": self.jobs,  # trainings run at a time (the wall time's, not the results')
             "run_time_s": self.timings,
         }
+
+
+# A worker process's lab (Lab._train_in_parallel) and its trainings by name.
+_worker: Optional[Tuple[Lab, Dict[str, Training]]] = None
+
+
+def _start_worker(out: Path, settings: LabSettings, recipe: Path, base_final: Path,
+                  filters: list) -> None:
+    """Rebuilds in a worker process what its trainings need: the evaluation sets, p_base's
+    log-probs (the KL to the base), the plan; and the lab's process's warning filters (the
+    command line's hide megatron's noise)."""
+    import warnings
+
+    global _worker
+    warnings.filters[:] = filters
+    lab = Lab(out, settings, recipe, log=lambda *args: None, committed_base=None)
+    paths = lab._prepare(write=False)
+    lab._score_base(base_final)
+    _worker = lab, {t.name: t for *_, t in lab._plan(base_final, paths)}
+
+
+def _read_or_train_in_worker(name: str) -> Tuple[dict, bool]:
+    lab, trainings = _worker
+    return lab._read_or_train(trainings[name])
 
 
 def pretrain_only(out: Path, settings: LabSettings) -> Path:
