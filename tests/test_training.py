@@ -231,8 +231,15 @@ def test_killed_run_resumes_bitwise(tmp_path, runs):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
+        started = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # Nothing the run started outlives it (megatron's checkpoint writer used to start a
+        # Manager server that did); a checkpoint writer it forked may take a moment to end.
+        deadline = time.time() + 10
+        while [p for p in started if Path(f"/proc/{p}").exists()] and time.time() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in started if Path(f"/proc/{p}").exists()], started
         again = subprocess.run(cli(*args, f"logging.dir={resumed}"), env=ENV, cwd=ROOT,
                                capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stderr[-4000:]

@@ -44,6 +44,7 @@ Every rank must see the same filesystem (as dist_checkpointing requires). ``save
 
 import errno
 import logging
+import queue
 import random
 import re
 import shutil
@@ -249,6 +250,19 @@ def _sharded_state_dict(model, optimizer, snapshot, *, is_loading: bool) -> Dict
     return state
 
 
+def _write_results_in_process() -> None:
+    """megatron's torch_dist writer hands each save's write results to its finalisation through
+    a module-level queue, by default a multiprocessing Manager's, so that an asynchronous save
+    (a writer in another process) can use it: the first save starts the Manager's server, a
+    spawned process of ~280 MB that a SIGKILLed run leaves behind as an orphan, with its resource
+    tracker. Saves here are synchronous (the write and the finalisation run in this process,
+    one after the other), so a plain in-process queue serves, and no process is started."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=None,
                     state: Optional[Dict[str, Any]] = None) -> Path:
     """Save a checkpoint to ``path`` atomically (collective). Returns ``path``.
@@ -286,6 +300,7 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
     sharded[_RANK_STATE_KEY] = rank_state
     if scheduler is not None:
         sharded["opt_param_scheduler"] = scheduler.state_dict()
+    _write_results_in_process()
     # Each replicated shard (e.g. across data-parallel ranks) is written by one of its holders,
     # spread over the data-parallel group instead of all on DP rank 0.
     strategy = FullyParallelSaveStrategyWrapper(
