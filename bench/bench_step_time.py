@@ -59,6 +59,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None, help="JSON path (default: bench/results/"
+                        "step_time_<device kind>_<dtype>[_diagnostics<N>].json)")
     # 0: the loss path alone (the recorded ratios); 1: the recipes' default, the trust-region
     # diagnostic and KL to the reference every step.
     parser.add_argument("--diagnostics-every", type=int, default=0)
@@ -107,7 +109,8 @@ def main():
         print(f"{name:>18} | {fused['fused_over_torch']['time']:7.2f}x {'':>6} | "
               f"{fused['fused_over_torch']['memory']:8.2f}x")
     suffix = f"_diagnostics{args.diagnostics_every}" if args.diagnostics_every else ""
-    write_results(RESULTS / f"step_time_{device['kind']}_{args.dtype}{suffix}.json",
+    write_results(Path(args.out) if args.out else
+                  RESULTS / f"step_time_{device['kind']}_{args.dtype}{suffix}.json",
                   {"device": device, "args": vars(args), "results": results})
 
 

@@ -28,7 +28,7 @@ python3 -c "import torch; from nemo_anchored import _C; assert _C.built_with_cud
 
 want tests && step "GPU tests" && {
 python3 -m pytest -q -p no:cacheprovider tests/test_anchored_kl_cuda.py tests/test_anchored_kl.py \
-  > "$OUT/tests.log" 2>&1; tail -3 "$OUT/tests.log"; grep -E "FAILED|Error" "$OUT/tests.log" | head -20; }
+  tests/test_sharded_losses_cuda.py tests/test_sharded_losses.py > "$OUT/tests.log" 2>&1; tail -3 "$OUT/tests.log"; grep -E "FAILED|Error" "$OUT/tests.log" | head -20; }
 
 # Every baseline: eager, torch.compile, Liger-Kernel (carry its wheel in .whl/: `pip download
 # --no-deps -d .whl liger-kernel`; it needs the image's Triton), ours, the reference backend.
@@ -37,9 +37,13 @@ want operator && step "operator benchmark" && {
 python3 bench/bench_anchored_kl.py --device cuda --dtype bfloat16 --repeats 20 2>&1 | tail -45
 python3 bench/bench_anchored_kl.py --device cuda --dtype float32 --repeats 20 \
   --shapes 4096x32000 2>&1 | tail -25; }
-want step-time && step "step-time benchmark" && \
+# sft and kl_sft (fused and torch path), anchored live and snapshot, at two model sizes.
+want step-time && step "step-time benchmark" && {
 python3 bench/bench_step_time.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8 \
-  --heads 16 --vocab 151936 --seq 1024 --micro-batch 4 --steps 12 2>&1 | tail -8
+  --heads 16 --vocab 151936 --seq 1024 --micro-batch 4 --steps 12 2>&1 | tail -12
+python3 bench/bench_step_time.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 \
+  --heads 16 --vocab 151936 --seq 2048 --micro-batch 2 --steps 12 \
+  --out bench/results/step_time_gpu_bfloat16_h2048.json 2>&1 | tail -12; }
 cp bench/results/*gpu* "$OUT/" 2>/dev/null
 
 want train && step "training stages on the GPU (tiny recipe, bf16)" && {
