@@ -360,19 +360,22 @@ def test_same_seed_same_results_in_one_process_or_in_workers(tiny_labs):
 
 def _comparable(out: Path) -> dict:
     """results.json without what differs between labs that computed the same thing: the
-    wall and per-training times, and the OUT path inside recorded paths."""
+    wall and per-training times, the trainings run at a time, and the OUT path inside
+    recorded paths."""
     results = json.loads((out / "results.json").read_text().replace(str(out), "OUT"))
     results["config"]["run_time_s"] = sorted(results["config"]["run_time_s"])
-    del results["config"]["wall_time_s"]
+    del results["config"]["wall_time_s"], results["config"]["jobs"]
     return results
 
 
 @pytest.mark.slow
-def test_killed_lab_continues_to_the_same_results(tiny_labs, tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_killed_lab_continues_to_the_same_results(tiny_labs, tmp_path, jobs):
     """SIGKILL once two fine-tunings are recorded, then the same command again: the same
-    results.json as the uninterrupted lab, without running the recorded trainings again."""
+    results.json as the uninterrupted lab, without running the recorded trainings again. No
+    process the killed lab started (its worker processes with jobs=2) outlives it."""
     out = tmp_path / "lab"
-    command = [PYTHON, str(tiny_labs[0].parent / "lab.py"), str(out)]
+    command = [PYTHON, str(tiny_labs[0].parent / "lab.py"), str(out), str(jobs)]
     with open(tmp_path / "stderr", "w") as stderr:
         proc = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=stderr)
@@ -381,8 +384,15 @@ def test_killed_lab_continues_to_the_same_results(tiny_labs, tmp_path):
             assert proc.poll() is None, (tmp_path / "stderr").read_text()[-4000:]
             assert time.monotonic() < deadline, "the lab recorded no trainings"
             time.sleep(0.05)
+        started = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         proc.kill()
         proc.wait()
+    if jobs > 1:
+        assert len(started) >= jobs  # the workers (and multiprocessing's resource tracker)
+    deadline = time.monotonic() + 10
+    while [p for p in started if Path(f"/proc/{p}").exists()] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in started if Path(f"/proc/{p}").exists()], started
     assert not (out / "results.json").exists()  # killed before the end
     kept = {p: p.stat().st_mtime_ns for p in out.glob(f"runs/**/{RUN_RECORD}")}
     assert 3 <= len(kept) < 5  # the pretraining and two or three fine-tunings, not all four

@@ -33,6 +33,7 @@ from typing import Optional
 
 import nemo_anchored  # __version__ (the package root belongs to no layer)
 from nemo_anchored.errors import UserError
+from nemo_anchored.lifetime import forked_children_die_with_this_process
 from nemo_anchored.parallel.megatron_compat import filter_irrelevant_warnings
 
 # Every sub-command's module builds its parser without loading torch or megatron-core (they
@@ -115,6 +116,7 @@ def _report(line: str) -> None:
 
 def main(argv=None) -> None:
     filter_irrelevant_warnings()
+    forked_children_die_with_this_process()
     args = _parser().parse_args(argv)
     try:
         status = COMMANDS[args.command][2](args)

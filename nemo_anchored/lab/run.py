@@ -179,7 +179,7 @@ class Lab:
                                    mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_worker,
                                    initargs=(self.out, self.s, self.recipe, base_final,
-                                             list(warnings.filters)))
+                                             list(warnings.filters), os.getpid()))
         try:
             for wave in waves:
                 futures = {pool.submit(_read_or_train_in_worker, t.name): t for t in wave}
@@ -571,13 +571,18 @@ _worker: Optional[Tuple[Lab, Dict[str, Training]]] = None
 
 
 def _start_worker(out: Path, settings: LabSettings, recipe: Path, base_final: Path,
-                  filters: list) -> None:
+                  filters: list, lab_pid: int) -> None:
     """Rebuilds in a worker process what its trainings need: the evaluation sets, p_base's
     log-probs (the KL to the base), the plan; and the lab's process's warning filters (the
-    command line's hide megatron's noise)."""
+    command line's hide megatron's noise). The worker dies with the lab's process, and what
+    it forks with it (nemo_anchored/lifetime.py)."""
     import warnings
 
+    from nemo_anchored.lifetime import die_with_parent, forked_children_die_with_this_process
+
     global _worker
+    die_with_parent(lab_pid)
+    forked_children_die_with_this_process()
     warnings.filters[:] = filters
     lab = Lab(out, settings, recipe, log=lambda *args: None, committed_base=None)
     paths = lab._prepare(write=False)
