@@ -79,7 +79,7 @@ def device_description(device: str) -> dict:
 
 def write_results(path: Path, record: dict) -> None:
     """``record`` (with its "device") as JSON at ``path`` (under bench/results/)."""
-    path.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
 

@@ -136,8 +136,11 @@ AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, int64_t cols,
   float lse[4];
   p.finish(blocks, lse);
   ref.finish(blocks, lse + 2);
-  double mean = 0.0;  // E_p[z - r]
-  for (int64_t b = 0; b < blocks; ++b) mean += double{weighted[b]} * p.factor[b];
+  // E_p[z - r]. A block whose factor is 0 has no policy mass (its share would be 0 x inf = NaN
+  // where r is -inf but z is not).
+  double mean = 0.0;
+  for (int64_t b = 0; b < blocks; ++b)
+    if (p.factor[b] != 0.f) mean += double{weighted[b]} * p.factor[b];
   const float mean_difference = static_cast<float>(mean);
   float gb[kBlock], kb[kBlock];
   double kl = 0.0;

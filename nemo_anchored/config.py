@@ -185,8 +185,9 @@ class ParallelismConfig:
     # with an error instead of hanging; must exceed the longest legitimate wait after start-up
     # (a checkpoint save or load while the other ranks wait).
     collective_timeout_s: float = 600.0
-    # How long the ranks wait for each other to start (the rendezvous and the parallel groups):
-    # nodes whose containers or imports are slow may start minutes after the first.
+    # How long the ranks wait for each other to start (the process group's rendezvous and the
+    # parallel groups): a rank's imports, device and data set-up may lag its peers' by minutes.
+    # (Under torchrun the nodes' agents meet first, within their own rendezvous timeout.)
     startup_timeout_s: float = 1800.0
 
 

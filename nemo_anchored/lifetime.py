@@ -9,41 +9,64 @@ training into run directories that the same command, run again, trains into as w
 ``PR_SET_PDEATHSIG`` has the kernel send a child SIGKILL when its parent dies; elsewhere nothing
 is done.
 
-The signal comes when the thread that forked the child ends, not only the process: the forks it
-covers (megatron's synchronous save, the lab's workers) are made by the main thread.
+The signal comes when the thread that forked the child ends, not only the process, so only the
+main thread's forks get it (megatron's synchronous save and the lab's workers are started from
+the main thread): a child of a short-lived thread would be killed as that thread ends. The child
+calls nothing but prctl, looked up before any fork: a fork of a multi-threaded process may
+only call async-signal-safe functions (no dlopen).
 """
 import os
 import signal
 import sys
+import threading
 
 _PR_SET_PDEATHSIG = 1
-_forking_pid = None  # the pid of the process forking now, for its child
+_prctl = None  # libc's prctl, looked up once, in the parent
+_parent = None  # (pid, main thread?) of the process forking now, for its child
 _installed = False
+
+
+def _libc_prctl():
+    global _prctl
+    if _prctl is None:
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
+
+
+def _ask_for_sigkill_and_check(parent_pid: int) -> None:
+    # Best effort: where prctl fails the child merely lacks the protection.
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent ended before the call above
+        os._exit(1)
 
 
 def die_with_parent(parent_pid: int) -> None:
     """Have the kernel SIGKILL this process when its parent ends (Linux); end at once if the
     parent, ``parent_pid``, has already ended (this process then has another parent)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(1)
+    if sys.platform.startswith("linux"):
+        _libc_prctl()
+        _ask_for_sigkill_and_check(parent_pid)
 
 
 def _before_fork() -> None:
-    global _forking_pid
-    _forking_pid = os.getpid()
+    global _parent
+    _parent = os.getpid(), threading.current_thread() is threading.main_thread()
+
+
+def _after_fork_in_child() -> None:
+    pid, from_main_thread = _parent
+    if from_main_thread:
+        _ask_for_sigkill_and_check(pid)
 
 
 def forked_children_die_with_this_process() -> None:
-    """From now on every child this process forks (megatron's checkpoint writers) dies with it.
-    For a command's process, which owns its lifetime: a library call would change its
-    importer's children."""
+    """From now on every child this process forks from its main thread (megatron's checkpoint
+    writers) dies with it. For a command's process, which owns its lifetime: a library call
+    would change its importer's children."""
     global _installed
-    if not _installed:
-        os.register_at_fork(before=_before_fork,
-                            after_in_child=lambda: die_with_parent(_forking_pid))
+    if sys.platform.startswith("linux") and not _installed:
+        _libc_prctl()
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
         _installed = True

@@ -21,6 +21,7 @@ from nemo_anchored.lab.report import markdown_table, verdict_lines
 from nemo_anchored.lab.settings import LAB_METHODS, SUMMARY_METHODS
 from nemo_anchored.lab.summary import matched_point, pareto_frontier, summarize, sweep_table
 from nemo_anchored.lab.tasks import GENERAL_TASKS, make_splits
+from tests.launch import outlives
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -389,10 +390,7 @@ def test_killed_lab_continues_to_the_same_results(tiny_labs, tmp_path, jobs):
         proc.wait()
     if jobs > 1:
         assert len(started) >= jobs  # the workers (and multiprocessing's resource tracker)
-    deadline = time.monotonic() + 10
-    while [p for p in started if Path(f"/proc/{p}").exists()] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in started if Path(f"/proc/{p}").exists()], started
+    assert not outlives(started), started
     assert not (out / "results.json").exists()  # killed before the end
     kept = {p: p.stat().st_mtime_ns for p in out.glob(f"runs/**/{RUN_RECORD}")}
     assert 3 <= len(kept) < 5  # the pretraining and two or three fine-tunings, not all four

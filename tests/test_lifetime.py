@@ -4,12 +4,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launch import REPO, outlives
 SCRIPT = r"""
 import os, signal, sys, time
 from nemo_anchored.lifetime import forked_children_die_with_this_process
@@ -30,13 +28,10 @@ os.kill(os.getpid(), signal.SIGKILL)
 @pytest.mark.parametrize("hook", [True, False])
 def test_forked_child_ends_with_its_killed_parent(hook):
     result = subprocess.run([sys.executable, "-c", SCRIPT, "hook" if hook else "none"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == -signal.SIGKILL, result.stderr
-    child = Path(f"/proc/{result.stdout.strip()}")
-    deadline = time.monotonic() + (5 if hook else 1)
-    while child.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    alive = child.exists()
-    if alive:
-        os.kill(int(child.name), signal.SIGKILL)
-    assert alive != hook  # without the hook the child outlives its parent
+    child = int(result.stdout)
+    survived = bool(outlives([child], grace_s=5 if hook else 1))
+    if survived:
+        os.kill(child, signal.SIGKILL)
+    assert survived != hook  # without the hook the child outlives its parent

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nemo_anchored.training.run_lock import RunLock
-from tests.launch import REPO as ROOT, run_script, worker_env
+from tests.launch import REPO as ROOT, outlives, run_script, worker_env
 
 pytestmark = pytest.mark.slow  # torchrun and training runs
 
@@ -234,12 +234,9 @@ def test_killed_run_resumes_bitwise(tmp_path, runs):
         started = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        # Nothing the run started outlives it (megatron's checkpoint writer used to start a
-        # Manager server that did); a checkpoint writer it forked may take a moment to end.
-        deadline = time.time() + 10
-        while [p for p in started if Path(f"/proc/{p}").exists()] and time.time() < deadline:
-            time.sleep(0.1)
-        assert not [p for p in started if Path(f"/proc/{p}").exists()], started
+        # Nothing the run started outlives it: neither megatron's Manager server (it did) nor
+        # a checkpoint writer it forked (nemo_anchored/lifetime.py).
+        assert not outlives(started), started
         again = subprocess.run(cli(*args, f"logging.dir={resumed}"), env=ENV, cwd=ROOT,
                                capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stderr[-4000:]

@@ -108,7 +108,7 @@ class Lab:
         self.failed: List[dict] = []
         self.timings: Dict[str, float] = {}
         self.records: Dict[str, dict] = {}  # by training name, once finished or read back
-        self.trained: Set[str] = set()  # the trainings run by this process
+        self.trained: Set[str] = set()  # the trainings run by this lab (not read back)
         self.progress = None
 
     def _training(self, name: str, train_path: Path, seed: int, lr: float,
@@ -136,14 +136,22 @@ class Lab:
             self._keep(training, *self._read_or_train(training))
         return self.records[training.name]
 
-    def _read_or_train(self, training: Training) -> Tuple[dict, bool]:
-        """The record of ``training``, read back when an earlier lab in OUT finished it (its
-        final checkpoint still complete, unless it failed), else trained now and recorded; and
-        whether it was trained now."""
+    def _recorded(self, training: Training) -> Optional[dict]:
+        """The record of ``training`` when an earlier lab in OUT finished it (its final
+        checkpoint still complete, unless it failed), else None."""
         run_dir = self.out / "runs" / training.name
         record = read_run(run_dir, training.identity)
         if record is not None and ("failed" in record or _complete(run_dir / "final")):
+            return record
+        return None
+
+    def _read_or_train(self, training: Training) -> Tuple[dict, bool]:
+        """The record of ``training``, read back (``_recorded``), else trained now and recorded;
+        and whether it was trained now."""
+        record = self._recorded(training)
+        if record is not None:
             return record, False
+        run_dir = self.out / "runs" / training.name
         shutil.rmtree(run_dir, ignore_errors=True)  # what a killed attempt left
         return write_run(run_dir, training.identity, self._train(training)), True
 
@@ -158,17 +166,24 @@ class Lab:
             self.progress.update()
 
     def _train_in_parallel(self, trainings: Sequence[Training], base_final: Path) -> None:
-        """The trainings without a record, ``jobs`` at a time in worker processes (spawned:
-        each its own world of one process, its own megatron state, OMP_NUM_THREADS threads),
-        the SFT references first: the others start from them. A worker records a training as
-        the sequential pass would; that pass then finds every record here. A training's
-        result does not depend on the process that runs it (each is seeded from its own
-        config), so any ``jobs`` gives the same results.json."""
+        """Reads back what is recorded, then trains the rest ``jobs`` at a time in worker
+        processes (spawned: each its own world of one process, its own megatron state,
+        OMP_NUM_THREADS threads), the SFT references first: the others start from them, so
+        after a failed reference nothing more starts (the sequential pass that follows, which
+        finds every record here, reports it). A worker records a training as the sequential
+        pass would. A training's result does not depend on the process that runs it (each is
+        seeded from its own config), so any ``jobs`` gives the same results.json."""
         import multiprocessing
         import warnings
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        pending = [t for t in trainings if not (self.out / "runs" / t.name / RUN_RECORD).is_file()]
+        pending = []
+        for training in trainings:
+            record = self._recorded(training)
+            if record is None:
+                pending.append(training)
+            else:
+                self._keep(training, record, trained=False)
         if not pending:
             return
         waves = ([t for t in pending if t.name in self.references],
@@ -182,14 +197,11 @@ class Lab:
                                              list(warnings.filters), os.getpid()))
         try:
             for wave in waves:
+                if any("failed" in self.records.get(name, {}) for name in self.references):
+                    return
                 futures = {pool.submit(_read_or_train_in_worker, t.name): t for t in wave}
                 for future in as_completed(futures):
-                    training = futures[future]
-                    self._keep(training, *future.result())
-                    record = self.records[training.name]
-                    if "failed" in record and training.name in self.references:
-                        raise RuntimeError(f"the SFT reference {training.name} failed: "
-                                           f"{record['failed']}")
+                    self._keep(futures[future], *future.result())
         finally:
             # On an error, the trainings already running finish (and are recorded); the
             # queued ones are dropped.
@@ -458,6 +470,7 @@ class Lab:
         references: List[dict] = []
         plan = self._plan(base_final, paths)
         trainings = list({id(t): t for *_, t in plan}.values())
+        position = {t.name: i for i, t in enumerate(trainings)}  # failed_runs in plan order
         done = sum((out / "runs" / t.name / RUN_RECORD).is_file() for t in trainings)
         if done:
             self.log(f"lab: continuing in {out}: {done} of {len(trainings)} trainings "
@@ -467,8 +480,10 @@ class Lab:
         try:
             if self.jobs > 1:
                 self._train_in_parallel(trainings, base_final)
+            shown: Set[str] = set()  # the trainings whose scores are already printed
             for seed, spec, training in plan:
-                shared = training.name in self.records
+                shared = training.name in shown
+                shown.add(training.name)
                 record = self._result(training)
                 if "failed" in record and training.name in self.references:
                     raise RuntimeError(f"the SFT reference {training.name} failed: "
@@ -506,7 +521,7 @@ class Lab:
             "best_sft_domain": summary["best_sft_domain"],
             "verdicts": summary["verdicts"],
             "base": base,
-            "failed_runs": self.failed,
+            "failed_runs": sorted(self.failed, key=lambda f: position[f["run"]]),
             "point_details": details,
             "references": references,
             "config": self._config_record(wall, base_final),
