@@ -203,8 +203,8 @@ class Lab:
                 for future in as_completed(futures):
                     self._keep(futures[future], *future.result())
         finally:
-            # On an error, the trainings already running finish (and are recorded); the
-            # queued ones are dropped.
+            # On an error, the trainings already running finish (and are recorded), and the
+            # one the pool has already handed to its queue; the others are dropped.
             pool.shutdown(cancel_futures=True)
 
     def _train(self, training: Training) -> dict:
@@ -470,7 +470,7 @@ class Lab:
         references: List[dict] = []
         plan = self._plan(base_final, paths)
         trainings = list({id(t): t for *_, t in plan}.values())
-        position = {t.name: i for i, t in enumerate(trainings)}  # failed_runs in plan order
+        position = {t.name: i for i, t in enumerate(trainings)}  # for plan order, below
         done = sum((out / "runs" / t.name / RUN_RECORD).is_file() for t in trainings)
         if done:
             self.log(f"lab: continuing in {out}: {done} of {len(trainings)} trainings "
@@ -512,6 +512,8 @@ class Lab:
             self.progress.close()
             self.progress = None
         summary = summarize(points, base)
+        # In plan order, as one process records them (workers finish in any order).
+        self.timings = dict(sorted(self.timings.items(), key=lambda kv: position.get(kv[0], -1)))
         wall = time.perf_counter() - t0
         results = {
             "points": points,
