@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, free_port, torchrun_agent, worker_logs
+from tests.launch import REPO, children, free_port, torchrun_agent, worker_logs
 
 DATA = REPO / "recipes/data/tiny_sft.jsonl"
 TIMEOUT_S = 15  # parallelism.collective_timeout_s: above any wait after start-up, busy 2-core box
@@ -65,8 +65,7 @@ def wait_for_step(run_dir: Path, step: int, agents) -> None:
 
 def node_processes(agent: subprocess.Popen) -> list:
     """The agent's pid and its workers' (torchrun starts each in a session of its own)."""
-    children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
-    return [agent.pid, *map(int, children)]
+    return [agent.pid, *children(agent.pid)]
 
 
 def two_nodes(command, log_dir: Path):

@@ -21,7 +21,7 @@ from nemo_anchored.lab.report import markdown_table, verdict_lines
 from nemo_anchored.lab.settings import LAB_METHODS, SUMMARY_METHODS
 from nemo_anchored.lab.summary import matched_point, pareto_frontier, summarize, sweep_table
 from nemo_anchored.lab.tasks import GENERAL_TASKS, make_splits
-from tests.launch import outlives
+from tests.launch import children, outlives
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -385,7 +385,7 @@ def test_killed_lab_continues_to_the_same_results(tiny_labs, tmp_path, jobs):
             assert proc.poll() is None, (tmp_path / "stderr").read_text()[-4000:]
             assert time.monotonic() < deadline, "the lab recorded no trainings"
             time.sleep(0.05)
-        started = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        started = children(proc.pid)
         proc.kill()
         proc.wait()
     if jobs > 1:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nemo_anchored.training.run_lock import RunLock
-from tests.launch import REPO as ROOT, outlives, run_script, worker_env
+from tests.launch import REPO as ROOT, children, outlives, run_script, worker_env
 
 pytestmark = pytest.mark.slow  # torchrun and training runs
 
@@ -231,7 +231,7 @@ def test_killed_run_resumes_bitwise(tmp_path, runs):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
-        started = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        started = children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # Nothing the run started outlives it: neither megatron's Manager server (it did) nor

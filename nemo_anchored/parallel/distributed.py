@@ -7,8 +7,8 @@ otherwise. ``init_process_group`` is where ``megatron_compat.install()`` is call
 anything is built with megatron-core.
 
 Two timeouts bound a rank's wait for its peers. While the world starts (the rendezvous, megatron's
-groups) ranks wait up to the start-up timeout: nodes of one job start minutes apart when their
-containers or imports are slow. Once a barrier has seen every rank, every group gets the collective
+groups) ranks wait up to the start-up timeout: a rank's imports, device and data set-up can lag
+its peers' by minutes. Once a barrier has seen every rank, every group gets the collective
 timeout instead: a rank that waits longer than that for a peer (a dead or hung node, whose
 connections may stay open) gets an error instead of a hang, which ``peer_failure`` tells apart
 from other errors. So a short collective timeout detects failures fast without failing slow starts.
