@@ -269,7 +269,8 @@ from nemo_anchored.lab.run import Lab
 from nemo_anchored.lab.settings import LabSettings
 
 def main():
-    s = LabSettings(**TINY)
+    # argv: OUT [jobs [settings changed from TINY, as JSON]]
+    s = LabSettings(**{**TINY, **(json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})})
     jobs = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     Lab(Path(sys.argv[1]), s, log=print, jobs=jobs).run()
     print(json.dumps({"ok": True}))
@@ -412,6 +413,90 @@ def test_lab_refuses_to_continue_with_other_settings(tiny_labs):
         Lab(tiny_labs[0], changed, log=lambda *a: None).run()
 
 
+@pytest.fixture(scope="module")
+def sharded_labs(tiny_labs):
+    """The tiny lab with 2 seeds, run whole (jobs=2) and as two shards of one seed each (at the
+    same time; each pretrains its own base, deterministically the same), and the shards
+    merged: (whole, [shard0, shard1], merged)."""
+    from nemo_anchored.lab.shards import merge_shards
+
+    tmp = tiny_labs[0].parent
+    runs = {"whole": (2, {"seeds": 2}), "shard0": (1, {"seeds": 2, "seed_indices": [0]}),
+            "shard1": (1, {"seeds": 2, "seed_indices": [1]})}
+    procs = {name: subprocess.Popen([PYTHON, str(tmp / "lab.py"), str(tmp / name), str(jobs),
+                                     json.dumps(changed)], env=ENV, cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, (jobs, changed) in runs.items()}
+    for proc in procs.values():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
+    shards = [tmp / "shard0", tmp / "shard1"]
+    merge_shards(tmp / "merged", shards[::-1], log=lambda *a: None)  # any order
+    return tmp / "whole", shards, tmp / "merged"
+
+
+@pytest.mark.slow
+def test_merged_shards_equal_the_whole_lab(sharded_labs):
+    """Two one-seed shards, merged: the same points, scores, summary and verdicts as the lab
+    that ran both seeds in one go; the config says where each seed ran."""
+    whole_dir, shards, merged_dir = sharded_labs
+    whole, merged = (json.loads((d / "results.json").read_text()) for d in sharded_labs[::2])
+    shard_results = [json.loads((d / "results.json").read_text()) for d in shards]
+    assert [r["config"]["seeds"] for r in shard_results] == [[1000], [1001]]
+    assert {p["seed"] for p in whole["points"]} == {1000, 1001}
+    assert {k: v for k, v in merged.items() if k != "config"} == \
+        {k: v for k, v in whole.items() if k != "config"}
+    for key in ("settings", "seeds", "base_sha256", "data_budget", "budgets", "alphas"):
+        assert merged["config"][key] == whole["config"][key], key
+    assert [(s["dir"], s["seeds"]) for s in merged["config"]["shards"]] == [
+        (str(shards[0]), [1000]), (str(shards[1]), [1001])]
+    assert sorted(merged["config"]["run_time_s"]) == sorted(whole["config"]["run_time_s"])
+    assert (merged_dir / "results.md").read_text() == (whole_dir / "results.md").read_text()
+    assert (merged_dir / "pareto.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_merge_refuses_what_is_not_one_lab(sharded_labs, tmp_path):
+    from nemo_anchored.lab.shards import ShardMergeError, merge_shards
+
+    _, (shard0, shard1), _ = sharded_labs
+
+    def edited(source: Path, name: str, edit) -> Path:
+        results = json.loads((source / "results.json").read_text())
+        edit(results["config"])
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        return tmp_path / name
+
+    def merge(*shards):
+        merge_shards(tmp_path / "merged", shards, log=lambda *a: None)
+
+    with pytest.raises(ShardMergeError, match=r"in two shards: \[1000\]"):
+        merge(shard0, shard0, shard1)
+    with pytest.raises(ShardMergeError, match=r"in none: \[1000\] \(run the shard with "
+                       r"--seed-index 0\)"):
+        merge(shard1)
+    other = edited(shard1, "epochs", lambda c: c["settings"].update(epochs=3))
+    with pytest.raises(ShardMergeError, match=r"other settings .*\(epochs: 2 then, 3 now\)"):
+        merge(shard0, other)
+    other = edited(shard1, "base", lambda c: c["base_sha256"].update({"x.distcp": "0" * 64}))
+    with pytest.raises(ShardMergeError, match="another p_base"):
+        merge(shard0, other)
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(ShardMergeError, match="unfinished: no results.json"):
+        merge(shard0, tmp_path / "unfinished")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("indices, seeds", [((), 2), ((0, 0), 2), ((2,), 2), ((-1,), 2)])
+def test_seed_indices_name_distinct_seeds_of_the_lab(indices, seeds):
+    from nemo_anchored.lab.settings import LabSettings
+
+    with pytest.raises(ValueError, match=r"seed_indices .*: distinct indices of the 2 seeds"):
+        LabSettings(seeds=seeds, seed_indices=indices).check()
+    assert LabSettings(seeds=3, seed_indices=(2, 0)).seed_values() == [1002, 1000]
+
+
 def test_run_record_belongs_to_one_training_config(tmp_path):
     identity = {"method": "CrossEntropy", "optim": {"lr": 1e-3, "weight_decay": 0.0}}
     assert read_run(tmp_path, identity) is None  # not finished
@@ -422,14 +507,18 @@ def test_run_record_belongs_to_one_training_config(tmp_path):
         read_run(tmp_path, other)
 
 
-def test_committed_base_matches_the_quick_settings_and_its_checksums(tmp_path):
+def test_committed_bases_match_their_settings_and_their_checksums(tmp_path):
     from nemo_anchored.lab.base import (CommittedBaseError, pretrain_fingerprint,
                                         verified_committed_base)
-    from nemo_anchored.lab.settings import COMMITTED_BASE, DEMO, QUICK, RECIPE
+    from nemo_anchored.lab.settings import COMMITTED_BASES, DEMO, FULL, QUICK, RECIPE
 
-    for settings in (QUICK, DEMO):  # the demo must not pretrain: regenerate after any change
-        found = verified_committed_base(COMMITTED_BASE, pretrain_fingerprint(RECIPE, settings))
-        assert found == COMMITTED_BASE / "checkpoint"
+    # The demo must not pretrain, and every shard of the full lab must start from the same
+    # base: regenerate after any change (the command is in each base.json).
+    COMMITTED_BASE, full_base = COMMITTED_BASES
+    for folder, settings in ((COMMITTED_BASE, QUICK), (COMMITTED_BASE, DEMO), (full_base, FULL)):
+        found = verified_committed_base(folder, pretrain_fingerprint(RECIPE, settings))
+        assert found == folder / "checkpoint"
+    assert verified_committed_base(full_base, pretrain_fingerprint(RECIPE, QUICK)) is None
     changed = dataclasses.replace(QUICK, pretrain_epochs=QUICK.pretrain_epochs + 1)
     assert verified_committed_base(COMMITTED_BASE, pretrain_fingerprint(RECIPE, changed)) is None
     copy = tmp_path / "lab_base"

@@ -1,17 +1,18 @@
 """`nemo-anchored lab --out DIR [--quick|--demo|--full|--real|--smoke] [--seeds N]
-[--budgets ARMS] [--alphas A,B] [--task T] [--dry-run] [--jobs N]`: the forgetting lab (the
-tiny model: nemo_anchored/lab/run.py; SmolLM2-135M-Instruct: lab/real_model.py), or with
---pretrain-only the committed base the tiny lab starts from. The same command again continues
-an interrupted lab in DIR (nemo_anchored/lab/records.py)."""
+[--budgets ARMS] [--alphas A,B] [--task T] [--dry-run] [--jobs N] [--seed-index I ...]`: the
+forgetting lab (the tiny model: nemo_anchored/lab/run.py; SmolLM2-135M-Instruct:
+lab/real_model.py), or with --pretrain-only the committed base the tiny lab starts from, or with
+--merge the results of a lab's seed shards in one. The same command again continues an
+interrupted lab in DIR (nemo_anchored/lab/records.py)."""
 import argparse
 import dataclasses
 import os
 from pathlib import Path
 
 from nemo_anchored.errors import UserError
-from nemo_anchored.lab.base import REGENERATE
 from nemo_anchored.lab import real_model
 from nemo_anchored.lab.run import Lab, pretrain_only
+from nemo_anchored.lab.shards import merge_shards
 from nemo_anchored.lab.settings import DEMO, FULL, QUICK
 
 
@@ -48,8 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--base-checkpoint", default=None,
                         help="start from this p_base instead of the committed one or pretraining")
     parser.add_argument("--pretrain-only", action="store_true",
-                        help="pretrain p_base and write it, with checksums and settings, to "
-                        f"--out (how assets/lab_base is made: `{REGENERATE}`)")
+                        help="pretrain p_base and write it, with checksums, settings and this "
+                        "command, to --out (how assets/lab_base and, with --full, "
+                        "assets/lab_base_full are made)")
+    parser.add_argument("--seed-index", type=int, nargs="+", default=None, metavar="I",
+                        help="run only these of the seeds (0-based): one shard of a tiny lab "
+                        "split over machines or sessions, joined by --merge")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="SHARD",
+                        help="write to --out the results of one lab from its shards' output "
+                        "directories (each a --seed-index run of the same settings; together "
+                        "every seed once)")
     parser.add_argument("--jobs", type=int, default=1, help="the tiny lab's fine-tunings run "
                         "this many at a time, each in a worker process of OMP_NUM_THREADS "
                         "threads (default 1); the results are the same for any number")
@@ -77,12 +86,20 @@ def run(args) -> int:
     if args.jobs > 1 and (real or args.pretrain_only):
         raise UserError("--jobs: the tiny lab's fine-tunings only (the real-model lab and "
                         "--pretrain-only run one training at a time)")
+    if args.seed_index is not None and (real or args.pretrain_only):
+        raise UserError("--seed-index: the tiny lab's (the real-model lab is sized to run in "
+                        "one piece; --pretrain-only trains no seed)")
+    if args.merge is not None:
+        merge_shards(Path(args.out), [Path(shard) for shard in args.merge])
+        return 0
     settings = dataclasses.replace(real_model.SMOKE if args.smoke else real_model.GPU if real
                                    else FULL if args.full else DEMO if args.demo else QUICK)
     if args.task is not None:
         settings.task = args.task
     if args.seeds is not None:
         settings.seeds = args.seeds
+    if args.seed_index is not None:
+        settings.seed_indices = tuple(args.seed_index)
     if args.budgets is not None:
         settings.budgets = tuple(args.budgets.split(","))
     if args.alphas is not None:
@@ -101,7 +118,8 @@ def run(args) -> int:
                             "base")
         real_model.RealModelLab(Path(args.out), settings).run()
     elif args.pretrain_only:
-        pretrain_only(Path(args.out), settings)
+        pretrain_only(Path(args.out), settings, "nemo-anchored lab --pretrain-only"
+                      + " --full" * args.full + f" --out {args.out}")
     else:
         Lab(Path(args.out), settings, jobs=args.jobs).run()
     return 0

@@ -204,7 +204,7 @@ class RealModelLab(Lab):
 
     def __init__(self, out: Path, settings: RealLabSettings, log=print):
         super().__init__(out, settings, recipe=RECIPES[settings.task], log=log,
-                         committed_base=None)
+                         committed_bases=())
         self.base_final: Optional[Path] = None
 
     def _find_base(self) -> Path:

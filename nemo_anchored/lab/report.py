@@ -1,14 +1,45 @@
-"""The lab's report: results.md's Markdown tables (the matched-domain summary, every run, how
-close each verdict is, the anchored runs after each outer iteration, the authors arm's SFT
-references) and pareto.png / .pdf."""
+"""The lab's report: results.json, results.md's Markdown tables (the matched-domain summary, every
+run, how close each verdict is, the anchored runs after each outer iteration, the authors arm's
+SFT references) and pareto.png / .pdf."""
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
+from nemo_anchored.atomic import write_text
 from nemo_anchored.lab.settings import LAB_METHODS
-from nemo_anchored.lab.summary import MATCH_FRACTION, SPREAD, pareto_frontier
+from nemo_anchored.lab.summary import MATCH_FRACTION, SPREAD, pareto_frontier, summarize
+
+
+def write_report(out: Path, points: List[dict], details: List[dict], references: List[dict],
+                 base: dict, failed_runs: List[dict], config: dict,
+                 log: Callable[[str], None]) -> dict:
+    """Summarize the points (lab/summary.py), write OUT/results.json, pareto.png / .pdf and
+    results.md, print the tables; returns the results."""
+    summary = summarize(points, base)
+    results = {
+        "points": points,
+        "methods": summary["methods"],
+        "sweep": summary["sweep"],
+        "matched_domain_threshold": summary["matched_domain_threshold"],
+        "best_sft_domain": summary["best_sft_domain"],
+        "verdicts": summary["verdicts"],
+        "base": base,
+        "failed_runs": failed_runs,
+        "point_details": details,
+        "references": references,
+        "config": config,
+    }
+    write_text(out / "results.json", json.dumps(results, indent=1))
+    plot_pareto(out / "pareto.png", points, summary, references)
+    table = "\n\n".join([markdown_table(summary), verdict_lines(summary),
+                          anchored_trace_table(details), reference_table(references)])
+    write_text(out / "results.md", table + "\n")
+    log("")
+    log(table)
+    return results
 
 
 def _fmt(mean, std) -> str:

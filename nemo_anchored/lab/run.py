@@ -34,17 +34,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from nemo_anchored.atomic import write_text
 from nemo_anchored.data.builders import write_jsonl
 from nemo_anchored.lab import budget
-from nemo_anchored.lab.base import (REGENERATE, file_digests, pretrain_fingerprint,
-                                    verified_committed_base, write_committed_base)
+from nemo_anchored.lab.base import (file_digests, pretrain_fingerprint, verified_committed_base,
+                                    write_committed_base)
 from nemo_anchored.lab.records import (RUN_RECORD, check_settings, read_run, training_identity,
                                        write_run)
-from nemo_anchored.lab.report import (anchored_trace_table, markdown_table, plot_pareto,
-                                      reference_table, verdict_lines)
-from nemo_anchored.lab.settings import COMMITTED_BASE, METHOD_OVERRIDES, RECIPE, LabSettings
-from nemo_anchored.lab.summary import MATCH_FRACTION, SPREAD, summarize
+from nemo_anchored.lab.report import write_report
+from nemo_anchored.lab.settings import COMMITTED_BASES, METHOD_OVERRIDES, RECIPE, LabSettings
+from nemo_anchored.lab.summary import MATCH_FRACTION, SPREAD
 from nemo_anchored.lab.tasks import GENERAL_TASKS, make_splits
 
 
@@ -99,12 +97,12 @@ class Training:
 
 class Lab:
     def __init__(self, out: Path, settings: LabSettings, recipe: Path = RECIPE,
-                 log=print, committed_base: Optional[Path] = COMMITTED_BASE, jobs: int = 1):
+                 log=print, committed_bases: Sequence[Path] = COMMITTED_BASES, jobs: int = 1):
         settings.check()
         if jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.out, self.s, self.recipe, self.log = Path(out), settings, Path(recipe), log
-        self.committed_base, self.jobs = committed_base, jobs
+        self.committed_bases, self.jobs = committed_bases, jobs
         self.failed: List[dict] = []
         self.timings: Dict[str, float] = {}
         self.records: Dict[str, dict] = {}  # by training name, once finished or read back
@@ -288,9 +286,6 @@ class Lab:
             self.base_logprobs = response_logprobs(model, self.general_eval_batch)
             return self._evaluate(model)
 
-    def _seeds(self) -> List[int]:
-        return [1000 + i for i in range(self.s.seeds)]
-
     def _plan(self, base_final: Path, paths: dict) -> List[tuple]:
         """(seed, PointSpec or None, Training) of every fine-tuning training, in order; per seed
         the SFT references first (the equal arm's is also its sft point at reference_lr; the
@@ -309,7 +304,7 @@ class Lab:
         self.stages: Dict[str, budget.Stage] = {}
         self.references: Dict[str, int] = {}  # the SFT references' training names: epochs
         equal_reference = budget.PointSpec("sft", "equal", float(s.reference_lr), s.epochs)
-        for seed in self._seeds():
+        for seed in self.s.seed_values():
             references = {}  # epochs -> its training's name
             for epochs in budget.reference_epochs(s):
                 spec = equal_reference if epochs == s.epochs else None
@@ -382,17 +377,19 @@ class Lab:
 
     def _find_base(self) -> Optional[Path]:
         """The p_base to start from without pretraining: settings.base_checkpoint, else the
-        committed one when it was made with this lab's settings (checksums verified)."""
+        committed one made with this lab's settings (checksums verified)."""
         if self.s.base_checkpoint:
             return Path(self.s.base_checkpoint)
-        if self.committed_base is None or not (self.committed_base / "base.json").is_file():
-            return None
+        folders = [f for f in self.committed_bases if (f / "base.json").is_file()]
         fingerprint = pretrain_fingerprint(self.recipe, self.s)
-        checkpoint = verified_committed_base(self.committed_base, fingerprint)
-        if checkpoint is None:
-            self.log(f"lab: the committed base {self.committed_base} was pretrained with other "
-                     "settings: pretraining a new one")
-        return checkpoint
+        for folder in folders:
+            checkpoint = verified_committed_base(folder, fingerprint)
+            if checkpoint is not None:
+                return checkpoint
+        if folders:
+            self.log(f"lab: the committed bases ({', '.join(map(str, folders))}) were pretrained "
+                     "with other settings: pretraining a new one")
+        return None
 
     def pretrain(self, paths) -> Path:
         s = self.s
@@ -511,30 +508,12 @@ class Lab:
         finally:
             self.progress.close()
             self.progress = None
-        summary = summarize(points, base)
         # In plan order, as one process records them (workers finish in any order).
         self.timings = dict(sorted(self.timings.items(), key=lambda kv: position.get(kv[0], -1)))
         wall = time.perf_counter() - t0
-        results = {
-            "points": points,
-            "methods": summary["methods"],
-            "sweep": summary["sweep"],
-            "matched_domain_threshold": summary["matched_domain_threshold"],
-            "best_sft_domain": summary["best_sft_domain"],
-            "verdicts": summary["verdicts"],
-            "base": base,
-            "failed_runs": sorted(self.failed, key=lambda f: position[f["run"]]),
-            "point_details": details,
-            "references": references,
-            "config": self._config_record(wall, base_final),
-        }
-        write_text(out / "results.json", json.dumps(results, indent=1))
-        plot_pareto(out / "pareto.png", points, summary, references)
-        table = "\n\n".join([markdown_table(summary), verdict_lines(summary),
-                              anchored_trace_table(details), reference_table(references)])
-        write_text(out / "results.md", table + "\n")
-        self.log("")
-        self.log(table)
+        results = write_report(out, points, details, references, base,
+                               sorted(self.failed, key=lambda f: position[f["run"]]),
+                               self._config_record(wall, base_final), self.log)
         self.log(f"\nlab: {len(points)} points from {len(trainings)} fine-tuning trainings "
                  f"(each seed's SFT reference is also its sft point at lr {s.reference_lr:g}; "
                  f"points with the same training config share one), wall {wall:.0f} s; "
@@ -546,7 +525,7 @@ class Lab:
         return {
             "settings": json.loads(json.dumps(dataclasses.asdict(s))),
             "recipe": str(self.recipe),
-            "seeds": self._seeds(),
+            "seeds": self.s.seed_values(),
             "budgets": list(s.budgets),
             "data_budget": f"equal arm: {s.epochs} epochs over D for every method; anchored: "
                            f"T={s.outer_iterations} outer x K={s.inner_epochs} inner epochs"
@@ -566,8 +545,10 @@ class Lab:
                                 "low_sft at a shared lr: the same objective) come from one "
                                 "training, named in point_details[].run",
             "base": f"{base_final}: pretrained once (trainer.seed 1234, cosine lr, warm-up) "
-                    "on the general training mix from random init (assets/lab_base: committed, "
-                    f"regenerated by `{REGENERATE}`); the same base for every seed",
+                    "on the general training mix from random init (assets/lab_base and "
+                    "lab_base_full: committed, each regenerated by the command in its "
+                    "base.json); the same base for every seed",
+            "base_sha256": file_digests(base_final),
             "seed_varies": "the fine-tuning data order (trainer.seed); data sets, base and eval "
                            "sets are the same for every seed",
             "evaluation": f"greedy decoding, exact match of the response, max_new_tokens="
@@ -579,8 +560,24 @@ class Lab:
             "verdicts": SPREAD,
             "wall_time_s": wall,
             "jobs": self.jobs,  # trainings run at a time (the wall time's, not the results')
+            "machine": _machine(),
             "run_time_s": self.timings,
         }
+
+
+def _machine() -> str:
+    """The CPU the lab ran on and the threads each training used (its times' context)."""
+    import platform
+
+    import torch
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads per training"
 
 
 # A worker process's lab (Lab._train_in_parallel) and its trainings by name.
@@ -601,7 +598,7 @@ def _start_worker(out: Path, settings: LabSettings, recipe: Path, base_final: Pa
     die_with_parent(lab_pid)
     forked_children_die_with_this_process()
     warnings.filters[:] = filters
-    lab = Lab(out, settings, recipe, log=lambda *args: None, committed_base=None)
+    lab = Lab(out, settings, recipe, log=lambda *args: None, committed_bases=())
     paths = lab._prepare(write=False)
     lab._score_base(base_final)
     _worker = lab, {t.name: t for *_, t in lab._plan(base_final, paths)}
@@ -612,18 +609,20 @@ def _read_or_train_in_worker(name: str) -> Tuple[dict, bool]:
     return lab._read_or_train(trainings[name])
 
 
-def pretrain_only(out: Path, settings: LabSettings) -> Path:
-    """Pretrain p_base in a scratch directory and write it as a committed base to ``out``."""
+def pretrain_only(out: Path, settings: LabSettings, command: str) -> Path:
+    """Pretrain p_base in a scratch directory and write it as a committed base to ``out``
+    (``command``: the one that does this, recorded with it)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="lab_pretrain_") as work:
-        lab = Lab(Path(work), settings, committed_base=None)
+        lab = Lab(Path(work), settings, committed_bases=())
         final = lab.pretrain(lab._prepare())
         with lab._checkpoint_model(final) as model:
             scores = lab._evaluate(model)
         checkpoint = write_committed_base(out, final, pretrain_fingerprint(RECIPE, settings),
                                           {k: scores[k] for k in ("domain", "general",
-                                                                   "general_by_task")})
+                                                                   "general_by_task")},
+                                          command)
     print(f"lab: p_base (domain {scores['domain']:.3f}, general {scores['general']:.3f}) "
           f"written to {checkpoint}, settings and SHA-256 in {out / 'base.json'}")
     return checkpoint

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 from nemo_anchored.config import SHIPPED_RECIPES
 from nemo_anchored.lab.budget import check_budgets
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = SHIPPED_RECIPES / "lab_tiny.yaml"
-COMMITTED_BASE = ROOT / "assets" / "lab_base"
+# The committed bases (lab/base.py): the lab starts from the one pretrained with its settings.
+COMMITTED_BASES = (ROOT / "assets" / "lab_base", ROOT / "assets" / "lab_base_full")
 SUMMARY_METHODS = ("base", "sft", "low_sft", "kl_sft", "dft", "stm", "anchored_logit",
                    "anchored_prob", "anchored_live")
 LAB_METHODS = SUMMARY_METHODS[1:]
@@ -39,6 +40,9 @@ class LabSettings:
     """Everything that defines a lab run (recorded in results.json under "config")."""
 
     seeds: int = 3
+    # Only these of the seeds (0-based) run: one shard of a lab split over machines or sessions;
+    # `nemo-anchored lab --merge` joins the shards' results (lab/shards.py). None: every seed.
+    seed_indices: Optional[Sequence[int]] = None
     methods: Sequence[str] = LAB_METHODS
     # data
     general_train: int = 3000
@@ -80,6 +84,11 @@ class LabSettings:
     # same model and data settings): skips the pretraining.
     base_checkpoint: Optional[str] = None
 
+    def seed_values(self) -> List[int]:
+        """The fine-tuning seeds this lab runs (trainer.seed)."""
+        indices = range(self.seeds) if self.seed_indices is None else self.seed_indices
+        return [1000 + i for i in indices]
+
     def check(self) -> None:
         unknown = set(self.methods) - set(LAB_METHODS)
         if unknown:
@@ -89,6 +98,12 @@ class LabSettings:
             raise ValueError("methods must include sft (the matched-domain rule uses its curve)")
         if self.seeds < 1:
             raise ValueError("seeds must be >= 1")
+        if self.seed_indices is not None:
+            indices = list(self.seed_indices)
+            if not indices or len(set(indices)) != len(indices) \
+                    or not all(0 <= i < self.seeds for i in indices):
+                raise ValueError(f"seed_indices {indices}: distinct indices of the {self.seeds} "
+                                 f"seeds, each in 0..{self.seeds - 1}")
 
 
 QUICK = LabSettings()
