@@ -494,7 +494,7 @@ def test_seed_indices_name_distinct_seeds_of_the_lab(indices, seeds):
 
     with pytest.raises(ValueError, match=r"seed_indices .*: distinct indices of the 2 seeds"):
         LabSettings(seeds=seeds, seed_indices=indices).check()
-    assert LabSettings(seeds=3, seed_indices=(2, 0)).seed_values() == [1002, 1000]
+    assert LabSettings(seeds=3, seed_indices=(2, 0)).seed_values() == [1000, 1002]
 
 
 def test_run_record_belongs_to_one_training_config(tmp_path):

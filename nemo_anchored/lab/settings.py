@@ -85,8 +85,8 @@ class LabSettings:
     base_checkpoint: Optional[str] = None
 
     def seed_values(self) -> List[int]:
-        """The fine-tuning seeds this lab runs (trainer.seed)."""
-        indices = range(self.seeds) if self.seed_indices is None else self.seed_indices
+        """The fine-tuning seeds this lab runs (trainer.seed), in the whole lab's order."""
+        indices = range(self.seeds) if self.seed_indices is None else sorted(self.seed_indices)
         return [1000 + i for i in indices]
 
     def check(self) -> None:

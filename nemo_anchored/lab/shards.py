@@ -79,12 +79,16 @@ def merge_shards(out: Path, shards: Sequence[Path], log=print) -> dict:
                          "jobs": results["config"]["jobs"],
                          "machine": results["config"]["machine"],
                          "base_scores": results["base"]} for shard, results in parts]
+
+    def joined(key: str, seed_of=lambda entry: entry["seed"]) -> List[dict]:
+        """The shards' entries in the whole lab's order: seed by seed (a stable sort keeps
+        each seed's plan order), whichever shard ran which seeds."""
+        return sorted((entry for _, r in parts for entry in r[key]), key=seed_of)
+
     Path(out).mkdir(parents=True, exist_ok=True)
     results = write_report(
-        Path(out), [p for _, r in parts for p in r["points"]],
-        [d for _, r in parts for d in r["point_details"]],
-        [ref for _, r in parts for ref in r["references"]], first["base"],
-        [f for _, r in parts for f in r["failed_runs"]], config, log)
+        Path(out), joined("points"), joined("point_details"), joined("references"),
+        first["base"], joined("failed_runs", lambda f: f["run"].split("/")[0]), config, log)
     log(f"\nlab: {len(results['points'])} points of seeds {expected} from {len(parts)} "
         f"shards; {Path(out) / 'results.json'}, {Path(out) / 'pareto.png'} (and .pdf)")
     return results
