@@ -33,7 +33,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -483,36 +483,39 @@ def how_to_resume(cfg, path: Optional[Path] = None) -> str:
     return f"{command} resumes from {newest}"
 
 
+@contextlib.contextmanager
+def _peer_failure_stops_the_run(message: Callable[[str], str]):
+    """A lost peer (parallel/distributed.py's ``peer_failure``) inside the block becomes one
+    ``PeerLost(message(what was lost))``; any other error passes unchanged."""
+    try:
+        yield
+    except Exception as error:
+        what = peer_failure(error)
+        if what is None:
+            raise
+        raise PeerLost(message(what)) from error
+
+
 def run(cfg) -> Optional[Path]:
     """Initialise the parallel layout, train, tear down. Every rank calls this. Returns the
     final weights' checkpoint directory, or None when a signal preempted the run."""
     from nemo_anchored.parallel.distributed import init_model_parallel, shutdown
 
     p = cfg.parallelism
-    try:
+    with _peer_failure_stops_the_run(lambda what: (
+            f"the ranks did not all start ({what}): a node or process did not come up within "
+            f"parallelism.startup_timeout_s={p.startup_timeout_s:g} s, or cannot reach the "
+            "others (MASTER_ADDR/MASTER_PORT, the network interface)")):
         ctx = init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                   seed=cfg.trainer.seed, timeout_s=p.collective_timeout_s,
                                   startup_timeout_s=p.startup_timeout_s)
-    except Exception as error:
-        what = peer_failure(error)
-        if what is None:
-            raise
-        raise PeerLost(
-            f"the ranks did not all start ({what}): a node or process did not come up within "
-            f"parallelism.startup_timeout_s={p.startup_timeout_s:g} s, or cannot reach the "
-            "others (MASTER_ADDR/MASTER_PORT, the network interface)") from error
     try:
-        with PreemptionSignals() as signals:
+        with PreemptionSignals() as signals, _peer_failure_stops_the_run(lambda what: (
+                f"lost a peer rank ({what}): another process or node died, or did not answer "
+                f"within parallelism.collective_timeout_s={p.collective_timeout_s:g} s, so every "
+                f"rank stops; {how_to_resume(cfg)}")):
             return Trainer(cfg, ctx, preemption=signals).fit()
     except Preempted:
         return None
-    except Exception as error:
-        what = peer_failure(error)
-        if what is None:
-            raise
-        raise PeerLost(
-            f"lost a peer rank ({what}): another process or node died, or did not answer "
-            f"within parallelism.collective_timeout_s={p.collective_timeout_s:g} s, so every "
-            f"rank stops; {how_to_resume(cfg)}") from error
     finally:
         shutdown()
