@@ -121,6 +121,13 @@ def test_every_command_reports_through_the_same_handler(tmp_path, capsys):
          "nemo-anchored lab: --jobs 0: must be >= 1"),
         (["lab", "--out", tmp_path / "lab", "--smoke", "--jobs", "2"],
          "nemo-anchored lab: --jobs: the tiny lab's fine-tunings only"),
+        (["lab", "--out", tmp_path / "lab", "--seed-index", "3"],
+         "nemo-anchored lab: seed_indices [3]: distinct indices of the 3 seeds, each in 0..2"),
+        (["lab", "--out", tmp_path / "lab", "--smoke", "--seed-index", "0"],
+         "nemo-anchored lab: --seed-index: the tiny lab's"),
+        (["lab", "--out", tmp_path / "lab", "--merge", tmp_path / "shard"],
+         f"nemo-anchored lab: {tmp_path / 'shard'}: no results.json: that shard's lab has not "
+         "finished"),
         (["eval", "--hf", tmp_path, "--tasks", "mmlu,gsm8k"],
          "nemo-anchored eval: --tasks: gsm8k; expected some of"),
         (["eval", "--hf", tmp_path, "--tasks", "mmlu"],

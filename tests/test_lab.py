@@ -362,10 +362,14 @@ def test_same_seed_same_results_in_one_process_or_in_workers(tiny_labs):
 
 def _comparable(out: Path) -> dict:
     """results.json without what differs between labs that computed the same thing: the
-    wall and per-training times, the trainings run at a time, and the OUT path inside
-    recorded paths."""
+    wall and per-training times, the trainings run at a time, the OUT path inside recorded
+    paths, and the base's files but for its weights (each lab pretrains its own: lab/base.py's
+    weight_digests)."""
+    from nemo_anchored.lab.base import weight_digests
+
     results = json.loads((out / "results.json").read_text().replace(str(out), "OUT"))
     results["config"]["run_time_s"] = sorted(results["config"]["run_time_s"])
+    results["config"]["base_sha256"] = weight_digests(results["config"]["base_sha256"])
     del results["config"]["wall_time_s"], results["config"]["jobs"]
     return results
 
