@@ -280,11 +280,12 @@ def plot_pareto(path: Path, points: Sequence[dict], summary: dict,
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-        ax.text(1.01, 0.0, f"Large markers: seed means\n(final checkpoints labelled\nwith "
-                f"their lr). Error bars:\n\u00b11 sample std over\n{' or '.join(map(str, seeds))}"
-                " seeds, clipped to [0, 1].\nHollow: single runs.\nLines: frontiers; solid\n"
-                "equal, dashed authors,\ndotted control arm.", transform=ax.transAxes,
-                va="bottom", fontsize=8.5)
+        # Under the axes, not beside them: the legend there grows with the series (30 in the
+        # full lab) and would run over it.
+        ax.text(0.0, -0.13, "Large markers: seed means (final checkpoints labelled with their "
+                f"lr). Error bars: \u00b11 sample std over {' or '.join(map(str, seeds))} seeds, "
+                "clipped to [0, 1].\nHollow: single runs. Lines: frontiers; solid equal, dashed "
+                "authors, dotted control arm.", transform=ax.transAxes, va="top", fontsize=8.5)
         sft = summary["methods"]["sft"]
         if sft.get("general") is not None:
             cx.axhline(sft["general"], color="0.4", ls="--", lw=1.0,
