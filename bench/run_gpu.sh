@@ -16,7 +16,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-if compgen -G ".whl/*/*" > /dev/null && ! [[ " $* " == *" build "* ]]; then
+if { compgen -G ".whl/*.whl" || compgen -G ".whl/*/*"; } > /dev/null && ! [[ " $* " == *" build "* ]]; then
   bash bench/gpu_wheels.sh install || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
@@ -28,6 +28,7 @@ python3 -c "import megatron.core as m; print('megatron-core', m.__version__)" 2>
 SECTIONS=${*:-tests operator step-time train}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 step() { echo; echo "== $1 ($(date +%T))"; }
+# A build left by this session's previous call (`build`) is of the same tree: reused.
 built() { python3 -c "import torch; from nemo_anchored import _C; assert _C.built_with_cuda()" 2>/dev/null; }
 if built; then
   echo "CUDA kernels already built (an earlier call's build)"

@@ -128,6 +128,11 @@ def test_every_command_reports_through_the_same_handler(tmp_path, capsys):
         (["lab", "--out", tmp_path / "lab", "--merge", tmp_path / "shard"],
          f"nemo-anchored lab: {tmp_path / 'shard'}: no results.json: that shard's lab has not "
          "finished"),
+        (["lab", "--out", tmp_path / "lab", "--merge", tmp_path / "shard", "--full"],
+         "nemo-anchored lab: --merge: the shards' results.json hold their settings; --full "
+         "would change nothing"),
+        (["lab", "--out", tmp_path / "shard", "--merge", tmp_path / "shard"],
+         f"nemo-anchored lab: --out {tmp_path / 'shard'} is one of the shards"),
         (["eval", "--hf", tmp_path, "--tasks", "mmlu,gsm8k"],
          "nemo-anchored eval: --tasks: gsm8k; expected some of"),
         (["eval", "--hf", tmp_path, "--tasks", "mmlu"],

@@ -485,7 +485,7 @@ def test_merge_refuses_what_is_not_one_lab(sharded_labs, tmp_path):
                        r"--seed-index 0\)"):
         merge(shard1)
     other = edited(shard1, "epochs", lambda c: c["settings"].update(epochs=3))
-    with pytest.raises(ShardMergeError, match=r"other settings .*\(epochs: 2 then, 3 now\)"):
+    with pytest.raises(ShardMergeError, match=r"other settings .*; epochs: 2 then, 3 now\)"):
         merge(shard0, other)
     other = edited(shard1, "base", lambda c: c["base_sha256"].update({"x.distcp": "0" * 64}))
     with pytest.raises(ShardMergeError, match="another p_base"):
@@ -494,6 +494,41 @@ def test_merge_refuses_what_is_not_one_lab(sharded_labs, tmp_path):
     with pytest.raises(ShardMergeError, match="unfinished: no results.json"):
         merge(shard0, tmp_path / "unfinished")
     assert not (tmp_path / "merged").exists()
+
+
+def test_merge_orders_interleaved_shards_as_the_whole_lab(tmp_path):
+    """Shards of seeds {1000, 1002} and {1001}, given in any order: every list, and the run
+    times, seed by seed as the whole lab writes them (hand-made results)."""
+    from nemo_anchored.lab.shards import merge_shards
+
+    def shard(name, seeds):
+        points = [{"method": "sft", "series": "sft", "arm": "equal", "alpha": None, "lr": lr,
+                   "seed": seed, "outer": None, "outers": None, "domain": 0.5 + lr,
+                   "general": 0.5 - lr, "compute": 1.0} for seed in seeds for lr in (0.1, 0.2)]
+        config = {"seeds": seeds, "settings": {"seeds": 3, "seed_indices": [s - 1000 for s in
+                                                                             seeds]},
+                  "base_sha256": {"w.distcp": "0" * 64}, "machine": name, "wall_time_s": 1.0,
+                  "jobs": 1, "run_time_s": {f"seed{s}/sft_lr{lr}": 1.0 for s in seeds
+                                            for lr in (0.1, 0.2)}}
+        results = {"points": points, "point_details": [{**p, "run": "x"} for p in points],
+                   "references": [], "failed_runs": [{"run": f"seed{s}/dft", "error": "e"}
+                                                     for s in seeds],
+                   "base": {"domain": 0.0, "general": 0.6}, "config": config}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        return tmp_path / name
+
+    shards = [shard("odd", [1001]), shard("even", [1000, 1002])]
+    merged = merge_shards(tmp_path / "merged", shards, log=lambda *a: None)
+    order = [1000, 1000, 1001, 1001, 1002, 1002]
+    assert [p["seed"] for p in merged["points"]] == order
+    assert [p["seed"] for p in merged["point_details"]] == order
+    assert [f["run"] for f in merged["failed_runs"]] == [f"seed{s}/dft" for s in order[::2]]
+    assert [name.split("/")[0] for name in merged["config"]["run_time_s"]] == [
+        f"seed{s}" for s in order]
+    assert [s["seeds"] for s in merged["config"]["shards"]] == [[1000, 1002], [1001]]
+    assert json.loads((tmp_path / "merged" / "results.json").read_text()) == \
+        json.loads(json.dumps(merged))
 
 
 @pytest.mark.parametrize("indices, seeds", [((), 2), ((0, 0), 2), ((2,), 2), ((-1,), 2)])

@@ -76,6 +76,22 @@ def _floats(flag: str, text: str) -> list:
 
 def run(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.merge is not None:
+        given = [flag for flag, value in (
+            ("--quick", args.quick), ("--demo", args.demo), ("--full", args.full),
+            ("--real", args.real), ("--smoke", args.smoke), ("--dry-run", args.dry_run),
+            ("--pretrain-only", args.pretrain_only), ("--seeds", args.seeds is not None),
+            ("--seed-index", args.seed_index is not None), ("--budgets", args.budgets),
+            ("--alphas", args.alphas), ("--base-checkpoint", args.base_checkpoint),
+            ("--jobs", args.jobs != 1), ("--task", args.task),
+            ("--keep-checkpoints", args.keep_checkpoints)) if value]
+        if given:
+            raise UserError(f"--merge: the shards' results.json hold their settings; "
+                            f"{', '.join(given)} would change nothing")
+        if args.out is None:
+            raise UserError("--out: required (where the merged lab is written)")
+        merge_shards(Path(args.out), [Path(shard) for shard in args.merge])
+        return 0
     real = args.real or args.smoke
     if (args.dry_run or args.task) and not real:
         raise UserError("--dry-run and --task are the real-model lab's: add --real or --smoke")
@@ -89,9 +105,6 @@ def run(args) -> int:
     if args.seed_index is not None and (real or args.pretrain_only):
         raise UserError("--seed-index: the tiny lab's (the real-model lab is sized to run in "
                         "one piece; --pretrain-only trains no seed)")
-    if args.merge is not None:
-        merge_shards(Path(args.out), [Path(shard) for shard in args.merge])
-        return 0
     settings = dataclasses.replace(real_model.SMOKE if args.smoke else real_model.GPU if real
                                    else FULL if args.full else DEMO if args.demo else QUICK)
     if args.task is not None:
@@ -99,7 +112,7 @@ def run(args) -> int:
     if args.seeds is not None:
         settings.seeds = args.seeds
     if args.seed_index is not None:
-        settings.seed_indices = tuple(args.seed_index)
+        settings.seed_indices = tuple(sorted(args.seed_index))  # as lab.json records them
     if args.budgets is not None:
         settings.budgets = tuple(args.budgets.split(","))
     if args.alphas is not None:

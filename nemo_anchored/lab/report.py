@@ -32,11 +32,12 @@ def write_report(out: Path, points: List[dict], details: List[dict], references:
         "references": references,
         "config": config,
     }
-    write_text(out / "results.json", json.dumps(results, indent=1))
     plot_pareto(out / "pareto.png", points, summary, references)
     table = "\n\n".join([markdown_table(summary), verdict_lines(summary),
                           anchored_trace_table(details), reference_table(references)])
     write_text(out / "results.md", table + "\n")
+    # Last: a results.json says the lab (or merge) finished, its report beside it.
+    write_text(out / "results.json", json.dumps(results, indent=1))
     log("")
     log(table)
     return results
@@ -283,7 +284,8 @@ def plot_pareto(path: Path, points: Sequence[dict], summary: dict,
         # Under the axes, not beside them: the legend there grows with the series (30 in the
         # full lab) and would run over it.
         ax.text(0.0, -0.13, "Large markers: seed means (final checkpoints labelled with their "
-                f"lr). Error bars: \u00b11 sample std over {' or '.join(map(str, seeds))} seeds, "
+                f"lr). Error bars: \u00b11 sample std over {' or '.join(map(str, seeds))} "
+                f"seed{'s' if seeds[-1] > 1 else ''}, "
                 "clipped to [0, 1].\nHollow: single runs. Lines: frontiers; solid equal, dashed "
                 "authors, dotted control arm.", transform=ax.transAxes, va="top", fontsize=8.5)
         sft = summary["methods"]["sft"]

@@ -449,8 +449,11 @@ class Lab:
         t0 = time.perf_counter()
         base_final = self._find_base()
         check_settings(out, {
+            # Without seed_indices when every seed runs: a lab begun before shards existed
+            # continues.
             "settings": {k: v for k, v in dataclasses.asdict(s).items()
-                         if k != "keep_checkpoints"},
+                         if k != "keep_checkpoints"
+                         and not (k == "seed_indices" and v is None)},
             "base": {"checkpoint": "pretrained in OUT/runs/pretrain"} if base_final is None
             else {"checkpoint": str(base_final), "sha256": file_digests(base_final)}})
         paths = self._prepare()

@@ -23,10 +23,19 @@ from nemo_anchored.errors import UserError
 from nemo_anchored.lab.base import weight_digests
 from nemo_anchored.lab.records import differences
 from nemo_anchored.lab.report import write_report
+from nemo_anchored.lab.settings import LabSettings
 
 
 class ShardMergeError(RuntimeError, UserError):
     """The shards are not the parts of one lab."""
+
+
+# Settings that say how or where a shard ran, not what it computed: which seeds, whether step
+# checkpoints were kept, and the base's path on that machine (its weights are compared instead).
+_PER_SHARD = ("seed_indices", "keep_checkpoints", "base_checkpoint")
+# What a finished lab's results.json holds that the merge needs (a lab of an older version may
+# lack some: it cannot be a shard).
+_NEEDED = ("seeds", "settings", "base_sha256", "machine", "wall_time_s", "jobs", "run_time_s")
 
 
 def _read(shard: Path) -> dict:
@@ -34,31 +43,48 @@ def _read(shard: Path) -> dict:
     if not path.is_file():
         raise ShardMergeError(f"{shard}: no results.json: that shard's lab has not finished "
                               "(run its command again to continue it)")
-    return json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+        missing = [key for key in _NEEDED if key not in results["config"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ShardMergeError(f"{path}: not a lab's results ({error!r})") from None
+    if missing:
+        raise ShardMergeError(f"{path}: config lacks {missing}: written by a version of the lab "
+                              "that ran no shards; run that shard again")
+    return results
+
+
+def _seed_of_run(name: str) -> int:
+    """The seed of a training named "seed<N>/..." (lab/run.py's names)."""
+    return int(name.split("/", 1)[0][len("seed"):])
 
 
 def merge_shards(out: Path, shards: Sequence[Path], log=print) -> dict:
     """Write OUT/results.json, results.md and pareto.png / .pdf of the lab whose seed shards'
     output directories are ``shards``; returns the results."""
+    if any(Path(out).resolve() == Path(shard).resolve() for shard in shards):
+        raise ShardMergeError(f"--out {out} is one of the shards: the merge would overwrite its "
+                              "results; write the merged lab elsewhere")
     parts = sorted(((shard, _read(shard)) for shard in shards),
                    key=lambda part: part[1]["config"]["seeds"][0])
     first_dir, first = parts[0]
 
     def settings(results: dict) -> dict:
-        return {k: v for k, v in results["config"]["settings"].items() if k != "seed_indices"}
+        return {k: v for k, v in results["config"]["settings"].items() if k not in _PER_SHARD}
 
     for shard, results in parts[1:]:
         changed = differences(settings(first), settings(results))
         if changed:
-            raise ShardMergeError(f"{shard} ran other settings than {first_dir} "
-                                  f"({'; '.join(changed)}): not shards of one lab")
+            raise ShardMergeError(f"{shard} ran other settings than {first_dir} (then: "
+                                  f"{first_dir}, now: {shard}; {'; '.join(changed)}): not "
+                                  "shards of one lab")
         if weight_digests(results["config"]["base_sha256"]) \
                 != weight_digests(first["config"]["base_sha256"]):
             raise ShardMergeError(f"{shard} started from another p_base than {first_dir} "
                                   "(the SHA-256 of its weights differ): its seeds are not "
                                   "comparable; run every shard from the committed base")
     seeds: List[int] = [seed for _, results in parts for seed in results["config"]["seeds"]]
-    expected = [1000 + i for i in range(first["config"]["settings"]["seeds"])]
+    expected = LabSettings(seeds=first["config"]["settings"]["seeds"]).seed_values()
     if sorted(seeds) != expected:
         twice = sorted({s for s in seeds if seeds.count(s) > 1})
         missing = sorted(set(expected) - set(seeds))
@@ -66,14 +92,16 @@ def merge_shards(out: Path, shards: Sequence[Path], log=print) -> dict:
             f"the shards' seeds {sorted(seeds)} are not each of the lab's seeds {expected} once"
             + (f"; in two shards: {twice}" if twice else "")
             + (f"; in none: {missing} (run the shard with --seed-index "
-               f"{' '.join(str(s - 1000) for s in missing)})" if missing else ""))
+               f"{' '.join(str(expected.index(s)) for s in missing)})" if missing else ""))
 
     config = {k: v for k, v in first["config"].items()
               if k not in ("wall_time_s", "jobs", "machine", "run_time_s")}
     config["settings"] = {**first["config"]["settings"], "seed_indices": None}
     config["seeds"] = expected
-    config["run_time_s"] = {name: time for _, results in parts
-                            for name, time in results["config"]["run_time_s"].items()}
+    # Seed by seed, as the whole lab orders them (the pretraining, if a shard ran one, first).
+    times = [item for _, results in parts for item in results["config"]["run_time_s"].items()]
+    config["run_time_s"] = dict(sorted(times, key=lambda kv: -1 if "/" not in kv[0]
+                                       else _seed_of_run(kv[0])))
     config["shards"] = [{"dir": str(shard), "seeds": results["config"]["seeds"],
                          "wall_time_s": results["config"]["wall_time_s"],
                          "jobs": results["config"]["jobs"],
@@ -88,7 +116,7 @@ def merge_shards(out: Path, shards: Sequence[Path], log=print) -> dict:
     Path(out).mkdir(parents=True, exist_ok=True)
     results = write_report(
         Path(out), joined("points"), joined("point_details"), joined("references"),
-        first["base"], joined("failed_runs", lambda f: f["run"].split("/")[0]), config, log)
+        first["base"], joined("failed_runs", lambda f: _seed_of_run(f["run"])), config, log)
     log(f"\nlab: {len(results['points'])} points of seeds {expected} from {len(parts)} "
         f"shards; {Path(out) / 'results.json'}, {Path(out) / 'pareto.png'} (and .pdf)")
     return results
