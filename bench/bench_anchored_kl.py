@@ -49,6 +49,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nemo_anchored.host import cpu_model
+
 RESULTS = Path(__file__).parent / "results"
 # Untimed steps first: compilation, the one-off shard check, allocator growth, and on Linux the
 # kernel's first compactions for huge pages (ours asks for them for its gradient: its first 2-3
@@ -70,9 +72,7 @@ def device_description(device: str) -> dict:
         info.update(kind="gpu", name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda)
     else:
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                      if line.startswith("model name")), platform.processor())
-        info.update(kind="cpu", name=model, cores=os.cpu_count(),
+        info.update(kind="cpu", name=cpu_model(), cores=os.cpu_count(),
                     load_average=list(os.getloadavg()))
     return info
 

@@ -29,6 +29,16 @@ RUN_RECORD = "scores.json"
 _OUTPUT_SECTIONS = ("name", "logging", "checkpoint")
 
 
+def training_name(seed: int, name: str) -> str:
+    """A training's name (its directory under OUT/runs/): the seed's folder, then the run's name
+    in the sweep; ``seed_of_training`` reads the seed back."""
+    return f"seed{seed}/{name}"
+
+
+def seed_of_training(name: str) -> int:
+    return int(name.split("/", 1)[0][len("seed"):])
+
+
 class LabResumeError(RuntimeError, UserError):
     """OUT holds a lab, or a training's record, made with other settings."""
 

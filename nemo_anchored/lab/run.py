@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from nemo_anchored.data.builders import write_jsonl
+from nemo_anchored.host import cpu_model
 from nemo_anchored.lab import budget
 from nemo_anchored.lab.base import (file_digests, pretrain_fingerprint, verified_committed_base,
                                     write_committed_base)
 from nemo_anchored.lab.records import (RUN_RECORD, check_settings, read_run, training_identity,
-                                       write_run)
+                                       training_name, write_run)
 from nemo_anchored.lab.report import write_report
 from nemo_anchored.lab.settings import COMMITTED_BASES, METHOD_OVERRIDES, RECIPE, LabSettings
 from nemo_anchored.lab.summary import MATCH_FRACTION, SPREAD
@@ -310,7 +311,7 @@ class Lab:
                 spec = equal_reference if epochs == s.epochs else None
                 name = spec.run_name(swept) if spec else f"reference_e{epochs}_lr{s.reference_lr:g}"
                 training = self._training(
-                    f"seed{seed}/{name}", paths["domain", "train"], seed, s.reference_lr,
+                    training_name(seed, name), paths["domain", "train"], seed, s.reference_lr,
                     [f"model.base_checkpoint={base_final}", f"trainer.epochs={epochs}",
                      *self._baseline_overrides(), *METHOD_OVERRIDES["sft"]])
                 training = trainings.setdefault(_key(training), training)
@@ -332,7 +333,7 @@ class Lab:
                 if reference is not None:
                     extra.append("model.reference_checkpoint="
                                  f"{self.out / 'runs' / reference / 'final'}")
-                training = self._training(f"seed{seed}/{spec.run_name(swept)}",
+                training = self._training(training_name(seed, spec.run_name(swept)),
                                           paths["domain", "train"], seed, spec.lr, extra)
                 training = trainings.setdefault(_key(training), training)
                 self.stages.setdefault(training.name, budget.stage_for(
@@ -491,7 +492,7 @@ class Lab:
                 if spec is None:  # a reference with epochs of its own: no point of the sweep
                     references.append(self._reference_row(seed, training, record))
                     continue
-                name = f"seed{seed}/{spec.run_name(swept)}"
+                name = training_name(seed, spec.run_name(swept))
                 if "failed" in record:
                     self._say(f"  {name}: FAILED ({record['failed']})")
                     continue
@@ -570,17 +571,9 @@ class Lab:
 
 def _machine() -> str:
     """The CPU the lab ran on and the threads each training used (its times' context)."""
-    import platform
-
     import torch
 
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in cpuinfo
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads per training"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads per training"
 
 
 # A worker process's lab (Lab._train_in_parallel) and its trainings by name.

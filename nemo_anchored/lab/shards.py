@@ -21,7 +21,7 @@ from typing import List, Sequence
 
 from nemo_anchored.errors import UserError
 from nemo_anchored.lab.base import weight_digests
-from nemo_anchored.lab.records import differences
+from nemo_anchored.lab.records import differences, seed_of_training
 from nemo_anchored.lab.report import write_report
 from nemo_anchored.lab.settings import LabSettings
 
@@ -52,11 +52,6 @@ def _read(shard: Path) -> dict:
         raise ShardMergeError(f"{path}: config lacks {missing}: written by a version of the lab "
                               "that ran no shards; run that shard again")
     return results
-
-
-def _seed_of_run(name: str) -> int:
-    """The seed of a training named "seed<N>/..." (lab/run.py's names)."""
-    return int(name.split("/", 1)[0][len("seed"):])
 
 
 def merge_shards(out: Path, shards: Sequence[Path], log=print) -> dict:
@@ -101,7 +96,7 @@ def merge_shards(out: Path, shards: Sequence[Path], log=print) -> dict:
     # Seed by seed, as the whole lab orders them (the pretraining, if a shard ran one, first).
     times = [item for _, results in parts for item in results["config"]["run_time_s"].items()]
     config["run_time_s"] = dict(sorted(times, key=lambda kv: -1 if "/" not in kv[0]
-                                       else _seed_of_run(kv[0])))
+                                       else seed_of_training(kv[0])))
     config["shards"] = [{"dir": str(shard), "seeds": results["config"]["seeds"],
                          "wall_time_s": results["config"]["wall_time_s"],
                          "jobs": results["config"]["jobs"],
@@ -116,7 +111,7 @@ def merge_shards(out: Path, shards: Sequence[Path], log=print) -> dict:
     Path(out).mkdir(parents=True, exist_ok=True)
     results = write_report(
         Path(out), joined("points"), joined("point_details"), joined("references"),
-        first["base"], joined("failed_runs", lambda f: _seed_of_run(f["run"])), config, log)
+        first["base"], joined("failed_runs", lambda f: seed_of_training(f["run"])), config, log)
     log(f"\nlab: {len(results['points'])} points of seeds {expected} from {len(parts)} "
         f"shards; {Path(out) / 'results.json'}, {Path(out) / 'pareto.png'} (and .pdf)")
     return results
