@@ -3,6 +3,7 @@ peak extra memory and the ratios, side by side in one run.
 
     python bench/bench_anchored_kl.py                  # CPU, fp32, the default shapes, TP 1 and 2
     python bench/bench_anchored_kl.py --device cuda --dtype bfloat16
+    python bench/bench_anchored_kl.py --breakdown      # where ours spends its step (TP 1)
 
 Implementations (``--backends``):
 - ``eager``: the loss as the paper's authors compute it in their public KDFlow code
@@ -264,6 +265,56 @@ def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp) -> dict |
     return record
 
 
+def breakdown_one(rows, cols, mode, dtype, device, repeats) -> dict:
+    """Where ours spends a forward + backward (TP = 1): the whole step, the forward alone (its
+    arithmetic and input reads, no gradient written), a read of the inputs (a sum of each: the
+    floor of any pass over them) and the backward's in-place rescaling of the gradient."""
+    from nemo_anchored.ops import anchored_kl
+
+    interpolation, anchor, alpha = mode.split("-")
+    g = torch.Generator(device=device).manual_seed(0)
+    z, r = ((torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
+            for _ in range(2))
+    c = (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype) \
+        if anchor == "snapshot" else None
+    inputs = [x for x in (z, r, c) if x is not None]
+    policy = z.clone().requires_grad_()
+    weights = torch.full((rows,), 1.0 / rows, device=device)
+    scale = weights.reshape(-1, 1).float()
+
+    def loss(x):
+        return anchored_kl(x, r, current_logits=c, alpha=float(alpha),
+                           interpolation=interpolation, backend="fused")
+
+    def step():
+        policy.grad = None
+        loss(policy).backward(weights)
+
+    def forward():
+        with torch.no_grad():
+            loss(z)
+
+    def read():
+        for x in inputs:
+            x.sum()
+
+    gradient = torch.randn(rows, cols, generator=g, device=device).to(dtype)
+    parts = {"step": step, "forward_no_grad": forward, "read_inputs": read,
+             "rescale": lambda: gradient.mul_(scale)}
+    times = {}
+    for name, fn in parts.items():
+        samples = []
+        for i in range(WARMUP_STEPS + repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if i >= WARMUP_STEPS:
+                samples.append(time.perf_counter() - start)
+        times[name] = statistics.median(samples)
+    return {"shape": f"{rows}x{cols}", "mode": mode, "median_s": times}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -349,6 +400,8 @@ def main():
                         help="the shapes run at TP > 1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead of the comparison: where ours spends its step (TP = 1)")
     parser.add_argument("--one", nargs=4, metavar=("BACKEND", "ROWS", "COLS", "MODE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -366,6 +419,21 @@ def main():
 
     device = device_description(args.device)
     modes = args.modes or DEFAULT_MODES["cuda" if args.device == "cuda" else "cpu"]
+    if args.breakdown:
+        rows_out = []
+        for shape in args.shapes:
+            for mode in modes:
+                record = breakdown_one(*map(int, shape.split("x")), mode, dtype, args.device,
+                                       args.repeats)
+                step = record["median_s"]["step"]
+                print(f"{shape} {mode}: " + ", ".join(
+                    f"{name} {s * 1e3:.1f} ms ({s / step:.0%})"
+                    for name, s in record["median_s"].items()))
+                rows_out.append(record)
+        write_results(args.out or RESULTS / f"anchored_kl_breakdown_{device['kind']}_"
+                      f"{args.dtype}.json", {"device": device, "dtype": args.dtype,
+                                              "repeats": args.repeats, "results": rows_out})
+        return
     tps = args.tp or ([1, 2] if args.device == "cpu" else [1])
     if args.device != "cpu" and tps != [1]:
         parser.error("--tp > 1 runs on the CPU only (gloo processes)")
