@@ -14,7 +14,7 @@ PACKAGE = ROOT / "nemo_anchored"
 
 # Higher imports lower, never the reverse. The ground modules may import each other.
 LAYERS = {"cli": 5, "__main__": 5, "lab": 4, "eval": 3, "training": 2, "models": 1}
-GROUND = ("ops", "parallel", "data", "config", "checkpoint", "atomic", "errors", "lifetime",
+GROUND = ("ops", "parallel", "data", "config", "checkpoint", "atomic", "errors", "host", "lifetime",
           "__init__")
 
 
