@@ -6,10 +6,20 @@ import platform
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    """The CPU's model name from /proc/cpuinfo (Linux) with its family and model numbers (a
+    VM may show only "AMD EPYC": the family tells the generation), else what ``platform``
+    knows."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
+            fields = {}
+            for line in cpuinfo:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+        name = fields["model name"]
+    except (OSError, KeyError):
         return platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
