@@ -161,6 +161,20 @@ def gather_columns(shard, group):
     return torch.cat(parts, dim=-1)
 
 
+def random_logits(rows, cols, anchor, dtype, device, tp=1, rank=0):
+    """z, r and c (None in live mode), drawn from seed 0 in that order: every rank draws the
+    full tensors and keeps its own columns."""
+    g = torch.Generator(device=device).manual_seed(0)
+    width = cols // tp
+
+    def make():
+        full = (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
+        return full[:, rank * width:(rank + 1) * width].contiguous()
+
+    z, r = make(), make()
+    return z, r, make() if anchor == "snapshot" else None
+
+
 def make_step(backend, interpolation, alpha, z, r, c, weights, tp_group):
     """A forward + backward of one implementation; the policy's gradient lands in z.grad."""
     if backend.startswith("liger"):
@@ -198,15 +212,8 @@ def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp) -> dict |
         torch.distributed.init_process_group("gloo")
         tp_group = torch.distributed.group.WORLD
         rank = torch.distributed.get_rank()
-    g = torch.Generator(device=device).manual_seed(0)
-    width = cols // tp
-
-    def make():  # every rank draws the full tensor and keeps its own columns
-        full = (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
-        return full[:, rank * width:(rank + 1) * width].contiguous()
-
-    z, r = make().requires_grad_(), make()
-    c = make() if anchor == "snapshot" else None
+    z, r, c = random_logits(rows, cols, anchor, dtype, device, tp, rank)
+    z.requires_grad_()
     weights = torch.full((rows,), 1.0 / rows, device=device)
     step = make_step(backend, interpolation, alpha, z, r, c, weights, tp_group)
     streams = 3 if c is not None else 2
@@ -269,37 +276,25 @@ def breakdown_one(rows, cols, mode, dtype, device, repeats) -> dict:
     """Where ours spends a forward + backward (TP = 1): the whole step, the forward alone (its
     arithmetic and input reads, no gradient written), a read of the inputs (a sum of each: the
     floor of any pass over them) and the backward's in-place rescaling of the gradient."""
-    from nemo_anchored.ops import anchored_kl
-
     interpolation, anchor, alpha = mode.split("-")
-    g = torch.Generator(device=device).manual_seed(0)
-    z, r = ((torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
-            for _ in range(2))
-    c = (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype) \
-        if anchor == "snapshot" else None
+    z, r, c = random_logits(rows, cols, anchor, dtype, device)
     inputs = [x for x in (z, r, c) if x is not None]
     policy = z.clone().requires_grad_()
     weights = torch.full((rows,), 1.0 / rows, device=device)
     scale = weights.reshape(-1, 1).float()
-
-    def loss(x):
-        return anchored_kl(x, r, current_logits=c, alpha=float(alpha),
-                           interpolation=interpolation, backend="fused")
-
-    def step():
-        policy.grad = None
-        loss(policy).backward(weights)
+    loss = loss_function("fused", interpolation, float(alpha), None)
 
     def forward():
         with torch.no_grad():
-            loss(z)
+            loss(z, r, c)
 
     def read():
         for x in inputs:
             x.sum()
 
-    gradient = torch.randn(rows, cols, generator=g, device=device).to(dtype)
-    parts = {"step": step, "forward_no_grad": forward, "read_inputs": read,
+    gradient = torch.randn_like(z)
+    parts = {"step": make_step("fused", interpolation, float(alpha), policy, r, c, weights, None),
+             "forward_no_grad": forward, "read_inputs": read,
              "rescale": lambda: gradient.mul_(scale)}
     times = {}
     for name, fn in parts.items():
