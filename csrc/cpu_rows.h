@@ -40,14 +40,18 @@ constexpr int kLanes = 16;  // independent partial sums: lets the reductions vec
 // exp and log1p as straight-line float arithmetic that vectorizes (libm calls do not).
 struct CpuMath {
   // Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Taylor to degree 7 (rel. error < 1e-8
-  // before rounding). Underflows to 0 below -87.3 (no subnormals); NaN stays NaN. Overflows to
-  // +inf from 88.4 (a little early: the kernels' arguments are <= 0 but for rounding): there
-  // n = 128 puts the all-ones exponent into the scale, so the upper clamp needs no select of
-  // its own, and the lower one's test gives the 0.
+  // before rounding). Underflows to 0 below -87.3 (no subnormals); NaN stays NaN. n is rounded
+  // by adding 1.5 x 2^23 + 127, which leaves n + 127 in the sum's low bits, so a shift makes the
+  // scale 2^n. The kernels' arguments are <= 0 but for rounding, so there is no upper clamp:
+  // +inf from 88.4 (a little early: n = 128 puts the all-ones exponent into the scale) and wrong
+  // above 89; +inf gives NaN. Against a float-to-int conversion and an upper clamp, this took
+  // exp_block from 0.17 to 0.12 ns per value on one core of the benchmark's Zen 5, bitwise the
+  // same (scalar build) on all but 23 of the 2e9 floats in [-100, 88.3]: 1 ulp, where n ties.
   static inline float exp(float x) {
     const bool underflow = x < -87.3f;
-    const float xc = underflow ? -87.3f : (x > 89.f ? 89.f : x);
-    const float n = (xc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest
+    const float xc = underflow ? -87.3f : x;  // not max(): a NaN x stays NaN
+    const float t = xc * 1.44269504f + (12582912.f + 127.f);
+    const float n = t - (12582912.f + 127.f);
     const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
     float p = 1.f / 5040.f;
     p = p * r + 1.f / 720.f;
@@ -57,7 +61,9 @@ struct CpuMath {
     p = p * r + 0.5f;
     p = p * r + 1.f;
     p = p * r + 1.f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    int32_t bits;
+    std::memcpy(&bits, &t, sizeof(bits));
+    bits = static_cast<int32_t>(static_cast<uint32_t>(bits) << 23);
     float scale;
     std::memcpy(&scale, &bits, sizeof(scale));
     return underflow ? 0.f : p * scale;
