@@ -276,12 +276,12 @@ def breakdown_one(rows, cols, mode, dtype, device, repeats) -> dict:
     """Where ours spends a forward + backward (TP = 1): the whole step, the forward alone (its
     arithmetic and input reads, no gradient written), a read of the inputs (a sum of each: the
     floor of any pass over them) and the backward's in-place rescaling of the gradient."""
+    from nemo_anchored.ops.vocab_parallel import scale_rows_
     interpolation, anchor, alpha = mode.split("-")
     z, r, c = random_logits(rows, cols, anchor, dtype, device)
     inputs = [x for x in (z, r, c) if x is not None]
     policy = z.clone().requires_grad_()
     weights = torch.full((rows,), 1.0 / rows, device=device)
-    scale = weights.reshape(-1, 1).float()
     loss = loss_function("fused", interpolation, float(alpha), None)
 
     def forward():
@@ -295,7 +295,7 @@ def breakdown_one(rows, cols, mode, dtype, device, repeats) -> dict:
     gradient = torch.randn_like(z)
     parts = {"step": make_step("fused", interpolation, float(alpha), policy, r, c, weights, None),
              "forward_no_grad": forward, "read_inputs": read,
-             "rescale": lambda: gradient.mul_(scale)}
+             "rescale": lambda: scale_rows_(gradient, weights)}
     times = {}
     for name, fn in parts.items():
         samples = []

@@ -31,6 +31,10 @@ void kl_grad_cpu(const Inputs& in, const at::TensorBase& lse, const at::TensorBa
 // Unsharded rows: both passes per row in one call.
 void fused_cpu(const Inputs& in, const at::TensorBase& kl, const at::TensorBase& grad);
 
+// The backward of every loss here, on the CPU: grad [rows, V_local] (float32, bfloat16 or
+// float16) *= scale [rows] (float32) row by row, in place, rounded once to grad's dtype.
+void scale_rows_cpu(const at::TensorBase& grad, const at::TensorBase& scale);
+
 #ifdef WITH_CUDA
 void row_stats_cuda(const Inputs& in, const at::TensorBase& stats);
 void kl_grad_cuda(const Inputs& in, const at::TensorBase& lse, const at::TensorBase& kl,

@@ -225,6 +225,22 @@ std::tuple<torch::Tensor, torch::Tensor> reverse_kl_fused(const torch::Tensor& z
   return {kl, grad};
 }
 
+// grad *= scale row by row, in place (anchored_kl.h): the CPU backward of every loss here.
+void scale_rows_(const torch::Tensor& grad, const torch::Tensor& scale) {
+  TORCH_CHECK(grad.is_cpu() && scale.is_cpu(), "scale_rows_ runs on CPU tensors");
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "grad must be 2-D and contiguous");
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat || grad.scalar_type() == torch::kBFloat16 ||
+                  grad.scalar_type() == torch::kHalf,
+              "grad must be float32, bfloat16 or float16");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == grad.size(0) &&
+                  scale.scalar_type() == torch::kFloat && scale.is_contiguous(),
+              "scale must be a contiguous float32 vector of one value per row of grad");
+  scale_rows_cpu(grad, scale);
+  // As torch's own in-place ops do: autograd then refuses a second backward through the
+  // gradient it saved (a write through data_ptr alone would go unseen).
+  grad.unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace
 }  // namespace anchored_kl
 
@@ -235,6 +251,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_grad", &kl_grad, "Partial KL per row and the gradient shard, given global LSEs");
   m.def("fused", &fused, "KL per row and gradient for unsharded rows");
   m.def("built_with_cuda", &built_with_cuda);
+  m.def("scale_rows_", &scale_rows_, "grad[i, :] *= scale[i] in place (CPU), rounded once");
   m.def("loss_stats", &loss_stats,
         "Local softmax statistics of the policy (and reference) [rows, streams, 2], and with a "
         "reference the weighted difference sum [rows]");

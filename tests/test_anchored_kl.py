@@ -279,6 +279,27 @@ def test_second_backward_is_refused():
         loss.backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_backward_scaling_matches_torch(dtype):
+    # The CPU backward scales the gradient rows in the extension (csrc/scale_rows_cpu.cpp): bitwise
+    # what torch's fp32 multiply rounded once to the dtype gives, non-finite values included,
+    # with the version bump that makes autograd refuse a second backward.
+    from nemo_anchored import _C
+    grad = (torch.randn(6, 1003, generator=torch.Generator().manual_seed(40)) * 100).to(dtype)
+    grad[1, :3] = torch.tensor([math.inf, -math.inf, math.nan])
+    scale = torch.tensor([0.25, 1e-3, -2.0, 0.0, math.inf, 3e-5])
+    expected = (grad.float() * scale[:, None]).to(dtype)
+    version = grad._version
+    _C.scale_rows_(grad, scale)
+    assert torch.equal(grad.isnan(), expected.isnan())
+    assert torch.equal(grad.nan_to_num(), expected.nan_to_num())
+    assert grad._version > version
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        _C.scale_rows_(grad.double(), scale)
+    with pytest.raises(RuntimeError, match="one value per row of grad"):
+        _C.scale_rows_(grad, scale[:5])
+
+
 def test_no_gradient_needed():
     z, r = logits((3, 40)), logits((3, 40), seed=34)
     with torch.no_grad():
