@@ -227,7 +227,7 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     if (grad.device.type == "cpu" and _C is not None and scale_dtype == torch.float32
             and grad.is_contiguous()):
         # One pass over the gradient, where torch's in-place bf16/fp16 x fp32 multiply took
-        # ~40x as long (csrc/scale_rows_cpu.cpp).
+        # 30-40x as long (csrc/scale_rows_cpu.cpp).
         _C.scale_rows_(grad.view(-1, grad.shape[-1]), scale.reshape(-1).contiguous())
     elif grad.device.type == "cpu" and grad.dtype != scale_dtype:
         # Without the extension: torch's in-place bf16/fp16 x fp32 multiply makes two fp32
