@@ -9,6 +9,12 @@
 namespace anchored_kl {
 namespace {
 
+// The dtypes the kernels take (their dispatch also instantiates double, refused here).
+bool kernel_dtype(const torch::Tensor& x) {
+  return x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16 ||
+         x.scalar_type() == torch::kHalf;
+}
+
 Inputs make_inputs(const torch::Tensor& z, const std::optional<torch::Tensor>& c,
                    const torch::Tensor& r, double alpha, double inv_tau, int64_t mode) {
   TORCH_CHECK(z.dim() == 2 && z.is_contiguous(), "policy logits must be 2-D and contiguous");
@@ -19,9 +25,7 @@ Inputs make_inputs(const torch::Tensor& z, const std::optional<torch::Tensor>& c
     TORCH_CHECK(c->sizes() == z.sizes() && c->scalar_type() == z.scalar_type() &&
                     c->device() == z.device() && c->is_contiguous(),
                 "current logits must match the policy logits");
-  TORCH_CHECK(z.scalar_type() == torch::kFloat || z.scalar_type() == torch::kBFloat16 ||
-                  z.scalar_type() == torch::kHalf,
-              "the fused kernels take float32, bfloat16 or float16 logits");
+  TORCH_CHECK(kernel_dtype(z), "the fused kernels take float32, bfloat16 or float16 logits");
   TORCH_CHECK(mode == 0 || mode == 1, "mode must be 0 (logit) or 1 (prob)");
   std::optional<at::TensorBase> current;
   if (c.has_value()) current = *c;
@@ -120,9 +124,7 @@ std::tuple<torch::Tensor, torch::Tensor> fused(const torch::Tensor& z,
 void check_loss_logits(const torch::Tensor& z, const torch::Tensor& r) {
   check_device(z);
   TORCH_CHECK(z.dim() == 2 && z.is_contiguous(), "policy logits must be 2-D and contiguous");
-  TORCH_CHECK(z.scalar_type() == torch::kFloat || z.scalar_type() == torch::kBFloat16 ||
-                  z.scalar_type() == torch::kHalf,
-              "the fused kernels take float32, bfloat16 or float16 logits");
+  TORCH_CHECK(kernel_dtype(z), "the fused kernels take float32, bfloat16 or float16 logits");
   if (r.defined())
     TORCH_CHECK(r.sizes() == z.sizes() && r.scalar_type() == z.scalar_type() &&
                     r.device() == z.device() && r.is_contiguous(),
@@ -229,9 +231,7 @@ std::tuple<torch::Tensor, torch::Tensor> reverse_kl_fused(const torch::Tensor& z
 void scale_rows_(const torch::Tensor& grad, const torch::Tensor& scale) {
   TORCH_CHECK(grad.is_cpu() && scale.is_cpu(), "scale_rows_ runs on CPU tensors");
   TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous(), "grad must be 2-D and contiguous");
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat || grad.scalar_type() == torch::kBFloat16 ||
-                  grad.scalar_type() == torch::kHalf,
-              "grad must be float32, bfloat16 or float16");
+  TORCH_CHECK(kernel_dtype(grad), "grad must be float32, bfloat16 or float16");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == grad.size(0) &&
                   scale.scalar_type() == torch::kFloat && scale.is_contiguous(),
               "scale must be a contiguous float32 vector of one value per row of grad");

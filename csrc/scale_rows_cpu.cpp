@@ -1,7 +1,7 @@
 // The backward of every loss in this extension (nemo_anchored/ops/vocab_parallel.py) scales the
 // gradient rows that its forward wrote by the incoming per-token gradient, in place: grad[i, :]
 // *= scale[i], in fp32, rounded once to grad's dtype, as torch's mixed-dtype multiply does. On
-// the CPU, torch's in-place bf16 x fp32 multiply took 340-360 ms at 4096 x 32000 on the
+// the CPU, torch's in-place bf16 x fp32 multiply took 310-360 ms at 4096 x 32000 on the
 // operator benchmark's 2-core Zen 5 (it goes through fp32 copies of the whole tensor), against
 // 60 ms for the anchored kernel's whole forward and 7.5 ms for a bf16 x bf16 multiply; this is
 // one pass over the gradient. (On the GPU torch's multiply already runs at memory speed.)
