@@ -33,7 +33,8 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def extension():
     sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/anchored_kl_cpu.cpp",
-               f"{CSRC}/sharded_losses_cpu.cpp", f"{CSRC}/scale_rows_cpu.cpp"]
+               f"{CSRC}/sharded_losses_cpu.cpp", f"{CSRC}/scale_rows_cpu.cpp",
+               f"{CSRC}/cpu_gradient.cpp"]
     depends = [*(str(p.relative_to(ROOT)) for p in sorted((ROOT / CSRC).glob("*.h*"))),
                str(Path(torch.__file__).with_name("version.py"))]
     # -fno-trapping-math: no FP traps are relied on, and it lets GCC vectorize the selects.

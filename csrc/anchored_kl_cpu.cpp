@@ -138,8 +138,7 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
     }
     const float block_kl = lane_sum(kb, n);
     kl += block_kl;
-    if (grad != nullptr)
-      for (int64_t jj = 0; jj < n; ++jj) grad[j0 + jj] = static_cast<T>(gb[jj]);
+    if (grad != nullptr) store_gradient(gb, n, grad + j0);
   }
   return kl;
 }
@@ -217,8 +216,7 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
       kb[j] = el.kl_term;
     }
     kl += lane_sum(kb, n);
-    if (grad != nullptr)
-      for (int64_t j = 0; j < n; ++j) grad[j0 + j] = static_cast<T>(gb[j]);
+    if (grad != nullptr) store_gradient(gb, n, grad + j0);
   }
   return kl;
 }
@@ -278,6 +276,7 @@ void kl_grad_cpu(const Inputs& in, const at::TensorBase& lse, const at::TensorBa
       for (int64_t i = begin; i < end; ++i)
         kl_ptr[i] = static_cast<float>(row_kl_grad<T, Mode>(
             row_ptrs<T>(in, i), cols, prm, lse_ptr + i * streams * 2, g ? g + i * cols : nullptr));
+      gradient_stored();
     });
   });
 }
@@ -299,6 +298,7 @@ void fused_cpu(const Inputs& in, const at::TensorBase& kl, const at::TensorBase&
                                              e.data(), block.data(), row_grad);
         kl_ptr[i] = static_cast<float>(kl);
       }
+      gradient_stored();
     });
   });
 }

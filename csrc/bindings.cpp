@@ -3,7 +3,7 @@
 #include <torch/extension.h>
 
 #include "anchored_kl.h"
-#include "cpu_rows.h"
+#include "cpu_gradient.h"
 #include "sharded_losses.h"
 
 namespace anchored_kl {
@@ -49,12 +49,9 @@ torch::Tensor per_row_f32(const torch::Tensor& z) {
   return torch::empty({z.size(0)}, z.options().dtype(torch::kFloat32));
 }
 
-// An uninitialised tensor like z for a gradient that a kernel writes in full, on the CPU backed
-// by huge pages where the OS allows (cpu_rows.h, advise_huge_pages).
+// An uninitialised tensor like z for a gradient that a kernel writes in full.
 torch::Tensor gradient_like(const torch::Tensor& z) {
-  auto grad = torch::empty_like(z);
-  if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
-  return grad;
+  return z.is_cpu() ? cpu_gradient_like(z) : torch::empty_like(z);
 }
 
 torch::Tensor grad_if(const torch::Tensor& z, bool need_grad) {
@@ -251,6 +248,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_grad", &kl_grad, "Partial KL per row and the gradient shard, given global LSEs");
   m.def("fused", &fused, "KL per row and gradient for unsharded rows");
   m.def("built_with_cuda", &built_with_cuda);
+  m.def("idle_cpu_gradient_bytes", &idle_cpu_gradient_bytes,
+        "Bytes kept for the next CPU gradient (cpu_gradient.cpp)");
   m.def("scale_rows_", &scale_rows_, "grad[i, :] *= scale[i] in place (CPU), rounded once");
   m.def("loss_stats", &loss_stats,
         "Local softmax statistics of the policy (and reference) [rows, streams, 2], and with a "

@@ -10,8 +10,8 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace anchored_kl {
@@ -178,28 +178,46 @@ struct BlockSoftmax {
   }
 };
 
-// A fresh gradient of hundreds of MiB is mapped anew by glibc on every call, and the first write
-// to each 4 KiB page faults into the kernel, which zeroes it: on the 2-core Xeon of the operator
-// benchmark, allocating and filling 131 MB took 57 ms against 17 ms to fill it again, 22 ms
-// with 2 MiB pages. So ask for huge pages (transparent huge pages in "madvise" mode, the common
-// default, serve only such ranges; a hint the kernel may ignore; the ranges' ends that are not
-// 2 MiB-aligned keep small pages).
-inline void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
-#endif
-}
-
 // n values of a row in fp32.
 template <typename T>
 AKL_INLINE void load_block(const T* src, int64_t n, float* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// The gradient rows go to memory with streaming (non-temporal) stores, 16 bytes at a time (SSE2,
+// so every clone has them). A gradient of [rows, V] is far larger than the caches and is read
+// again only by the backward: an ordinary store first reads each line it misses (a read of the
+// whole gradient that nothing uses) and evicts the row's inputs and scratch for it. On the
+// operator benchmark's 2-core Zen 5 (4096 x 32000 fp32, logit live), writing the gradient into
+// memory already mapped (cpu_gradient.cpp) added 7-10 ms to the 70-76 ms forward this way,
+// 26-31 ms with ordinary stores. dst[j] = g[j] rounded to T for n <= kBlock values. (fp32 too
+// goes through the stack copy: without it GCC compiled row_fused's loops differently, and the
+// forward without a gradient took 78-84 ms against 70-76.)
+template <typename T>
+AKL_INLINE void store_gradient(const float* g, int64_t n, T* dst) {
+#if defined(__SSE2__)
+  alignas(16) T converted[kBlock];
+  for (int64_t j = 0; j < n; ++j) converted[j] = static_cast<T>(g[j]);
+  const T* src = converted;
+  constexpr int64_t kPerStore = 16 / sizeof(T);
+  int64_t j = 0;
+  for (; j < n && reinterpret_cast<uintptr_t>(dst + j) % 16 != 0; ++j) dst[j] = src[j];
+  for (; j + kPerStore <= n; j += kPerStore)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+  for (; j < n; ++j) dst[j] = src[j];
+#else
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(g[j]);
+#endif
+}
+
+// Ends a thread's store_gradient calls: streaming stores are not ordered with the stores around
+// them, so the thread's part of the gradient is fenced before the parallel region's end
+// publishes it.
+inline void gradient_stored() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace anchored_kl

@@ -53,7 +53,7 @@ AKL_CPU_CLONES void row_cross_entropy_grad(const T* z, int64_t cols, int64_t lab
     load_block(z + j0, n, zb);
     for (int64_t j = 0; j < n; ++j)
       gb[j] = cross_entropy_element<CpuMath>(log_softmax_at(zb[j], lse, 0), j0 + j == label);
-    for (int64_t j = 0; j < n; ++j) grad[j0 + j] = static_cast<T>(gb[j]);
+    store_gradient(gb, n, grad + j0);
   }
 }
 
@@ -73,8 +73,7 @@ AKL_CPU_CLONES double row_reverse_kl(const T* z, const T* r, int64_t cols, const
       kb[j] = e.kl_term;
     }
     kl += lane_sum(kb, n);
-    if (grad != nullptr)
-      for (int64_t j = 0; j < n; ++j) grad[j0 + j] = static_cast<T>(gb[j]);
+    if (grad != nullptr) store_gradient(gb, n, grad + j0);
   }
   return kl;
 }
@@ -105,7 +104,7 @@ AKL_CPU_CLONES float row_cross_entropy_fused(const T* z, int64_t cols, int64_t l
       const float factor = p.factor[b];
       for (int64_t j = 0; j < n; ++j)
         gb[j] = cross_entropy_element_of(e[j0 + j] * factor, j0 + j == label);
-      for (int64_t j = 0; j < n; ++j) grad[j0 + j] = static_cast<T>(gb[j]);
+      store_gradient(gb, n, grad + j0);
     }
   }
   const float label_logit = 0 <= label && label < cols ? static_cast<float>(z[label]) : NAN;
@@ -156,8 +155,7 @@ AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, int64_t cols,
       kb[j] = el.kl_term;
     }
     kl += lane_sum(kb, n);
-    if (grad != nullptr)
-      for (int64_t j = 0; j < n; ++j) grad[j0 + j] = static_cast<T>(gb[j]);
+    if (grad != nullptr) store_gradient(gb, n, grad + j0);
   }
   return kl;
 }
@@ -193,6 +191,7 @@ template <class Row>
 void for_each_row(const at::TensorBase& z, Row&& row) {
   at::parallel_for(0, z.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) row(i);
+    gradient_stored();
   });
 }
 
@@ -204,6 +203,7 @@ void for_each_unsharded_row(const at::TensorBase& z, int streams, int per_block,
   at::parallel_for(0, z.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> e(streams * cols), block(per_block * blocks_of(cols));
     for (int64_t i = begin; i < end; ++i) row(i, e.data(), block.data());
+    gradient_stored();
   });
 }
 

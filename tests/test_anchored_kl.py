@@ -300,6 +300,43 @@ def test_backward_scaling_matches_torch(dtype):
         _C.scale_rows_(grad, scale[:5])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_gradient_buffer_is_reused_and_rewritten_in_full(dtype):
+    # Once autograd frees a CPU gradient of 32 MiB or more, the next call gets its buffer
+    # (csrc/cpu_gradient.cpp), so every kernel must write all of it: the first gradient is
+    # spoiled with NaN before it is freed, and the next, in the same buffer, must equal it. Rows
+    # of an odd width start at every alignment, so the streaming stores' unaligned heads and
+    # tails (csrc/cpu_rows.h) are covered.
+    from nemo_anchored import _C
+    from nemo_anchored.ops.vocab_parallel import combine_softmax_stats
+    rows, itemsize = 9, torch.finfo(dtype).bits // 8
+    cols = (40 << 20) // (rows * itemsize) | 1
+    z, r = logits((rows, cols), dtype, seed=50), logits((rows, cols), dtype, seed=51)
+    labels = torch.randint(0, cols, (rows,), generator=torch.Generator().manual_seed(52))
+    lse = combine_softmax_stats(_C.row_stats(z, None, r, 0.5, 1.0, 0), None)
+    lse_policy = combine_softmax_stats(_C.loss_stats(z, r)[0], None)[:, :1].contiguous()
+    gradients = {
+        "anchored, unsharded": lambda: _C.fused(z, None, r, 0.5, 1.0, 0, True)[1],
+        "anchored, sharded": lambda: _C.kl_grad(z, None, r, lse, 0.5, 1.0, 0, True)[1],
+        "cross-entropy, unsharded": lambda: _C.cross_entropy_fused(z, labels, True)[1],
+        "cross-entropy, sharded": lambda: _C.cross_entropy_grad(z, labels, lse_policy),
+        "reverse KL, unsharded": lambda: _C.reverse_kl_fused(z, r, True)[1],
+    }
+    for name, gradient in gradients.items():
+        first = gradient()
+        expected, buffer = first.clone(), first.data_ptr()
+        first.fill_(math.nan)
+        del first
+        assert _C.idle_cpu_gradient_bytes() >= z.numel() * itemsize, name
+        again = gradient()
+        assert again.data_ptr() == buffer and _C.idle_cpu_gradient_bytes() == 0, name
+        assert torch.equal(again, expected), name
+        # While a gradient is alive, the next call gets a buffer of its own.
+        other = gradient()
+        assert other.data_ptr() != again.data_ptr() and torch.equal(other, expected), name
+        del again, other
+
+
 def test_no_gradient_needed():
     z, r = logits((3, 40)), logits((3, 40), seed=34)
     with torch.no_grad():
