@@ -1,15 +1,18 @@
 // The CPU gradient of a loss over [rows, V] logits is hundreds of MiB. From torch::empty, glibc
 // maps such a block afresh on every call (above malloc's mmap threshold, at most 32 MiB, it
 // never reuses freed memory) and unmaps it when autograd drops it, and the first write to each
-// page faults into the kernel, which zeroes it: on the operator benchmark's 2-core Zen 5
-// (4096 x 32000 fp32, logit live) writing the gradient then cost 20-25 ms beside a 70-76 ms
-// forward, against 7-10 ms into memory already mapped (cpu_rows.h, store_gradient). So once
-// autograd frees a gradient of 32 MiB or more, its buffer is kept for the next call: one
-// buffer, since a training step's loss frees its gradient in its own backward, before the next
-// microbatch's forward asks for one. It is held until a larger one replaces it: at most the
-// largest gradient the process has asked for, which its peak already held. Buffers ask for
-// 2 MiB pages (transparent huge pages in "madvise" mode, the common default, serve only such
-// ranges; a hint the kernel may ignore): 4 KiB pages cost a fault and a TLB entry each.
+// page faults into the kernel, which zeroes it. So once autograd frees a gradient of 32 MiB or
+// more, its buffer is kept for the next call. This pays only with the streaming stores
+// (cpu_rows.h, store_gradient): on the operator benchmark's 2-core Zen 5 (4096 x 32000 fp32,
+// logit live, forward 70-76 ms without a gradient) writing the gradient cost 13-26 ms into fresh
+// pages, and into a kept buffer 26-31 ms with ordinary stores, 7-10 ms with streaming ones (fresh
+// pages come zeroed, presumably with their lines still cached, so ordinary stores into them read
+// no line from memory). One buffer, since a training step's loss frees its gradient in its own
+// backward, before the next microbatch's forward asks for one; held until a larger one replaces
+// it: at most the largest gradient the process has asked for, which its peak already held.
+// Buffers ask for 2 MiB pages (transparent huge pages in "madvise" mode, the common default,
+// serve only such ranges; a hint the kernel may ignore): 4 KiB pages cost a fault and a TLB
+// entry each.
 #include "cpu_gradient.h"
 
 #include <ATen/ops/empty_like.h>

@@ -308,19 +308,23 @@ def test_cpu_gradient_buffer_is_reused_and_rewritten_in_full(dtype):
     # of an odd width start at every alignment, so the streaming stores' unaligned heads and
     # tails (csrc/cpu_rows.h) are covered.
     from nemo_anchored import _C
-    from nemo_anchored.ops.vocab_parallel import combine_softmax_stats
+    from nemo_anchored.ops.vocab_parallel import (combine_softmax_stats,
+                                                  combine_softmax_stats_and_mean)
     rows, itemsize = 9, torch.finfo(dtype).bits // 8
     cols = (40 << 20) // (rows * itemsize) | 1
     z, r = logits((rows, cols), dtype, seed=50), logits((rows, cols), dtype, seed=51)
     labels = torch.randint(0, cols, (rows,), generator=torch.Generator().manual_seed(52))
     lse = combine_softmax_stats(_C.row_stats(z, None, r, 0.5, 1.0, 0), None)
-    lse_policy = combine_softmax_stats(_C.loss_stats(z, r)[0], None)[:, :1].contiguous()
+    lse_pair, mean_difference = combine_softmax_stats_and_mean(*_C.loss_stats(z, r), None)
+    lse_policy = lse_pair[:, :1].contiguous()
     gradients = {
         "anchored, unsharded": lambda: _C.fused(z, None, r, 0.5, 1.0, 0, True)[1],
         "anchored, sharded": lambda: _C.kl_grad(z, None, r, lse, 0.5, 1.0, 0, True)[1],
         "cross-entropy, unsharded": lambda: _C.cross_entropy_fused(z, labels, True)[1],
         "cross-entropy, sharded": lambda: _C.cross_entropy_grad(z, labels, lse_policy),
         "reverse KL, unsharded": lambda: _C.reverse_kl_fused(z, r, True)[1],
+        "reverse KL, sharded": lambda: _C.reverse_kl_grad(z, r, lse_pair, mean_difference,
+                                                          True)[1],
     }
     for name, gradient in gradients.items():
         first = gradient()
