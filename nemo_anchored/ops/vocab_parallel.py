@@ -223,13 +223,15 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad [rows, V] *= scale [rows] row by row, in place, in fp32 (float64 for float64 grad)
     rounded once to grad's dtype: the backward of a loss whose gradient its forward wrote."""
     scale_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    scale = scale.reshape(-1, 1).to(scale_dtype)
+    scale = scale.reshape(-1).to(scale_dtype)
     if (grad.device.type == "cpu" and _C is not None and scale_dtype == torch.float32
             and grad.is_contiguous()):
         # One pass over the gradient, where torch's in-place bf16/fp16 x fp32 multiply took
         # 30-40x as long (csrc/scale_rows_cpu.cpp).
-        _C.scale_rows_(grad.view(-1, grad.shape[-1]), scale.reshape(-1).contiguous())
-    elif grad.device.type == "cpu" and grad.dtype != scale_dtype:
+        _C.scale_rows_(grad.view(-1, grad.shape[-1]), scale.contiguous())
+        return
+    scale = scale[:, None]
+    if grad.device.type == "cpu" and grad.dtype != scale_dtype:
         # Without the extension: torch's in-place bf16/fp16 x fp32 multiply makes two fp32
         # copies of the whole gradient (measured: 500 MiB at 2048 x 32000): bound them by
         # chunks of rows.
