@@ -139,6 +139,15 @@ AKL_HD float prob_log_ratio(float z, float c, float r, const float* lse, float l
                            log_alpha + (r - z) + lse_difference(lse, 0, 2));
 }
 
+// log q in prob mode: log((1 - alpha) p_c + alpha p_r), each stream from its own max. Apart
+// from column_element so that the CPU can form it in a loop of its own (see row_fused).
+template <class Math>
+AKL_HD float prob_log_q(float c, float r, const float* lse, float log_one_minus_alpha,
+                        float log_alpha) {
+  return log_add_exp<Math>(log_one_minus_alpha + log_softmax_at(c, lse, 1),
+                           log_alpha + log_softmax_at(r, lse, 2));
+}
+
 // Logit mode's element given the anchor logit a = anchor_logit(c, r, alpha). Apart from
 // column_element so that the CPU can form a in a loop of its own: GCC does not vectorize a
 // loop around anchor_logit's tests of alpha (the loop is too large for it to unswitch).
@@ -155,12 +164,9 @@ AKL_HD Element column_element(float z, float c, float r, float alpha, const floa
                               float log_one_minus_alpha, float log_alpha) {
   if (Mode == Interp::kLogit)
     return logit_element<Math>(z, c, r, anchor_logit(c, r, alpha), alpha, lse);
-  const float lp = log_softmax_at(z, lse, 0);
-  // log q = log((1-alpha) p_c + alpha p_r) twice: absolute (each stream from its own max, for
-  // q itself) and relative to log p (prob_log_ratio).
-  const float lq = log_add_exp<Math>(log_one_minus_alpha + log_softmax_at(c, lse, 1),
-                                     log_alpha + log_softmax_at(r, lse, 2));
-  return kl_element<Math>(lp, lq,
+  // log q twice: absolute (for q itself) and relative to log p (prob_log_ratio).
+  return kl_element<Math>(log_softmax_at(z, lse, 0),
+                          prob_log_q<Math>(c, r, lse, log_one_minus_alpha, log_alpha),
                           prob_log_ratio<Math>(z, c, r, lse, log_one_minus_alpha, log_alpha));
 }
 
