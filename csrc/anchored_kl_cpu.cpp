@@ -118,7 +118,7 @@ AKL_CPU_CLONES void row_stats(const RowPtrs<T>& row, int64_t cols, const Params&
 template <typename T, Interp Mode>
 AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Params& prm,
                                   const float* lse, T* grad) {
-  float zb[kBlock], cb[kBlock], rb[kBlock], ab[kBlock], xb[kBlock], gb[kBlock], kb[kBlock];
+  float zb[kBlock], cb[kBlock], rb[kBlock], ab[kBlock], gb[kBlock], kb[kBlock];
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
@@ -126,10 +126,10 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
     const float* cur = load_columns(row, j0, n, prm, zb, cb, rb);
     if constexpr (Mode == Interp::kLogit)  // in a loop of its own: see logit_element
       for (int64_t j = 0; j < n; ++j) ab[j] = anchor_logit(cur[j], rb[j], prm.alpha);
-    else  // log q (into ab) and x, a log_add_exp each, in a loop of their own: see row_fused
+    else  // log q and x, a log_add_exp each, in a loop of their own (into ab and gb): see row_fused
       for (int64_t j = 0; j < n; ++j) {
         ab[j] = prob_log_q<CpuMath>(cur[j], rb[j], lse, prm.log_one_minus_alpha, prm.log_alpha);
-        xb[j] = prob_log_ratio<CpuMath>(zb[j], cur[j], rb[j], lse, prm.log_one_minus_alpha,
+        gb[j] = prob_log_ratio<CpuMath>(zb[j], cur[j], rb[j], lse, prm.log_one_minus_alpha,
                                         prm.log_alpha);
       }
     for (int64_t j = 0; j < n; ++j) {
@@ -137,7 +137,7 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
       if constexpr (Mode == Interp::kLogit)
         e = logit_element<CpuMath>(zb[j], cur[j], rb[j], ab[j], prm.alpha, lse);
       else
-        e = kl_element<CpuMath>(log_softmax_at(zb[j], lse, 0), ab[j], xb[j]);
+        e = kl_element<CpuMath>(log_softmax_at(zb[j], lse, 0), ab[j], gb[j]);
       gb[j] = e.p_minus_q * prm.inv_tau;
       kb[j] = e.kl_term;
     }
@@ -181,7 +181,7 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
                        {block + blocks, block + 4 * blocks},
                        {block + 2 * blocks, block + 5 * blocks}};
   const bool used[3] = {true, Mode == Interp::kLogit || !prm.live, Mode == Interp::kProb};
-  float zb[kBlock], cb[kBlock], rb[kBlock], xb[kBlock], gb[kBlock], kb[kBlock];
+  float zb[kBlock], cb[kBlock], rb[kBlock], gb[kBlock], kb[kBlock];
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
     prefetch_ahead(row, j0, cols, prm.live);
@@ -212,9 +212,9 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
     if (next != nullptr) prefetch_block<kL2>(*next, j0, n, prm.live);
     const float fp = s[0].factor[b], fq = s[1].factor[b], fc = s[current].factor[b],
                 fr = s[2].factor[b];
-    if constexpr (Mode == Interp::kProb)  // in a loop of its own: see above
+    if constexpr (Mode == Interp::kProb)  // x in a loop of its own (into gb): see above
       for (int64_t j = 0; j < n; ++j)
-        xb[j] = prob_log_ratio<CpuMath>(zb[j], cur[j], rb[j], lse, prm.log_one_minus_alpha,
+        gb[j] = prob_log_ratio<CpuMath>(zb[j], cur[j], rb[j], lse, prm.log_one_minus_alpha,
                                         prm.log_alpha);
     for (int64_t j = 0; j < n; ++j) {
       const float p = es[0][j0 + j] * fp;
@@ -224,7 +224,7 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
         x = logit_log_ratio(zb[j], cur[j], rb[j], prm.alpha, lse);
       } else {
         q = (1.f - prm.alpha) * (es[current][j0 + j] * fc) + prm.alpha * (es[2][j0 + j] * fr);
-        x = xb[j];
+        x = gb[j];
       }
       const Element el = kl_element_of(p, q, finite(x) ? x : nonfinite_x(p, q));
       gb[j] = el.p_minus_q * prm.inv_tau;
