@@ -166,10 +166,10 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
 // Prob mode's x, a log_add_exp (an exp, a division, a log1p), is formed in a loop of its own
 // before the element's (row_kl_grad does the same with x and log q): in one loop each column
 // is a chain of ~45 dependent operations, more than the out-of-order window overlaps across
-// columns. Split, the prob-snapshot call took 20% less at 4096 x 32000 and 2048 x 19008 on the
-// operator benchmark's Zen 5 (fp32 and bf16, calls of the two builds alternating in one
-// process), and row_stats + row_kl_grad on one 16000-column shard 15% less. The same split
-// gained nothing in logit mode, whose x is three operations.
+// columns. Split, the prob-snapshot call took 19-20% less at 4096 x 32000 and 2048 x 19008
+// on the operator benchmark's Zen 5 (fp32 and bf16, bench/compare_builds.py), and row_stats +
+// row_kl_grad on one 16000-column shard 15% less. The same split gained nothing in logit mode,
+// whose x is three operations.
 template <typename T, Interp Mode>
 AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, int64_t cols,
                                 const Params& prm, float* e, float* block, T* grad) {

@@ -191,8 +191,10 @@ AKL_INLINE void load_block(const T* src, int64_t n, float* dst) {
 // operator benchmark's 2-core Zen 5 (4096 x 32000 fp32, logit live), writing the gradient into
 // memory already mapped (cpu_gradient.cpp) added 7-10 ms to the 70-76 ms forward this way,
 // 26-31 ms with ordinary stores. dst[j] = g[j] rounded to T for n <= kBlock values. (fp32 too
-// goes through the stack copy: without it GCC compiled row_fused's loops differently, and the
-// forward without a gradient took 78-84 ms against 70-76.)
+// goes through the stack copy, one path for every type: skipping it for fp32 took 0.98-1.01 of
+// the time with it, with and without a gradient, the builds alternating, once the build aligned
+// its functions; the 78-84 ms against 70-76 measured for it before that was most likely the
+// alignment.)
 template <typename T>
 AKL_INLINE void store_gradient(const float* g, int64_t n, T* dst) {
 #if defined(__SSE2__)
