@@ -10,12 +10,12 @@ than most kernel changes move it).
 BEFORE and AFTER are checkouts with a built extension (nemo_anchored/_C*.so), e.g. a git
 worktree at the older commit built with ``python setup.py build_ext --inplace``. Each build's
 ``_C`` is loaded under its own module name. Every round times one call of each, in turn (the
-order alternating from round to round):
-``_C.fused`` with its gradient (the unsharded path), or with ``--sharded`` ``row_stats``, the
-statistics' merge and ``kl_grad`` on one shard. Prints, per mode, each build's median and the
-median and range of the per-round ratios AFTER / BEFORE, and the largest difference between
-the two builds' KLs (0 when a change only reorders work); writes JSON with the device
-description.
+order alternating from round to round): ``_C.fused`` with its gradient (the unsharded path),
+or with ``--sharded`` ``row_stats``, the statistics' merge and ``kl_grad`` on one shard
+(``--no-grad``: without the gradient). Prints, per mode, each build's median and the median
+and range of the per-round ratios AFTER / BEFORE, and the largest difference between the two
+builds' KLs (0 when a change only reorders work); writes JSON with the device description and
+each build's commit.
 """
 import argparse
 import importlib.util
@@ -52,17 +52,17 @@ def describe(checkout: Path) -> str:
     return done.stdout.strip() if done.returncode == 0 else str(checkout)
 
 
-def kernel_call(module, z, c, r, mode: int, sharded: bool):
-    """One call of the build's kernels with the gradient; returns the per-row KL."""
+def kernel_call(module, z, c, r, mode: int, sharded: bool, need_grad: bool):
+    """One call of the build's kernels; returns the per-row KL."""
     if not sharded:
-        kl, _ = module.fused(z, c, r, ALPHA, 1.0, mode, True)
+        kl, _ = module.fused(z, c, r, ALPHA, 1.0, mode, need_grad)
         return kl
     lse = combine_softmax_stats(module.row_stats(z, c, r, ALPHA, 1.0, mode), None)
-    kl, _ = module.kl_grad(z, c, r, lse, ALPHA, 1.0, mode, True)
+    kl, _ = module.kl_grad(z, c, r, lse, ALPHA, 1.0, mode, need_grad)
     return kl
 
 
-def compare_mode(builds, rows, cols, mode_name, dtype, sharded, rounds) -> dict:
+def compare_mode(builds, rows, cols, mode_name, dtype, sharded, need_grad, rounds) -> dict:
     interpolation, anchor = mode_name.split("-")
     mode = int(Interpolation[interpolation.upper()])
     z, r, c = random_logits(rows, cols, anchor, dtype, "cpu")
@@ -72,7 +72,7 @@ def compare_mode(builds, rows, cols, mode_name, dtype, sharded, rounds) -> dict:
     for i in range(WARMUP_ROUNDS + rounds):
         for name, module in order if i % 2 == 0 else order[::-1]:  # neither always goes first
             start = time.perf_counter()
-            kls[name] = kernel_call(module, z, c, r, mode, sharded)
+            kls[name] = kernel_call(module, z, c, r, mode, sharded, need_grad)
             if i >= WARMUP_ROUNDS:
                 times[name].append(time.perf_counter() - start)
     ratios = sorted(a / b for b, a in zip(times["before"], times["after"]))
@@ -94,18 +94,20 @@ def main():
                         help="INTERPOLATION-ANCHOR, alpha 0.5")
     parser.add_argument("--sharded", action="store_true",
                         help="the sharded passes (row_stats, merge, kl_grad) instead of fused")
+    parser.add_argument("--no-grad", action="store_true", help="calls without the gradient")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args()
     builds = {"before": load_build(args.before, "before"),
               "after": load_build(args.after, "after")}
-    kernels = "row_stats + kl_grad" if args.sharded else "fused"
+    kernels = ("row_stats + kl_grad" if args.sharded else "fused") + (
+        ", no gradient" if args.no_grad else ", with the gradient")
     print(f"{kernels}, {args.rows} x {args.cols} {args.dtype}, {torch.get_num_threads()} "
           f"threads, {args.rounds} rounds after {WARMUP_ROUNDS}")
     results = []
     for mode in args.modes:
         record = compare_mode(builds, args.rows, args.cols, mode, getattr(torch, args.dtype),
-                              args.sharded, args.rounds)
+                              args.sharded, not args.no_grad, args.rounds)
         ratio = record["after_over_before"]
         print(f"{mode}: before {record['median_s']['before'] * 1e3:.1f} ms, after "
               f"{record['median_s']['after'] * 1e3:.1f} ms, after / before {ratio['median']:.3f} "
@@ -113,7 +115,7 @@ def main():
               f"{record['max_kl_difference']:.3g}")
         results.append(record)
     name = (f"compare_builds_{'sharded' if args.sharded else 'fused'}_{args.rows}x{args.cols}_"
-            f"{args.dtype}.json")
+            f"{args.dtype}{'_no_grad' if args.no_grad else ''}.json")
     write_results(args.out or RESULTS / name,
                   {"device": device_description("cpu"), "kernels": kernels,
                    "before": describe(args.before), "after": describe(args.after),
