@@ -119,9 +119,8 @@ def main():
     write_results(args.out or RESULTS / name,
                   {"device": device_description("cpu"), "kernels": kernels,
                    "before": describe(args.before), "after": describe(args.after),
-                   "rows": args.rows,
-                   "cols": args.cols, "dtype": args.dtype, "rounds": args.rounds,
-                   "results": results})
+                   "rows": args.rows, "cols": args.cols, "dtype": args.dtype,
+                   "rounds": args.rounds, "results": results})
 
 
 if __name__ == "__main__":
