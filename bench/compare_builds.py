@@ -52,13 +52,22 @@ def describe(checkout: Path) -> str:
     return done.stdout.strip() if done.returncode == 0 else str(checkout)
 
 
+def unweighted(kernel, *args):
+    """kernel(*args) with no per-row weights: the kernels' last argument, which the builds from
+    before they took weights lack (pybind11 then raises TypeError)."""
+    try:
+        return kernel(*args, None)
+    except TypeError:
+        return kernel(*args)
+
+
 def kernel_call(module, z, c, r, mode: int, sharded: bool, need_grad: bool):
     """One call of the build's kernels; returns the per-row KL."""
     if not sharded:
-        kl, _ = module.fused(z, c, r, ALPHA, 1.0, mode, need_grad)
+        kl, _ = unweighted(module.fused, z, c, r, ALPHA, 1.0, mode, need_grad)
         return kl
-    lse = combine_softmax_stats(module.row_stats(z, c, r, ALPHA, 1.0, mode), None)
-    kl, _ = module.kl_grad(z, c, r, lse, ALPHA, 1.0, mode, need_grad)
+    lse = combine_softmax_stats(unweighted(module.row_stats, z, c, r, ALPHA, 1.0, mode), None)
+    kl, _ = unweighted(module.kl_grad, z, c, r, lse, ALPHA, 1.0, mode, need_grad)
     return kl
 
 

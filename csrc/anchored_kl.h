@@ -22,14 +22,19 @@ struct Inputs {
   Interp mode;
 };
 
+// The CPU kernels also take per-row weights [rows] fp32 (undefined: none), cpu_rows.h's
+// RowWeights: a row's gradient is scaled by its weight, a row of weight 0 is skipped.
+
 // Local softmax statistics stats [rows, streams, 2] (max, sum of exp(x - max)), fp32.
-void row_stats_cpu(const Inputs& in, const at::TensorBase& stats);
+void row_stats_cpu(const Inputs& in, const at::TensorBase& weights, const at::TensorBase& stats);
 // Given the full-vocabulary LSEs as (max, log_sum) pairs lse [rows, streams, 2]: the partial KL
-// kl [rows] fp32 and grad = (p - q) / tau in the policy's dtype (not written when undefined).
-void kl_grad_cpu(const Inputs& in, const at::TensorBase& lse, const at::TensorBase& kl,
-                 const at::TensorBase& grad);
+// kl [rows] fp32 and grad = weight x (p - q) / tau in the policy's dtype (not written when
+// undefined).
+void kl_grad_cpu(const Inputs& in, const at::TensorBase& weights, const at::TensorBase& lse,
+                 const at::TensorBase& kl, const at::TensorBase& grad);
 // Unsharded rows: both passes per row in one call.
-void fused_cpu(const Inputs& in, const at::TensorBase& kl, const at::TensorBase& grad);
+void fused_cpu(const Inputs& in, const at::TensorBase& weights, const at::TensorBase& kl,
+               const at::TensorBase& grad);
 
 // The backward of every loss here, on the CPU: grad [rows, V_local] (float32, bfloat16 or
 // float16) *= scale [rows] (float32) row by row, in place, rounded once to grad's dtype.

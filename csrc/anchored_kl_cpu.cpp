@@ -113,11 +113,11 @@ AKL_CPU_CLONES void row_stats(const RowPtrs<T>& row, int64_t cols, const Params&
   }
 }
 
-// Writes grad = (p - q) / tau for the row (when grad != nullptr) and returns its partial KL.
-// lse: the row's global (max, log_sum) per stream.
+// Writes grad = grad_scale x (p - q) for the row (when grad != nullptr; grad_scale = the row's
+// weight / tau) and returns its partial KL. lse: the row's global (max, log_sum) per stream.
 template <typename T, Interp Mode>
 AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Params& prm,
-                                  const float* lse, T* grad) {
+                                  const float* lse, float grad_scale, T* grad) {
   float zb[kBlock], cb[kBlock], rb[kBlock], ab[kBlock], gb[kBlock], kb[kBlock];
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
@@ -138,7 +138,7 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
         e = logit_element<CpuMath>(zb[j], cur[j], rb[j], ab[j], prm.alpha, lse);
       else
         e = kl_element<CpuMath>(log_softmax_at(zb[j], lse, 0), ab[j], gb[j]);
-      gb[j] = e.p_minus_q * prm.inv_tau;
+      gb[j] = e.p_minus_q * grad_scale;
       kb[j] = e.kl_term;
     }
     const float block_kl = lane_sum(kb, n);
@@ -169,10 +169,11 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
 // columns. Split, the prob-snapshot call took 19-20% less at 4096 x 32000 and 2048 x 19008
 // on the operator benchmark's Zen 5 (fp32 and bf16, bench/compare_builds.py), and row_stats +
 // row_kl_grad on one 16000-column shard 15% less. The same split gained nothing in logit mode,
-// whose x is three operations.
+// whose x is three operations. The gradient is written as in row_kl_grad (grad_scale).
 template <typename T, Interp Mode>
 AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, int64_t cols,
-                                const Params& prm, float* e, float* block, T* grad) {
+                                const Params& prm, float* e, float* block, float grad_scale,
+                                T* grad) {
   const int64_t blocks = blocks_of(cols);
   // e's streams: 0 policy z; 1 anchor a (logit) or current c (prob snapshot); 2 reference r
   // (prob). Prob live uses no slot 1: c == z.
@@ -227,7 +228,7 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
         x = gb[j];
       }
       const Element el = kl_element_of(p, q, finite(x) ? x : nonfinite_x(p, q));
-      gb[j] = el.p_minus_q * prm.inv_tau;
+      gb[j] = el.p_minus_q * grad_scale;
       kb[j] = el.kl_term;
     }
     kl += lane_sum(kb, n);
@@ -261,26 +262,29 @@ void dispatch(const Inputs& in, Fn&& fn) {
 
 }  // namespace
 
-void row_stats_cpu(const Inputs& in, const at::TensorBase& stats) {
+void row_stats_cpu(const Inputs& in, const at::TensorBase& weights, const at::TensorBase& stats) {
   const int64_t rows = in.z.size(0), cols = in.z.size(1);
   const int streams = num_streams(in.mode);
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
+  const RowWeights weight = row_weights(weights);
   float* out = stats.data_ptr<float>();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        row_stats<T, Mode>(row_ptrs<T>(in, i), cols, prm, out + i * streams * 2);
+        if (!weight.skipped(i))
+          row_stats<T, Mode>(row_ptrs<T>(in, i), cols, prm, out + i * streams * 2);
     });
   });
 }
 
-void kl_grad_cpu(const Inputs& in, const at::TensorBase& lse, const at::TensorBase& kl,
-                 const at::TensorBase& grad) {
+void kl_grad_cpu(const Inputs& in, const at::TensorBase& weights, const at::TensorBase& lse,
+                 const at::TensorBase& kl, const at::TensorBase& grad) {
   const int64_t rows = in.z.size(0), cols = in.z.size(1);
   const int streams = num_streams(in.mode);
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
+  const RowWeights weight = row_weights(weights);
   const float* lse_ptr = lse.data_ptr<float>();
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
@@ -288,17 +292,26 @@ void kl_grad_cpu(const Inputs& in, const at::TensorBase& lse, const at::TensorBa
     constexpr Interp Mode = decltype(mode_tag)::value;
     T* g = grad.defined() ? grad.data_ptr<T>() : nullptr;
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        kl_ptr[i] = static_cast<float>(row_kl_grad<T, Mode>(
-            row_ptrs<T>(in, i), cols, prm, lse_ptr + i * streams * 2, g ? g + i * cols : nullptr));
+      for (int64_t i = begin; i < end; ++i) {
+        T* row_grad = g ? g + i * cols : nullptr;
+        if (weight.skipped(i)) {
+          if (row_grad) store_zero_gradient(cols, row_grad);
+          continue;
+        }
+        kl_ptr[i] = static_cast<float>(row_kl_grad<T, Mode>(row_ptrs<T>(in, i), cols, prm,
+                                                            lse_ptr + i * streams * 2,
+                                                            prm.inv_tau * weight[i], row_grad));
+      }
       gradient_stored();
     });
   });
 }
 
-void fused_cpu(const Inputs& in, const at::TensorBase& kl, const at::TensorBase& grad) {
+void fused_cpu(const Inputs& in, const at::TensorBase& weights, const at::TensorBase& kl,
+               const at::TensorBase& grad) {
   const int64_t rows = in.z.size(0), cols = in.z.size(1);
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
+  const RowWeights weight = row_weights(weights);
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
@@ -309,8 +322,13 @@ void fused_cpu(const Inputs& in, const at::TensorBase& kl, const at::TensorBase&
       for (int64_t i = begin; i < end; ++i) {
         const RowPtrs<T> row = row_ptrs<T>(in, i), next = row_ptrs<T>(in, std::min(i + 1, end - 1));
         T* row_grad = g ? g + i * cols : nullptr;
-        const double kl = row_fused<T, Mode>(row, i + 1 < end ? &next : nullptr, cols, prm,
-                                             e.data(), block.data(), row_grad);
+        if (weight.skipped(i)) {
+          if (row_grad) store_zero_gradient(cols, row_grad);
+          continue;
+        }
+        const double kl =
+            row_fused<T, Mode>(row, i + 1 < end ? &next : nullptr, cols, prm, e.data(),
+                               block.data(), prm.inv_tau * weight[i], row_grad);
         kl_ptr[i] = static_cast<float>(kl);
       }
       gradient_stored();

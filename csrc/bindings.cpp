@@ -45,8 +45,21 @@ void check_device(const torch::Tensor& z) {
               "the anchored_kl extension was built without kernels for device ", z.device());
 }
 
+// Per-row outputs start as zeros: a row of weight 0 (below) keeps them.
 torch::Tensor per_row_f32(const torch::Tensor& z) {
-  return torch::empty({z.size(0)}, z.options().dtype(torch::kFloat32));
+  return torch::zeros({z.size(0)}, z.options().dtype(torch::kFloat32));
+}
+
+// The per-row weights a CPU kernel takes (anchored_kl.h), as a TensorBase (undefined: none).
+// The CUDA kernels take none: the Python layer weighs their gradient after them.
+at::TensorBase check_weights(const std::optional<torch::Tensor>& weights, const torch::Tensor& z) {
+  if (!weights.has_value()) return at::TensorBase();
+  TORCH_CHECK(z.is_cpu(), "weights: only the CPU kernels take them");
+  TORCH_CHECK(weights->dim() == 1 && weights->size(0) == z.size(0) &&
+                  weights->scalar_type() == torch::kFloat && weights->is_cpu() &&
+                  weights->is_contiguous(),
+              "weights must be a contiguous float32 CPU vector of one value per row");
+  return *weights;
 }
 
 // An uninitialised tensor like z for a gradient that a kernel writes in full.
@@ -59,18 +72,20 @@ torch::Tensor grad_if(const torch::Tensor& z, bool need_grad) {
 }
 
 torch::Tensor row_stats(const torch::Tensor& z, const std::optional<torch::Tensor>& c,
-                        const torch::Tensor& r, double alpha, double inv_tau, int64_t mode) {
+                        const torch::Tensor& r, double alpha, double inv_tau, int64_t mode,
+                        const std::optional<torch::Tensor>& weights) {
   check_device(z);
   const Inputs in = make_inputs(z, c, r, alpha, inv_tau, mode);
+  const at::TensorBase w = check_weights(weights, z);
   auto stats =
-      torch::empty({z.size(0), num_streams(in.mode), 2}, z.options().dtype(torch::kFloat32));
+      torch::zeros({z.size(0), num_streams(in.mode), 2}, z.options().dtype(torch::kFloat32));
 #ifdef WITH_CUDA
   if (z.is_cuda()) {
     row_stats_cuda(in, stats);
     return stats;
   }
 #endif
-  row_stats_cpu(in, stats);
+  row_stats_cpu(in, w, stats);
   return stats;
 }
 
@@ -78,9 +93,11 @@ std::tuple<torch::Tensor, torch::Tensor> kl_grad(const torch::Tensor& z,
                                                  const std::optional<torch::Tensor>& c,
                                                  const torch::Tensor& r, const torch::Tensor& lse,
                                                  double alpha, double inv_tau, int64_t mode,
-                                                 bool need_grad) {
+                                                 bool need_grad,
+                                                 const std::optional<torch::Tensor>& weights) {
   check_device(z);
   const Inputs in = make_inputs(z, c, r, alpha, inv_tau, mode);
+  const at::TensorBase w = check_weights(weights, z);
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == z.size(0) && lse.size(1) == num_streams(in.mode) &&
                   lse.size(2) == 2 && lse.scalar_type() == torch::kFloat &&
                   lse.device() == z.device() && lse.is_contiguous(),
@@ -93,16 +110,18 @@ std::tuple<torch::Tensor, torch::Tensor> kl_grad(const torch::Tensor& z,
     return {kl, grad};
   }
 #endif
-  kl_grad_cpu(in, lse, kl, grad);
+  kl_grad_cpu(in, w, lse, kl, grad);
   return {kl, grad};
 }
 
 std::tuple<torch::Tensor, torch::Tensor> fused(const torch::Tensor& z,
                                                const std::optional<torch::Tensor>& c,
                                                const torch::Tensor& r, double alpha, double inv_tau,
-                                               int64_t mode, bool need_grad) {
+                                               int64_t mode, bool need_grad,
+                                               const std::optional<torch::Tensor>& weights) {
   check_device(z);
   const Inputs in = make_inputs(z, c, r, alpha, inv_tau, mode);
+  const at::TensorBase w = check_weights(weights, z);
   auto kl = per_row_f32(z);
   auto grad = grad_if(z, need_grad);
 #ifdef WITH_CUDA
@@ -111,7 +130,7 @@ std::tuple<torch::Tensor, torch::Tensor> fused(const torch::Tensor& z,
     return {kl, grad};
   }
 #endif
-  fused_cpu(in, kl, grad);
+  fused_cpu(in, w, kl, grad);
   return {kl, grad};
 }
 
@@ -138,11 +157,13 @@ void check_per_row(const torch::Tensor& x, const torch::Tensor& z, at::IntArrayR
 }
 
 std::tuple<torch::Tensor, torch::Tensor> loss_stats(const torch::Tensor& z,
-                                                    const std::optional<torch::Tensor>& r_opt) {
+                                                    const std::optional<torch::Tensor>& r_opt,
+                                                    const std::optional<torch::Tensor>& weights) {
   const torch::Tensor r = r_opt.value_or(torch::Tensor());
   check_loss_logits(z, r);
+  const at::TensorBase w = check_weights(weights, z);
   auto stats =
-      torch::empty({z.size(0), r.defined() ? 2 : 1, 2}, z.options().dtype(torch::kFloat32));
+      torch::zeros({z.size(0), r.defined() ? 2 : 1, 2}, z.options().dtype(torch::kFloat32));
   auto weighted = r.defined() ? per_row_f32(z) : torch::Tensor();
 #ifdef WITH_CUDA
   if (z.is_cuda()) {
@@ -150,13 +171,15 @@ std::tuple<torch::Tensor, torch::Tensor> loss_stats(const torch::Tensor& z,
     return {stats, weighted};
   }
 #endif
-  loss_stats_cpu(z, r, stats, weighted);
+  loss_stats_cpu(z, r, w, stats, weighted);
   return {stats, weighted};
 }
 
 torch::Tensor cross_entropy_grad(const torch::Tensor& z, const torch::Tensor& labels,
-                                 const torch::Tensor& lse) {
+                                 const torch::Tensor& lse,
+                                 const std::optional<torch::Tensor>& weights) {
   check_loss_logits(z, torch::Tensor());
+  const at::TensorBase w = check_weights(weights, z);
   check_per_row(labels, z, {z.size(0)}, torch::kInt64, "labels");
   check_per_row(lse, z, {z.size(0), 1, 2}, torch::kFloat32, "lse");
   auto grad = gradient_like(z);
@@ -166,14 +189,15 @@ torch::Tensor cross_entropy_grad(const torch::Tensor& z, const torch::Tensor& la
     return grad;
   }
 #endif
-  cross_entropy_grad_cpu(z, labels, lse, grad);
+  cross_entropy_grad_cpu(z, labels, w, lse, grad);
   return grad;
 }
 
-std::tuple<torch::Tensor, torch::Tensor> cross_entropy_fused(const torch::Tensor& z,
-                                                             const torch::Tensor& labels,
-                                                             bool need_grad) {
+std::tuple<torch::Tensor, torch::Tensor> cross_entropy_fused(
+    const torch::Tensor& z, const torch::Tensor& labels, bool need_grad,
+    const std::optional<torch::Tensor>& weights) {
   check_loss_logits(z, torch::Tensor());
+  const at::TensorBase w = check_weights(weights, z);
   check_per_row(labels, z, {z.size(0)}, torch::kInt64, "labels");
   auto loss = per_row_f32(z);
   auto grad = grad_if(z, need_grad);
@@ -183,17 +207,17 @@ std::tuple<torch::Tensor, torch::Tensor> cross_entropy_fused(const torch::Tensor
     return {loss, grad};
   }
 #endif
-  cross_entropy_fused_cpu(z, labels, loss, grad);
+  cross_entropy_fused_cpu(z, labels, w, loss, grad);
   return {loss, grad};
 }
 
-std::tuple<torch::Tensor, torch::Tensor> reverse_kl_grad(const torch::Tensor& z,
-                                                         const torch::Tensor& r,
-                                                         const torch::Tensor& lse,
-                                                         const torch::Tensor& mean_difference,
-                                                         bool need_grad) {
+std::tuple<torch::Tensor, torch::Tensor> reverse_kl_grad(
+    const torch::Tensor& z, const torch::Tensor& r, const torch::Tensor& lse,
+    const torch::Tensor& mean_difference, bool need_grad,
+    const std::optional<torch::Tensor>& weights) {
   TORCH_CHECK(r.defined(), "reference logits are required");
   check_loss_logits(z, r);
+  const at::TensorBase w = check_weights(weights, z);
   check_per_row(lse, z, {z.size(0), 2, 2}, torch::kFloat32, "lse");
   check_per_row(mean_difference, z, {z.size(0)}, torch::kFloat32, "mean_difference");
   auto kl = per_row_f32(z);
@@ -204,14 +228,16 @@ std::tuple<torch::Tensor, torch::Tensor> reverse_kl_grad(const torch::Tensor& z,
     return {kl, grad};
   }
 #endif
-  reverse_kl_grad_cpu(z, r, lse, mean_difference, kl, grad);
+  reverse_kl_grad_cpu(z, r, w, lse, mean_difference, kl, grad);
   return {kl, grad};
 }
 
-std::tuple<torch::Tensor, torch::Tensor> reverse_kl_fused(const torch::Tensor& z,
-                                                          const torch::Tensor& r, bool need_grad) {
+std::tuple<torch::Tensor, torch::Tensor> reverse_kl_fused(
+    const torch::Tensor& z, const torch::Tensor& r, bool need_grad,
+    const std::optional<torch::Tensor>& weights) {
   TORCH_CHECK(r.defined(), "reference logits are required");
   check_loss_logits(z, r);
+  const at::TensorBase w = check_weights(weights, z);
   auto kl = per_row_f32(z);
   auto grad = grad_if(z, need_grad);
 #ifdef WITH_CUDA
@@ -220,7 +246,7 @@ std::tuple<torch::Tensor, torch::Tensor> reverse_kl_fused(const torch::Tensor& z
     return {kl, grad};
   }
 #endif
-  reverse_kl_fused_cpu(z, r, kl, grad);
+  reverse_kl_fused_cpu(z, r, w, kl, grad);
   return {kl, grad};
 }
 

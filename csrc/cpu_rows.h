@@ -4,6 +4,9 @@
 // the compiler vectorizes, with -fno-trapping-math, which lets it turn the selects into blends).
 #pragma once
 
+#include <ATen/core/TensorBase.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -211,6 +214,31 @@ AKL_INLINE void store_gradient(const float* g, int64_t n, T* dst) {
 #else
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(g[j]);
 #endif
+}
+
+// A skipped row's gradient (a row of weight 0, below): zeros, written as store_gradient writes.
+// The buffer may hold an earlier gradient (cpu_gradient.cpp), so every row must be written.
+template <typename T>
+inline void store_zero_gradient(int64_t cols, T* dst) {
+  const float zeros[kBlock] = {};
+  for (int64_t j0 = 0; j0 < cols; j0 += kBlock)
+    store_gradient(zeros, std::min(kBlock, cols - j0), dst + j0);
+}
+
+// A loss's per-token weights (absent: every row weighs 1). The kernels scale a row's gradient by
+// its weight as they write it, so the backward need not rescale it when its incoming gradient
+// is 1 (a plain sum); a row of weight 0 is skipped: its inputs are not read, its gradient is
+// zeros and its outputs keep the zeros the bindings allocate them with. In a fine-tuning batch
+// the loss mask drops the prompt and padding tokens, most of them in short examples.
+struct RowWeights {
+  const float* w;  // [rows] or null
+
+  float operator[](int64_t i) const { return w == nullptr ? 1.f : w[i]; }
+  bool skipped(int64_t i) const { return w != nullptr && w[i] == 0.f; }
+};
+
+inline RowWeights row_weights(const at::TensorBase& weights) {
+  return {weights.defined() ? weights.const_data_ptr<float>() : nullptr};
 }
 
 // Ends a thread's store_gradient calls: streaming stores are not ordered with the stores around

@@ -4,7 +4,10 @@
 // the CPU, torch's in-place bf16 x fp32 multiply took 310-360 ms at 4096 x 32000 on the
 // operator benchmark's 2-core Zen 5 (it goes through fp32 copies of the whole tensor), against
 // 60 ms for the anchored kernel's whole forward and 7.5 ms for a bf16 x bf16 multiply; this is
-// one pass over the gradient. (On the GPU torch's multiply already runs at memory speed.)
+// one pass over the gradient. (On the GPU torch's multiply already runs at memory speed.) A row
+// whose scale is 1 is not touched, bitwise what the multiply would leave: a loss that took its
+// tokens' weights in the forward (anchored_kl.h) gets 1 for every row from a plain sum, as in
+// the trainer's backward in bf16 or fp32 (a loss scale of 1), which then costs no pass at all.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -29,7 +32,8 @@ void scale_rows_cpu(const at::TensorBase& grad, const at::TensorBase& scale) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "scale_rows", [&] {
     scalar_t* g = grad.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) scale_row(g + i * cols, cols, s[i]);
+      for (int64_t i = begin; i < end; ++i)
+        if (s[i] != 1.f) scale_row(g + i * cols, cols, s[i]);
     });
   });
 }

@@ -43,24 +43,26 @@ AKL_CPU_CLONES void row_stats(const T* z, const T* r, int64_t cols, float* stats
   *weighted = static_cast<float>(policy_weighted);
 }
 
-// grad = p - onehot(label) for one row; lse: the policy's global (max, log_sum).
+// grad = weight x (p - onehot(label)) for one row; lse: the policy's global (max, log_sum).
 template <typename T>
 AKL_CPU_CLONES void row_cross_entropy_grad(const T* z, int64_t cols, int64_t label,
-                                           const float* lse, T* grad) {
+                                           const float* lse, float weight, T* grad) {
   float zb[kBlock], gb[kBlock];
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
     load_block(z + j0, n, zb);
     for (int64_t j = 0; j < n; ++j)
-      gb[j] = cross_entropy_element<CpuMath>(log_softmax_at(zb[j], lse, 0), j0 + j == label);
+      gb[j] =
+          weight * cross_entropy_element<CpuMath>(log_softmax_at(zb[j], lse, 0), j0 + j == label);
     store_gradient(gb, n, grad + j0);
   }
 }
 
-// Writes the row's reverse-KL gradient (when grad != nullptr) and returns its partial KL.
+// Writes the row's reverse-KL gradient x weight (when grad != nullptr) and returns its partial
+// KL.
 template <typename T>
 AKL_CPU_CLONES double row_reverse_kl(const T* z, const T* r, int64_t cols, const float* lse,
-                                     float mean_difference, T* grad) {
+                                     float mean_difference, float weight, T* grad) {
   float zb[kBlock], rb[kBlock], gb[kBlock], kb[kBlock];
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
@@ -69,7 +71,7 @@ AKL_CPU_CLONES double row_reverse_kl(const T* z, const T* r, int64_t cols, const
     load_block(r + j0, n, rb);
     for (int64_t j = 0; j < n; ++j) {
       const ReverseKlElement e = reverse_kl_element<CpuMath>(zb[j], rb[j], lse, mean_difference);
-      gb[j] = e.grad;
+      gb[j] = weight * e.grad;
       kb[j] = e.kl_term;
     }
     kl += lane_sum(kb, n);
@@ -83,11 +85,11 @@ AKL_CPU_CLONES double row_reverse_kl(const T* z, const T* r, int64_t cols, const
 // second forms the probabilities from them, so a column takes one exp per distribution where
 // the sharded rows' statistics and gradient passes take two.
 
-// Returns the row's cross-entropy and writes p - onehot(label) when grad != nullptr. e: cols
-// floats; block: 2 per block of kBlock columns.
+// Returns the row's cross-entropy and writes weight x (p - onehot(label)) when grad != nullptr.
+// e: cols floats; block: 2 per block of kBlock columns.
 template <typename T>
 AKL_CPU_CLONES float row_cross_entropy_fused(const T* z, int64_t cols, int64_t label, float* e,
-                                             float* block, T* grad) {
+                                             float* block, float weight, T* grad) {
   const int64_t blocks = blocks_of(cols);
   BlockSoftmax p{block, block + blocks};
   for (int64_t b = 0; b < blocks; ++b) {
@@ -103,7 +105,7 @@ AKL_CPU_CLONES float row_cross_entropy_fused(const T* z, int64_t cols, int64_t l
       const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
       const float factor = p.factor[b];
       for (int64_t j = 0; j < n; ++j)
-        gb[j] = cross_entropy_element_of(e[j0 + j] * factor, j0 + j == label);
+        gb[j] = weight * cross_entropy_element_of(e[j0 + j] * factor, j0 + j == label);
       store_gradient(gb, n, grad + j0);
     }
   }
@@ -111,12 +113,12 @@ AKL_CPU_CLONES float row_cross_entropy_fused(const T* z, int64_t cols, int64_t l
   return (lse[0] - label_logit) + lse[1];
 }
 
-// Returns the row's KL(p || p_ref) and writes its gradient when grad != nullptr. e: 2 x cols
-// floats; block: 5 per block (z's and r's maxima and factors, then each block's share of
+// Returns the row's KL(p || p_ref) and writes its gradient x weight when grad != nullptr. e: 2 x
+// cols floats; block: 5 per block (z's and r's maxima and factors, then each block's share of
 // E_p[z - r] before its factor).
 template <typename T>
 AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, int64_t cols, float* e,
-                                           float* block, T* grad) {
+                                           float* block, float weight, T* grad) {
   const int64_t blocks = blocks_of(cols);
   float* const ez = e;
   float* const er = e + cols;
@@ -151,7 +153,7 @@ AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, int64_t cols,
     for (int64_t j = 0; j < n; ++j) {
       const ReverseKlElement el = reverse_kl_element_of(ez[j0 + j] * fp, er[j0 + j] * fr,
                                                         zb[j] - rb[j], lse, mean_difference);
-      gb[j] = el.grad;
+      gb[j] = weight * el.grad;
       kb[j] = el.kl_term;
     }
     kl += lane_sum(kb, n);
@@ -186,93 +188,104 @@ T* grad_row(const at::TensorBase& grad, int64_t i) {
   return grad.defined() ? static_cast<T*>(grad.data_ptr()) + i * grad.size(1) : nullptr;
 }
 
-// Calls row(i) for every row, the rows split over threads.
-template <class Row>
-void for_each_row(const at::TensorBase& z, Row&& row) {
-  at::parallel_for(0, z.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) row(i);
-    gradient_stored();
-  });
-}
-
-// The same for the unsharded rows: row(i, e, block) with each thread's scratch of `streams`
-// x cols floats for the row's exps and `per_block` floats per block of kBlock columns.
-template <class Row>
-void for_each_unsharded_row(const at::TensorBase& z, int streams, int per_block, Row&& row) {
+// Calls row(i, weight, e, block) for every row but the skipped ones (weight 0, cpu_rows.h's
+// RowWeights), whose gradient rows (of T, when grad is defined) it writes as zeros; the rows
+// split over threads. e and block: each thread's scratch of `streams` x cols floats for the
+// row's exps and `per_block` floats per block of kBlock columns (the unsharded rows'; none for
+// the others).
+template <typename T, class Row>
+void for_each_row(const at::TensorBase& z, const at::TensorBase& weights,
+                  const at::TensorBase& grad, Row&& row, int streams = 0, int per_block = 0) {
   const int64_t cols = z.size(1);
+  const RowWeights weight = row_weights(weights);
   at::parallel_for(0, z.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> e(streams * cols), block(per_block * blocks_of(cols));
-    for (int64_t i = begin; i < end; ++i) row(i, e.data(), block.data());
+    for (int64_t i = begin; i < end; ++i) {
+      if (!weight.skipped(i))
+        row(i, weight[i], e.data(), block.data());
+      else if (grad.defined())
+        store_zero_gradient(cols, grad_row<T>(grad, i));
+    }
     gradient_stored();
   });
 }
 
 }  // namespace
 
-void loss_stats_cpu(const at::TensorBase& z, const at::TensorBase& r, const at::TensorBase& stats,
-                    const at::TensorBase& weighted) {
+void loss_stats_cpu(const at::TensorBase& z, const at::TensorBase& r, const at::TensorBase& weights,
+                    const at::TensorBase& stats, const at::TensorBase& weighted) {
   const int64_t cols = z.size(1), width = stats.size(1) * 2;
   float* out = stats.data_ptr<float>();
   float* w = r.defined() ? weighted.data_ptr<float>() : nullptr;
   dispatch(z, [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    for_each_row(z, [&](int64_t i) {
+    for_each_row<T>(z, weights, at::TensorBase(), [&](int64_t i, float, float*, float*) {
       row_stats<T>(row_of<T>(z, i), row_of<T>(r, i), cols, out + i * width, w ? w + i : nullptr);
     });
   });
 }
 
 void cross_entropy_grad_cpu(const at::TensorBase& z, const at::TensorBase& labels,
-                            const at::TensorBase& lse, const at::TensorBase& grad) {
+                            const at::TensorBase& weights, const at::TensorBase& lse,
+                            const at::TensorBase& grad) {
   const int64_t* label = labels.const_data_ptr<int64_t>();
   const float* lse_ptr = lse.const_data_ptr<float>();
   dispatch(z, [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    for_each_row(z, [&](int64_t i) {
-      row_cross_entropy_grad<T>(row_of<T>(z, i), z.size(1), label[i], lse_ptr + 2 * i,
+    for_each_row<T>(z, weights, grad, [&](int64_t i, float weight, float*, float*) {
+      row_cross_entropy_grad<T>(row_of<T>(z, i), z.size(1), label[i], lse_ptr + 2 * i, weight,
                                 grad_row<T>(grad, i));
     });
   });
 }
 
 void cross_entropy_fused_cpu(const at::TensorBase& z, const at::TensorBase& labels,
-                             const at::TensorBase& loss, const at::TensorBase& grad) {
+                             const at::TensorBase& weights, const at::TensorBase& loss,
+                             const at::TensorBase& grad) {
   const int64_t* label = labels.const_data_ptr<int64_t>();
   float* loss_ptr = loss.data_ptr<float>();
   dispatch(z, [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    for_each_unsharded_row(z, 1, 2, [&](int64_t i, float* e, float* block) {
-      loss_ptr[i] = row_cross_entropy_fused<T>(row_of<T>(z, i), z.size(1), label[i], e, block,
-                                               grad_row<T>(grad, i));
-    });
+    for_each_row<T>(
+        z, weights, grad,
+        [&](int64_t i, float weight, float* e, float* block) {
+          loss_ptr[i] = row_cross_entropy_fused<T>(row_of<T>(z, i), z.size(1), label[i], e, block,
+                                                   weight, grad_row<T>(grad, i));
+        },
+        1, 2);
   });
 }
 
 void reverse_kl_grad_cpu(const at::TensorBase& z, const at::TensorBase& r,
-                         const at::TensorBase& lse, const at::TensorBase& mean_difference,
-                         const at::TensorBase& kl, const at::TensorBase& grad) {
+                         const at::TensorBase& weights, const at::TensorBase& lse,
+                         const at::TensorBase& mean_difference, const at::TensorBase& kl,
+                         const at::TensorBase& grad) {
   const float* lse_ptr = lse.const_data_ptr<float>();
   const float* mean = mean_difference.const_data_ptr<float>();
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(z, [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    for_each_row(z, [&](int64_t i) {
-      kl_ptr[i] =
-          static_cast<float>(row_reverse_kl<T>(row_of<T>(z, i), row_of<T>(r, i), z.size(1),
-                                               lse_ptr + 4 * i, mean[i], grad_row<T>(grad, i)));
+    for_each_row<T>(z, weights, grad, [&](int64_t i, float weight, float*, float*) {
+      kl_ptr[i] = static_cast<float>(row_reverse_kl<T>(row_of<T>(z, i), row_of<T>(r, i), z.size(1),
+                                                       lse_ptr + 4 * i, mean[i], weight,
+                                                       grad_row<T>(grad, i)));
     });
   });
 }
 
 void reverse_kl_fused_cpu(const at::TensorBase& z, const at::TensorBase& r,
-                          const at::TensorBase& kl, const at::TensorBase& grad) {
+                          const at::TensorBase& weights, const at::TensorBase& kl,
+                          const at::TensorBase& grad) {
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(z, [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    for_each_unsharded_row(z, 2, 5, [&](int64_t i, float* e, float* block) {
-      kl_ptr[i] = static_cast<float>(row_reverse_kl_fused<T>(
-          row_of<T>(z, i), row_of<T>(r, i), z.size(1), e, block, grad_row<T>(grad, i)));
-    });
+    for_each_row<T>(
+        z, weights, grad,
+        [&](int64_t i, float weight, float* e, float* block) {
+          kl_ptr[i] = static_cast<float>(row_reverse_kl_fused<T>(
+              row_of<T>(z, i), row_of<T>(r, i), z.size(1), e, block, weight, grad_row<T>(grad, i)));
+        },
+        2, 5);
   });
 }
 

@@ -2,6 +2,7 @@
 
 Every case runs on both backends; "fused" is the C++ extension, which `make test` builds.
 """
+import functools
 import itertools
 import math
 
@@ -239,6 +240,71 @@ def test_loss_with_diagnostics_is_both_calls_in_one(backend, interpolation, mode
     assert max_row_relative_error(d["kl_policy_ref"], kl(log_p, log_ref)) <= 1e-5
 
 
+def weights_with_zeros(shape, seed):
+    """Per-token weights in [0.5, 1.5) with about a third of them 0 (a loss mask's dropped
+    tokens), the first token's among them."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(shape, generator=g) + 0.5
+    weights[torch.rand(shape, generator=g) < 0.35] = 0.0
+    weights.view(-1)[0] = 0.0
+    return weights
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interpolation,mode", [("logit", "live"), ("prob", "snapshot")])
+def test_weights_taken_in_the_forward(backend, dtype, interpolation, mode):
+    # loss.sum() of the weighted loss against float64 math with the weights applied after: the
+    # loss and gradient scaled per token, and exactly 0 at the tokens of weight 0, even where
+    # their logits are NaN (the fused CPU kernels do not read them).
+    shape = (3, 7, 1003)
+    z, r = logits(shape, dtype, seed=60), logits(shape, dtype, seed=61)
+    c = logits(shape, dtype, seed=62) if mode == "snapshot" else None
+    weights = weights_with_zeros(shape[:-1], seed=63)
+    z[0, 0, 5] = math.nan  # at a token of weight 0
+    options = dict(alpha=0.3, interpolation=interpolation, temperature=0.9, backend=backend)
+    zz = z.clone().requires_grad_()
+    loss = anchored_kl(zz, r, current_logits=c, weights=weights, **options)
+    loss.sum().backward()
+    clean = z.clone()
+    clean[0, 0, 5] = 0.0
+    ref_loss, ref_grad = anchored_kl_reference(clean, r, c, 0.3, interpolation, 0.9)
+    kept = weights != 0
+    loss_tol, grad_tol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-3, 1e-2)
+    assert (loss[~kept] == 0).all() and (zz.grad[~kept] == 0).all()
+    assert max_row_relative_error(loss.detach()[kept], (ref_loss * weights)[kept]) <= loss_tol
+    assert relative_error(zz.grad, ref_grad * weights[..., None].double()) <= grad_tol
+    assert zz.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("interpolation,mode", [("logit", "live"), ("prob", "snapshot")])
+def test_weighted_loss_with_diagnostics(backend, interpolation, mode):
+    # The trainer's diagnosed step with the loss mask as weights: the loss and gradient those of
+    # anchored_kl with the weights, the diagnostics unweighted (anchor_diagnostics') but 0 at
+    # the tokens of weight 0.
+    shape = (2, 9, 301)
+    z, r = logits(shape, seed=64), logits(shape, seed=65)
+    c = logits(shape, seed=66) if mode == "snapshot" else None
+    weights = weights_with_zeros(shape[:-1], seed=67)
+    options = dict(alpha=0.3, interpolation=interpolation, backend=backend)
+    zz = z.clone().requires_grad_()
+    loss, d = anchored_kl_and_diagnostics(zz, r, current_logits=c, weights=weights, **options)
+    loss.sum().backward()
+    alone = z.clone().requires_grad_()
+    expected_loss = anchored_kl(alone, r, current_logits=c, weights=weights, **options)
+    expected_loss.sum().backward()
+    assert torch.equal(loss.detach(), expected_loss.detach())
+    assert torch.equal(zz.grad, alone.grad)
+    kept = weights != 0
+    expected = anchor_diagnostics(z, r, current_logits=c, **options)
+    log_p, log_ref = (torch.log_softmax(x.double(), -1) for x in (z, r))
+    expected["kl_policy_ref"] = kl(log_p, log_ref)
+    for key, value in expected.items():
+        assert (d[key][~kept] == 0).all(), key
+        assert max_row_relative_error(d[key][kept], value[kept]) <= 1e-5, key
+
+
 def test_proposition_5_4_geometric_recursion():
     # Exact projection in probability space: p_{t+1} = q(t). The anchor is read back from the
     # operator's own gradient at the snapshot (p - q), so this checks what the trainer optimises.
@@ -287,7 +353,7 @@ def test_backward_scaling_matches_torch(dtype):
     from nemo_anchored import _C
     grad = (torch.randn(6, 1003, generator=torch.Generator().manual_seed(40)) * 100).to(dtype)
     grad[1, :3] = torch.tensor([math.inf, -math.inf, math.nan])
-    scale = torch.tensor([0.25, 1e-3, -2.0, 0.0, math.inf, 3e-5])
+    scale = torch.tensor([0.25, 1.0, -2.0, 0.0, math.inf, 3e-5])  # rows scaled by 1: untouched
     expected = (grad.float() * scale[:, None]).to(dtype)
     version = grad._version
     _C.scale_rows_(grad, scale)
@@ -314,19 +380,24 @@ def test_cpu_gradient_buffer_is_reused_and_rewritten_in_full(dtype):
     cols = (40 << 20) // (rows * itemsize) | 1
     z, r = logits((rows, cols), dtype, seed=50), logits((rows, cols), dtype, seed=51)
     labels = torch.randint(0, cols, (rows,), generator=torch.Generator().manual_seed(52))
-    lse = combine_softmax_stats(_C.row_stats(z, None, r, 0.5, 1.0, 0), None)
-    lse_pair, mean_difference = combine_softmax_stats_and_mean(*_C.loss_stats(z, r), None)
+    lse = combine_softmax_stats(_C.row_stats(z, None, r, 0.5, 1.0, 0, None), None)
+    lse_pair, mean_difference = combine_softmax_stats_and_mean(*_C.loss_stats(z, r, None), None)
     lse_policy = lse_pair[:, :1].contiguous()
+    # With weights, the rows of weight 0 are skipped, and their gradient rows must be written
+    # as zeros all the same.
+    weights = torch.tensor([0.0, 1.0, 0.5, 0.0, 0.0, 2.0, 1.0, 0.0, 1.0])
     gradients = {
-        "anchored, unsharded": lambda: _C.fused(z, None, r, 0.5, 1.0, 0, True)[1],
-        "anchored, sharded": lambda: _C.kl_grad(z, None, r, lse, 0.5, 1.0, 0, True)[1],
-        "cross-entropy, unsharded": lambda: _C.cross_entropy_fused(z, labels, True)[1],
-        "cross-entropy, sharded": lambda: _C.cross_entropy_grad(z, labels, lse_policy),
-        "reverse KL, unsharded": lambda: _C.reverse_kl_fused(z, r, True)[1],
-        "reverse KL, sharded": lambda: _C.reverse_kl_grad(z, r, lse_pair, mean_difference,
-                                                          True)[1],
+        "anchored, unsharded": lambda w: _C.fused(z, None, r, 0.5, 1.0, 0, True, w)[1],
+        "anchored, sharded": lambda w: _C.kl_grad(z, None, r, lse, 0.5, 1.0, 0, True, w)[1],
+        "cross-entropy, unsharded": lambda w: _C.cross_entropy_fused(z, labels, True, w)[1],
+        "cross-entropy, sharded": lambda w: _C.cross_entropy_grad(z, labels, lse_policy, w),
+        "reverse KL, unsharded": lambda w: _C.reverse_kl_fused(z, r, True, w)[1],
+        "reverse KL, sharded": lambda w: _C.reverse_kl_grad(z, r, lse_pair, mean_difference,
+                                                            True, w)[1],
     }
-    for name, gradient in gradients.items():
+    for (name, kernel), w in itertools.product(gradients.items(), (None, weights)):
+        name = f"{name}, {'weighted' if w is not None else 'unweighted'}"
+        gradient = functools.partial(kernel, w)
         first = gradient()
         expected, buffer = first.clone(), first.data_ptr()
         first.fill_(math.nan)
@@ -335,6 +406,8 @@ def test_cpu_gradient_buffer_is_reused_and_rewritten_in_full(dtype):
         again = gradient()
         assert again.data_ptr() == buffer and _C.idle_cpu_gradient_bytes() == 0, name
         assert torch.equal(again, expected), name
+        if w is not None:
+            assert (again[w == 0] == 0).all(), name
         # While a gradient is alive, the next call gets a buffer of its own.
         other = gradient()
         assert other.data_ptr() != again.data_ptr() and torch.equal(other, expected), name
@@ -379,3 +452,15 @@ def test_bad_arguments_raise_value_error(fn, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern.replace("(", r"\(")):
         fn(args.pop("policy"), args.pop("reference"), current_logits=args.pop("current"),
            **args)
+
+
+@pytest.mark.parametrize("weights,pattern", [
+    (torch.ones(3, 1), r"weights has shape \(3, 1\), the loss \(3,\)"),
+    (torch.ones(3, dtype=torch.int64), "weights must be a floating-point tensor"),
+    ([1.0, 1.0, 1.0], "weights must be a floating-point tensor"),
+    (torch.ones(3, device="meta"), "weights is on meta"),
+])
+@pytest.mark.parametrize("fn", [anchored_kl, anchored_kl_and_diagnostics])
+def test_bad_weights_raise_value_error(fn, weights, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        fn(torch.zeros(3, 10), torch.zeros(3, 10), weights=weights)

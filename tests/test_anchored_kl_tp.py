@@ -93,6 +93,34 @@ def check_non_finite(group, index, size, backend):
     assert torch.isnan(loss[1, 2]) and torch.isfinite(loss[0]).all()
 
 
+def check_weights_in_forward(group, index, size, backend, interpolation, mode):
+    """The loss weighted in the forward: loss.sum()'s gradient is the weighted reference's, and
+    the tokens of weight 0 get loss and gradient 0, even with NaN logits (not read)."""
+    from nemo_anchored.ops import anchored_kl
+    from tests.reference import anchored_kl_reference, max_row_relative_error, relative_error
+
+    z, r = full_logits(60, torch.float32), full_logits(61, torch.float32)
+    c = full_logits(62, torch.float32) if mode == "snapshot" else None
+    g = torch.Generator().manual_seed(63)
+    weights = torch.rand(z.shape[:-1], generator=g) + 0.5
+    weights[torch.rand(weights.shape, generator=g) < 0.35] = 0.0
+    weights[1, 2] = 0.0
+    ref_loss, ref_grad = anchored_kl_reference(z, r, c, 0.4, interpolation)
+    z[1, 2, 3] = math.nan  # in the first shard
+    z_local = shard(z, index, size).requires_grad_()
+    loss = anchored_kl(z_local, shard(r, index, size),
+                       current_logits=None if c is None else shard(c, index, size), alpha=0.4,
+                       interpolation=interpolation, tp_group=group, backend=backend,
+                       weights=weights)
+    loss.sum().backward()
+    label = (size, backend, interpolation, mode)
+    kept = weights != 0
+    assert (loss[~kept] == 0).all() and (z_local.grad[~kept] == 0).all(), label
+    assert max_row_relative_error(loss.detach()[kept], (ref_loss * weights)[kept]) <= 1e-5
+    expected_grad = shard(ref_grad * weights[..., None].double(), index, size)
+    assert relative_error(z_local.grad, expected_grad) <= 1e-5, label
+
+
 def check_shard_disagreement(group, index):
     from nemo_anchored.ops import anchored_kl
 
@@ -111,6 +139,9 @@ def check_all(rank, tp2, tp4):
                            temperature, seed=10 * n)
     for backend in ("torch", "fused"):
         check_non_finite(*tp4, backend)
+        for group, index, size in (tp2, tp4):
+            for interpolation, mode in (("logit", "live"), ("prob", "snapshot")):
+                check_weights_in_forward(group, index, size, backend, interpolation, mode)
     check_shard_disagreement(tp2[0], tp2[1])
 
 

@@ -189,6 +189,37 @@ def test_sharded_passes_match_the_unsharded_call(op):
     check_sharded_passes(op, "cpu")
 
 
+def check_weights_in_forward(op, dtype, backend, seed, tp_group=None, index=0, size=1):
+    """loss.sum() of the loss weighted in the forward, on this rank's shard, against float64
+    math with the weights applied after: loss and gradient scaled per token, and exactly 0 at
+    the tokens of weight 0 (about a third), even where their logits are NaN (the fused CPU
+    kernels do not read them). V_FULL, PADDED and shard: the tensor-parallel section's."""
+    z, other, weights = inputs(op, (3, 5, V_FULL), dtype, seed=seed, padded=PADDED)
+    weights[torch.rand(weights.shape, generator=torch.Generator().manual_seed(seed)) < 0.35] = 0
+    weights[0, 0] = 0.0
+    ref_loss, ref_grad = reference(op, z, other, weights)
+    z[0, 0, 7] = math.nan  # in the first shard
+    zz = shard(z, index, size).requires_grad_()
+    local_other = other if op == "ce" else shard(other, index, size)
+    loss = OPS[op](zz, local_other, tp_group=tp_group, backend=backend, weights=weights)
+    loss.sum().backward()
+
+    label = (op, size, dtype, backend)
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    kept = weights != 0
+    assert (loss[~kept] == 0).all() and (zz.grad[~kept] == 0).all(), label
+    assert max_row_relative_error(loss.detach()[kept], (ref_loss * weights)[kept]) <= loss_tol
+    assert zz.grad.dtype == dtype, label
+    assert relative_error(zz.grad, shard(ref_grad, index, size)) <= grad_tol, label
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", OPS)
+def test_weights_taken_in_the_forward(op, dtype, backend):
+    check_weights_in_forward(op, dtype, backend, seed=15)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reverse_kl_is_infinite_where_the_reference_has_no_mass(backend):
     z, r = logits((3, 200), seed=5), logits((3, 200), seed=6)
@@ -319,6 +350,8 @@ LABELS = torch.zeros(3, dtype=torch.int64)
     (lambda: reverse_kl(Z, Z, backend=None), "backend must be one of"),
     (lambda: token_cross_entropy(Z.double(), LABELS, backend="fused"), "backend='fused' takes"),
     (lambda: reverse_kl(Z.double(), Z.double(), backend="fused"), "backend='fused' takes"),
+    (lambda: token_cross_entropy(Z, LABELS, weights=torch.ones(2)), "weights has shape"),
+    (lambda: reverse_kl(Z, Z, weights=LABELS), "weights must be a floating-point"),
     (lambda: dft_loss(LABELS), "ce must be"),
     (lambda: stm_keep_mask(LABELS, 2.5), "base_ce must be"),
     (lambda: stm_keep_mask(Z, 0.0), "threshold must be"),
@@ -389,6 +422,8 @@ def check_all(rank, tp2, tp4):
                 check_sharded(op, group, index, size, dtype, backend, seed=10 * seed)
             for backend in BACKENDS:
                 check_non_finite(op, group, index, size, backend)
+            for dtype, backend in itertools.product((torch.float32, torch.bfloat16), BACKENDS):
+                check_weights_in_forward(op, dtype, backend, 20 + seed, group, index, size)
         check_bad_arguments(group, index, size)
 
 

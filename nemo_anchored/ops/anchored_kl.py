@@ -35,8 +35,10 @@ import torch
 
 from nemo_anchored.ops.vocab_parallel import (all_reduce_sum, check_like_policy, check_logits,
                                               check_shards_agree, combine_softmax_stats,
-                                              g_small, group_size, per_token_loss, rows,
-                                              softmax_stats, use_fused)
+                                              finish_gradient, g_small, group_size,
+                                              native_weights, per_token_loss, rows,
+                                              softmax_stats, use_fused, weigh_gradient,
+                                              weight_rows)
 
 try:
     from nemo_anchored import _C
@@ -79,7 +81,9 @@ class AnchorSpec:
 
 # --------------------------------------------------------------------------------------------
 # Steps 1 and 3: two kernel sets with the same signatures.
-# z, c, r are 2-D [rows, V_local]; c is None in live mode (current = policy).
+# z, c, r are 2-D [rows, V_local]; c is None in live mode (current = policy). weights: the
+# loss's per-row weights or None; the gradient comes back weighted (vocab_parallel's
+# weigh_gradient), and a row of weight 0 may be skipped: its loss and statistics are then 0.
 
 
 class TorchKernels:
@@ -94,7 +98,7 @@ class TorchKernels:
     def _anchor(c, r, alpha):
         return r if alpha == 1.0 else c if alpha == 0.0 else (1 - alpha) * c + alpha * r
 
-    def row_stats(self, z, c, r, spec: AnchorSpec):
+    def row_stats(self, z, c, r, spec: AnchorSpec, weights):
         z = self._scaled(z, spec.inv_tau)
         c = z if c is None else self._scaled(c, spec.inv_tau)
         r = self._scaled(r, spec.inv_tau)
@@ -102,7 +106,7 @@ class TorchKernels:
             return softmax_stats(z, self._anchor(c, r, spec.alpha))
         return softmax_stats(z, c, r)
 
-    def kl_grad(self, z_in, c, r, spec: AnchorSpec, lse, need_grad):
+    def kl_grad(self, z_in, c, r, spec: AnchorSpec, lse, need_grad, weights):
         # Mirrors column_element in csrc/anchored_kl_math.h, whose comments explain the forms.
         alpha, inv_tau = spec.alpha, spec.inv_tau
         z = self._scaled(z_in, inv_tau)
@@ -136,37 +140,42 @@ class TorchKernels:
         grad = None
         if need_grad:
             p_minus_q = torch.where(small, -p * torch.expm1(xs), p - q)
-            grad = (p_minus_q * inv_tau).to(z_in.dtype)
+            grad = weigh_gradient((p_minus_q * inv_tau).to(z_in.dtype), weights)
         return partial, grad
 
 
 class FusedKernels:
     """The C++/CUDA extension (nemo_anchored._C). Its bindings take the spec as
-    (alpha, inv_tau, mode), the order of csrc's ``Inputs``, after the tensors."""
+    (alpha, inv_tau, mode), the order of csrc's ``Inputs``, after the tensors; the CPU kernels
+    take the weights (``native_weights``)."""
 
     @staticmethod
-    def row_stats(z, c, r, spec: AnchorSpec):
-        return _C.row_stats(z, c, r, spec.alpha, spec.inv_tau, int(spec.interpolation))
+    def row_stats(z, c, r, spec: AnchorSpec, weights):
+        return _C.row_stats(z, c, r, spec.alpha, spec.inv_tau, int(spec.interpolation),
+                            native_weights(z, weights))
 
     @staticmethod
-    def kl_grad(z, c, r, spec: AnchorSpec, lse, need_grad):
+    def kl_grad(z, c, r, spec: AnchorSpec, lse, need_grad, weights):
+        native = native_weights(z, weights)
         partial, grad = _C.kl_grad(z, c, r, lse, spec.alpha, spec.inv_tau,
-                                   int(spec.interpolation), need_grad)
-        return partial, (grad if need_grad else None)
+                                   int(spec.interpolation), need_grad, native)
+        return partial, finish_gradient(grad if need_grad else None, weights, native)
 
     @staticmethod
-    def unsharded(z, c, r, spec: AnchorSpec, need_grad):
+    def unsharded(z, c, r, spec: AnchorSpec, need_grad, weights):
+        native = native_weights(z, weights)
         kl, grad = _C.fused(z, c, r, spec.alpha, spec.inv_tau, int(spec.interpolation),
-                            need_grad)
-        return kl, (grad if need_grad else None)
+                            need_grad, native)
+        return kl, finish_gradient(grad if need_grad else None, weights, native)
 
 
-def _kl_rows(z, c, r, spec: AnchorSpec, tp_group, kernels, need_grad):
-    """Per-row KL over the full vocabulary (same on every rank) and the local gradient shard."""
+def _kl_rows(z, c, r, spec: AnchorSpec, tp_group, kernels, need_grad, weights=None):
+    """Per-row KL over the full vocabulary (same on every rank) and the local gradient shard,
+    weighted by ``weights`` (the KL is not)."""
     if group_size(tp_group) == 1 and hasattr(kernels, "unsharded"):
-        return kernels.unsharded(z, c, r, spec, need_grad)
-    lse = combine_softmax_stats(kernels.row_stats(z, c, r, spec), tp_group)
-    partial, grad = kernels.kl_grad(z, c, r, spec, lse, need_grad)
+        return kernels.unsharded(z, c, r, spec, need_grad, weights)
+    lse = combine_softmax_stats(kernels.row_stats(z, c, r, spec, weights), tp_group)
+    partial, grad = kernels.kl_grad(z, c, r, spec, lse, need_grad, weights)
     return all_reduce_sum(partial, tp_group), grad
 
 
@@ -174,19 +183,19 @@ def _kl_rows(z, c, r, spec: AnchorSpec, tp_group, kernels, need_grad):
 # The diagnostics: KLs between the three models from one set of softmax statistics.
 
 
-def _model_lse(z, c, r, spec: AnchorSpec, tp_group, kernels):
+def _model_lse(z, c, r, spec: AnchorSpec, tp_group, kernels, weights):
     """Full-vocabulary (max, log_sum) [rows, 3, 2] of the policy, current (the policy again in
     live mode) and reference logits: prob mode's statistics, in which alpha plays no part."""
     three_models = dataclasses.replace(spec, interpolation=Interpolation.PROB)
-    return combine_softmax_stats(kernels.row_stats(z, c, r, three_models), tp_group)
+    return combine_softmax_stats(kernels.row_stats(z, c, r, three_models, weights), tp_group)
 
 
-def _local_kl(source, target, lse, spec: AnchorSpec, kernels):
+def _local_kl(source, target, lse, spec: AnchorSpec, kernels, weights):
     """This rank's share of KL(p_source || p_target) per row, lse = [target, source] pairs: the
     anchored KL in logit mode at alpha = 0, where q is the current slot's softmax (the
     reference slot, unused then, repeats the target)."""
     q_is_current = AnchorSpec(0.0, Interpolation.LOGIT, spec.inv_tau)
-    partial, _ = kernels.kl_grad(target, source, target, q_is_current, lse, need_grad=False)
+    partial, _ = kernels.kl_grad(target, source, target, q_is_current, lse, False, weights)
     return partial
 
 
@@ -199,15 +208,18 @@ def _local_entropy_term(z, lse, spec: AnchorSpec):
     return torch.where(p > 0, p * (zs - top), torch.zeros_like(p)).sum(-1)
 
 
-def _diagnostic_rows(z, c, r, step, spec: AnchorSpec, tp_group, kernels, *, policy_ref: bool):
+def _diagnostic_rows(z, c, r, step, spec: AnchorSpec, tp_group, kernels, *, policy_ref: bool,
+                     weights=None):
     """anchor_diagnostics' values per row (fp32), given the anchor step KL(q || p_cur) [rows];
-    with policy_ref also ``kl_policy_ref`` = KL(p_theta || p_ref)."""
-    lse = _model_lse(z, c, r, spec, tp_group, kernels)
+    with policy_ref also ``kl_policy_ref`` = KL(p_theta || p_ref); 0 at the rows of weight 0,
+    which the kernels may skip."""
+    lse = _model_lse(z, c, r, spec, tp_group, kernels, weights)
     policy, current, reference = 0, 1, 2
     models = {policy: z, current: z if c is None else c, reference: r}
 
     def local_kl(source, target):
-        return _local_kl(models[source], models[target], lse[:, [target, source]], spec, kernels)
+        return _local_kl(models[source], models[target], lse[:, [target, source]], spec, kernels,
+                         weights)
 
     # Every row's local shares, summed over the ranks in one all-reduce.
     shares = {"kl_cur_ref": local_kl(current, reference),
@@ -229,6 +241,9 @@ def _diagnostic_rows(z, c, r, step, spec: AnchorSpec, tp_group, kernels, *, poli
            "entropy": (lse[:, policy, 1] - total["entropy"]).float()}
     if policy_ref:
         out["kl_policy_ref"] = total["kl_policy_ref"].float() if c is not None else kl_cur_ref
+    if weights is not None:
+        out = {key: torch.where(weights == 0, torch.zeros_like(value), value)
+               for key, value in out.items()}
     return out
 
 
@@ -262,7 +277,7 @@ def _detached_rows(policy, current, reference):
 def anchored_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
                 current_logits: torch.Tensor | None = None, alpha: float = 0.5,
                 interpolation: str = "logit", temperature: float = 1.0, tp_group=None,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token KL(q || p_theta) over the full vocabulary, shape ``policy_logits.shape[:-1]``.
 
     Args:
@@ -277,16 +292,24 @@ def anchored_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
         temperature: divides all logits.
         tp_group: the process group over which the last dimension is sharded (None: unsharded).
         backend: "torch", "fused" or "auto" (fused when built for the device and dtype).
+        weights: per-token weights shaped like the loss (the loss mask, or the mask divided by
+            the token count for a mean), the same on every rank; see the Returns.
 
     Returns:
-        fp32 per-token loss (fp64 for fp64 inputs), identical on every rank of ``tp_group``.
-        Mask and average it in the caller, e.g. ``(loss * mask).sum() / mask.sum()``.
+        fp32 per-token loss (fp64 for fp64 inputs), identical on every rank of ``tp_group``;
+        with ``weights``, weights x loss, and 0 where a weight is 0 (NaN logits included).
+        Mask and reduce it in the caller, e.g. ``(loss * mask).sum() / mask.sum()``, or pass
+        the mask as ``weights`` and take ``loss.sum()``: the CPU kernels then skip the tokens
+        of weight 0 without reading them and write the gradient already weighted, so the
+        backward, given 1 per token by the sum, has nothing left to do (on the CUDA kernels the
+        gradient is weighted in a pass after them, as the backward would otherwise do).
     """
     spec, kernels = _check_arguments(policy_logits, reference_logits, current_logits, alpha,
                                      interpolation, temperature, tp_group, backend)
     z, c, r = _detached_rows(policy_logits, current_logits, reference_logits)
+    w = weight_rows(weights, policy_logits)
     return per_token_loss(policy_logits, lambda need_grad: _kl_rows(
-        z, c, r, spec, tp_group, kernels, need_grad=need_grad))
+        z, c, r, spec, tp_group, kernels, need_grad, w), w)
 
 
 @torch.no_grad()
@@ -314,20 +337,29 @@ def anchor_diagnostics(policy_logits: torch.Tensor, reference_logits: torch.Tens
 def anchored_kl_and_diagnostics(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
                                 current_logits: torch.Tensor | None = None, alpha: float = 0.5,
                                 interpolation: str = "logit", temperature: float = 1.0,
-                                tp_group=None, backend: str = "auto"):
+                                tp_group=None, backend: str = "auto",
+                                weights: torch.Tensor | None = None):
     """(anchored_kl(...), anchor_diagnostics(...) plus ``kl_policy_ref`` = KL(p_theta || p_ref))
     with the same arguments, for a step that logs both, computing nothing twice: in live mode
     the anchor step KL(q || p_cur) is the loss itself and KL(p_cur || p_ref) is
-    KL(p_theta || p_ref)."""
+    KL(p_theta || p_ref). With ``weights``, the loss is weighted as anchored_kl's and the
+    diagnostics are not, but are 0 at the tokens of weight 0, which the kernels may skip."""
     spec, kernels = _check_arguments(policy_logits, reference_logits, current_logits, alpha,
                                      interpolation, temperature, tp_group, backend)
     z, c, r = _detached_rows(policy_logits, current_logits, reference_logits)
-    loss = per_token_loss(policy_logits, lambda need_grad: _kl_rows(
-        z, c, r, spec, tp_group, kernels, need_grad=need_grad))
+    w = weight_rows(weights, policy_logits)
+    unweighted = []  # the loss rows before weigh_loss: live mode's anchor step
+
+    def loss_and_grad(need_grad):
+        kl, grad = _kl_rows(z, c, r, spec, tp_group, kernels, need_grad, w)
+        unweighted.append(kl.detach())
+        return kl, grad
+
+    loss = per_token_loss(policy_logits, loss_and_grad, w)
     with torch.no_grad():
         if c is None:
-            step = loss.detach().reshape(-1)
+            step = unweighted[0]
         else:
-            step, _ = _kl_rows(c, None, r, spec, tp_group, kernels, need_grad=False)
-        d = _diagnostic_rows(z, c, r, step, spec, tp_group, kernels, policy_ref=True)
+            step, _ = _kl_rows(c, None, r, spec, tp_group, kernels, False, w)
+        d = _diagnostic_rows(z, c, r, step, spec, tp_group, kernels, policy_ref=True, weights=w)
     return loss, {key: value.view(loss.shape) for key, value in d.items()}

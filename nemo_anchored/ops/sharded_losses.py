@@ -37,15 +37,18 @@ import torch
 from nemo_anchored.ops.vocab_parallel import (_C, all_reduce_sum, check_like_policy,
                                               check_logits, check_shards_agree,
                                               combine_softmax_stats,
-                                              combine_softmax_stats_and_mean, g_small,
-                                              group_rank, group_size, per_token_loss, rows,
-                                              softmax_stats, use_fused)
+                                              combine_softmax_stats_and_mean, finish_gradient,
+                                              g_small, group_rank, group_size, native_weights,
+                                              per_token_loss, rows, softmax_stats, use_fused,
+                                              weigh_gradient, weight_rows)
 
 # --------------------------------------------------------------------------------------------
 # The local passes: two kernel sets with the same signatures, on 2-D [rows, V_local] logits z
 # (policy) and r (reference). Statistics are [rows, streams, 2] (max, sum-exp) of z, then r;
 # with r also weighted [rows] = sum_v exp(z_v - max_z) (z_v - r_v), which the merge turns into
 # E_p[z - r]. Labels are [rows] column indices into this shard (outside it: no column here).
+# weights: the loss's per-row weights or None, as in anchored_kl.py's kernels: the gradient
+# comes back weighted, and a row of weight 0 may be skipped (its loss and statistics are 0).
 
 
 class TorchKernels:
@@ -56,7 +59,7 @@ class TorchKernels:
     def _wide(x):
         return x if x.dtype == torch.float64 else x.float()
 
-    def loss_stats(self, z, r):
+    def loss_stats(self, z, r, weights):
         z = self._wide(z)
         if r is None:
             return softmax_stats(z), None
@@ -67,7 +70,7 @@ class TorchKernels:
         weighted = torch.where(e == 0, torch.zeros_like(e), e * (z - r)).sum(-1)
         return stats, weighted
 
-    def cross_entropy_grad(self, z, labels, lse):
+    def cross_entropy_grad(self, z, labels, lse, weights):
         held = (labels >= 0) & (labels < z.shape[-1])
         index = torch.where(held, labels, 0).unsqueeze(-1)
         top, log_sum = lse[:, 0, :1], lse[:, 0, 1:]
@@ -75,9 +78,9 @@ class TorchKernels:
         # ops below must not touch.
         p = z.to(lse.dtype, copy=True).sub_(top).sub_(log_sum).exp_()
         p.scatter_add_(-1, index, -held.to(p.dtype).unsqueeze(-1))
-        return p.to(z.dtype)
+        return weigh_gradient(p.to(z.dtype), weights)
 
-    def reverse_kl(self, z_in, r, lse, mean_difference, need_grad):
+    def reverse_kl(self, z_in, r, lse, mean_difference, need_grad, weights):
         z, r = z_in.to(lse.dtype), r.to(lse.dtype)
         top, log_sum = lse.unbind(-1)  # each [rows, 2]: policy, reference
         p = torch.exp((z - top[:, :1]) - log_sum[:, :1])
@@ -89,36 +92,42 @@ class TorchKernels:
                            torch.where(p == 0, p_ref, p * y - p + p_ref))
         grad = None
         if need_grad:
-            grad = torch.where(p == 0, torch.zeros_like(p),
-                               p * ((z - r) - mean_difference[:, None])).to(z_in.dtype)
+            grad = weigh_gradient(torch.where(
+                p == 0, torch.zeros_like(p),
+                p * ((z - r) - mean_difference[:, None])).to(z_in.dtype), weights)
         return term.sum(dim=-1), grad
 
 
 class FusedKernels:
-    """The C++/CUDA extension (csrc/sharded_losses_*.{cpp,cu})."""
+    """The C++/CUDA extension (csrc/sharded_losses_*.{cpp,cu}); the CPU kernels take the
+    weights (vocab_parallel's ``native_weights``)."""
 
     @staticmethod
-    def loss_stats(z, r):
-        return _C.loss_stats(z, r)
+    def loss_stats(z, r, weights):
+        return _C.loss_stats(z, r, native_weights(z, weights))
 
     @staticmethod
-    def cross_entropy_grad(z, labels, lse):
-        return _C.cross_entropy_grad(z, labels, lse)
+    def cross_entropy_grad(z, labels, lse, weights):
+        native = native_weights(z, weights)
+        return finish_gradient(_C.cross_entropy_grad(z, labels, lse, native), weights, native)
 
     @staticmethod
-    def reverse_kl(z, r, lse, mean_difference, need_grad):
-        kl, grad = _C.reverse_kl_grad(z, r, lse, mean_difference, need_grad)
-        return kl, (grad if need_grad else None)
+    def reverse_kl(z, r, lse, mean_difference, need_grad, weights):
+        native = native_weights(z, weights)
+        kl, grad = _C.reverse_kl_grad(z, r, lse, mean_difference, need_grad, native)
+        return kl, finish_gradient(grad if need_grad else None, weights, native)
 
     @staticmethod
-    def cross_entropy_unsharded(z, labels, need_grad):
-        loss, grad = _C.cross_entropy_fused(z, labels, need_grad)
-        return loss, (grad if need_grad else None)
+    def cross_entropy_unsharded(z, labels, need_grad, weights):
+        native = native_weights(z, weights)
+        loss, grad = _C.cross_entropy_fused(z, labels, need_grad, native)
+        return loss, finish_gradient(grad if need_grad else None, weights, native)
 
     @staticmethod
-    def reverse_kl_unsharded(z, r, need_grad):
-        kl, grad = _C.reverse_kl_fused(z, r, need_grad)
-        return kl, (grad if need_grad else None)
+    def reverse_kl_unsharded(z, r, need_grad, weights):
+        native = native_weights(z, weights)
+        kl, grad = _C.reverse_kl_fused(z, r, need_grad, native)
+        return kl, finish_gradient(grad if need_grad else None, weights, native)
 
 
 def _kernels(logits, backend):
@@ -129,15 +138,16 @@ def _kernels(logits, backend):
 # Per-row losses (the same on every rank) and gradient shards.
 
 
-def _cross_entropy_rows(z, labels, tp_group, kernels, need_grad):
-    """-log p(label) per row and the local gradient shard p - onehot(label).
+def _cross_entropy_rows(z, labels, tp_group, kernels, need_grad, weights=None):
+    """-log p(label) per row and the local gradient shard p - onehot(label), weighted by
+    ``weights`` (the loss is not).
 
     labels: [rows] int64 indices into the full vocabulary, already checked to lie in it.
     """
     if group_size(tp_group) == 1 and hasattr(kernels, "cross_entropy_unsharded"):
-        return kernels.cross_entropy_unsharded(z, labels, need_grad)
+        return kernels.cross_entropy_unsharded(z, labels, need_grad, weights)
     # 1. Local pass: softmax statistics; the label's logit where this rank holds it.
-    stats, _ = kernels.loss_stats(z, None)
+    stats, _ = kernels.loss_stats(z, None, weights)
     local = labels - group_rank(tp_group) * z.shape[-1]
     held = (local >= 0) & (local < z.shape[-1])
     index = torch.where(held, local, 0).unsqueeze(-1)
@@ -153,20 +163,21 @@ def _cross_entropy_rows(z, labels, tp_group, kernels, need_grad):
         return loss, None
 
     # 3. Local pass: the gradient shard.
-    return loss, kernels.cross_entropy_grad(z, local, lse)
+    return loss, kernels.cross_entropy_grad(z, local, lse, weights)
 
 
-def _reverse_kl_rows(z, r, tp_group, kernels, need_grad):
-    """KL(p || p_ref) per row and the local gradient shard p (y - KL)."""
+def _reverse_kl_rows(z, r, tp_group, kernels, need_grad, weights=None):
+    """KL(p || p_ref) per row and the local gradient shard p (y - KL), weighted by ``weights``
+    (the loss is not)."""
     if group_size(tp_group) == 1 and hasattr(kernels, "reverse_kl_unsharded"):
-        return kernels.reverse_kl_unsharded(z, r, need_grad)
+        return kernels.reverse_kl_unsharded(z, r, need_grad, weights)
     # 1-2. Statistics of both streams and E_p[z - r] over the full vocabulary: the gradient's
     # KL is taken as E_p[y] = E_p[z - r] - (LSE_z - LSE_r), whose LSE part cancels against
     # y's own, so the gradient needs no all-reduce before it is written.
-    stats, weighted = kernels.loss_stats(z, r)
+    stats, weighted = kernels.loss_stats(z, r, weights)
     lse, mean_difference = combine_softmax_stats_and_mean(stats, weighted, tp_group)
     # 3. Local pass: the partial KL and the gradient shard; one all-reduce of the partials.
-    partial, grad = kernels.reverse_kl(z, r, lse, mean_difference, need_grad)
+    partial, grad = kernels.reverse_kl(z, r, lse, mean_difference, need_grad, weights)
     return all_reduce_sum(partial, tp_group), grad
 
 
@@ -200,7 +211,8 @@ def _check_labels(labels, logits, tp_group):
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, tp_group=None,
-                        backend: str = "auto") -> torch.Tensor:
+                        backend: str = "auto",
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token cross-entropy -log p(label) over the full vocabulary, shape ``labels.shape``.
 
     Args:
@@ -211,22 +223,26 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, tp_group=
             every rank. A label at a -inf (padded) column gives +inf.
         tp_group: the process group over which the last dimension is sharded (None: unsharded).
         backend: "torch", "fused" or "auto" (fused when built for the device and dtype).
+        weights: per-token weights shaped like labels, as anchored_kl's (there: what they buy).
 
     Returns:
-        fp32 per-token loss (fp64 for fp64 logits), identical on every rank of ``tp_group``.
-        Mask and average it in the caller, e.g. ``(loss * mask).sum() / mask.sum()``.
+        fp32 per-token loss (fp64 for fp64 logits), identical on every rank of ``tp_group``;
+        with ``weights``, weights x loss, and 0 where a weight is 0. Mask and average it in the
+        caller, e.g. ``(loss * mask).sum() / mask.sum()``, or pass the mask as ``weights``.
     """
     check_logits(logits, "logits")
     _check_labels(labels, logits, tp_group)
     kernels = _kernels(logits, backend)
     check_shards_agree(logits, tp_group)
     z, y = rows(logits.detach()), labels.reshape(-1).long().contiguous()
+    w = weight_rows(weights, logits)
     return per_token_loss(logits, lambda need_grad: _cross_entropy_rows(
-        z, y, tp_group, kernels, need_grad))
+        z, y, tp_group, kernels, need_grad, w), w)
 
 
 def reverse_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
-               tp_group=None, backend: str = "auto") -> torch.Tensor:
+               tp_group=None, backend: str = "auto",
+               weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token KL(p_theta || p_ref) over the full vocabulary, shape ``policy_logits.shape[:-1]``.
 
     The KL-SFT regulariser (loss = CE + lambda * KL, lambda = 0.2 in the paper).
@@ -240,17 +256,20 @@ def reverse_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
             column where p > 0 and p_ref = 0 gives +inf (and a non-finite gradient).
         tp_group: the process group over which the last dimension is sharded (None: unsharded).
         backend: "torch", "fused" or "auto" (fused when built for the device and dtype).
+        weights: per-token weights shaped like the loss, as anchored_kl's.
 
     Returns:
-        fp32 per-token loss (fp64 for fp64 logits), identical on every rank of ``tp_group``.
+        fp32 per-token loss (fp64 for fp64 logits), identical on every rank of ``tp_group``;
+        with ``weights``, weights x loss, and 0 where a weight is 0.
     """
     check_logits(policy_logits, "policy_logits")
     check_like_policy(reference_logits, "reference_logits", policy_logits)
     kernels = _kernels(policy_logits, backend)
     check_shards_agree(policy_logits, tp_group)
     z, r = rows(policy_logits.detach()), rows(reference_logits.detach())
+    w = weight_rows(weights, policy_logits)
     return per_token_loss(policy_logits, lambda need_grad: _reverse_kl_rows(
-        z, r, tp_group, kernels, need_grad))
+        z, r, tp_group, kernels, need_grad, w), w)
 
 
 def dft_loss(ce: torch.Tensor) -> torch.Tensor:

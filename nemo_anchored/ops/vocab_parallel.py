@@ -212,6 +212,24 @@ def rows(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
 
 
+def weight_rows(weights, logits: torch.Tensor) -> torch.Tensor | None:
+    """The per-token ``weights`` of a loss on ``logits`` as the kernels take them: [rows]
+    contiguous float32 (float64 for float64 logits); None stays None. ValueError unless they are
+    a floating-point tensor shaped like the loss on the logits' device."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise ValueError("weights must be a floating-point tensor")
+    if weights.shape != logits.shape[:-1]:
+        raise ValueError(f"weights has shape {tuple(weights.shape)}, the loss "
+                         f"{tuple(logits.shape[:-1])}: they must match")
+    if weights.device != logits.device:
+        raise ValueError(f"weights is on {weights.device}, the logits on {logits.device}: they "
+                         "must be on one device")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return weights.detach().reshape(-1).to(dtype).contiguous()
+
+
 # --------------------------------------------------------------------------------------------
 # The hand-written gradient.
 
@@ -242,16 +260,47 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
         grad.mul_(scale)
 
 
+def weigh_gradient(grad: torch.Tensor | None, weights: torch.Tensor | None):
+    """grad [rows, V] with each row scaled by its weight and the rows of weight 0 set to 0,
+    whatever they held: what the CPU kernels do as they write it, for the kernels that take no
+    weights (the torch kernels, the CUDA ones). Returns grad (None stays None)."""
+    if grad is None or weights is None:
+        return grad
+    scale_rows_(grad, weights)
+    return grad.masked_fill_((weights == 0)[:, None], 0)
+
+
+def native_weights(z: torch.Tensor, weights: torch.Tensor | None):
+    """The weights to hand an extension kernel on z: its CPU kernels take them; its CUDA kernels
+    take none (their memory access may change only once their suite has run on a GPU), so
+    ``finish_gradient`` weighs their gradient after them."""
+    return weights if z.device.type == "cpu" else None
+
+
+def finish_gradient(grad, weights, native):
+    """An extension kernel's gradient, weighted: as it came when the kernel took the weights
+    (``native``, from ``native_weights``), weighed here otherwise."""
+    return grad if native is not None else weigh_gradient(grad, weights)
+
+
+def weigh_loss(loss: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """weights x loss per row, and 0 for a row of weight 0 whatever its loss (NaN included)."""
+    if weights is None:
+        return loss
+    return torch.where(weights == 0, torch.zeros_like(loss), loss * weights.to(loss.dtype))
+
+
 class _HandWrittenGradient(torch.autograd.Function):
     """A per-token loss whose gradient w.r.t. the logits is written during the forward pass
-    (by ``loss_and_grad(need_grad=True) -> (loss rows, gradient rows)``)."""
+    (by ``loss_and_grad(need_grad=True) -> (loss rows, gradient rows)``, the gradient already
+    weighted by ``weights``)."""
 
     @staticmethod
-    def forward(ctx, logits, loss_and_grad):
+    def forward(ctx, logits, loss_and_grad, weights):
         loss, grad = loss_and_grad(need_grad=True)
         ctx.save_for_backward(grad)
         ctx.logits_shape = logits.shape
-        return loss.view(logits.shape[:-1])
+        return weigh_loss(loss, weights).view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -259,12 +308,13 @@ class _HandWrittenGradient(torch.autograd.Function):
         # In place: the buffer is ours, and a second backward is refused by autograd's version
         # check.
         scale_rows_(grad, grad_loss)
-        return grad.view(ctx.logits_shape), None
+        return grad.view(ctx.logits_shape), None, None
 
 
-def per_token_loss(logits, loss_and_grad):
-    """The loss shaped like logits.shape[:-1], differentiable when the logits require grad."""
+def per_token_loss(logits, loss_and_grad, weights=None):
+    """The loss shaped like logits.shape[:-1], differentiable when the logits require grad, and
+    weighted by ``weights`` [rows] (``weigh_loss``; ``loss_and_grad`` weighs the gradient)."""
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _HandWrittenGradient.apply(logits, loss_and_grad)
+        return _HandWrittenGradient.apply(logits, loss_and_grad, weights)
     loss, _ = loss_and_grad(need_grad=False)
-    return loss.view(logits.shape[:-1])
+    return weigh_loss(loss, weights).view(logits.shape[:-1])
