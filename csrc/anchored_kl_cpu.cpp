@@ -38,11 +38,22 @@ inline void load_scaled(const T* src, int64_t n, float inv_tau, float* dst) {
 struct Params {
   float alpha, inv_tau, log_one_minus_alpha, log_alpha;
   bool live;
+  float grad_scale;  // the gradient's factor: the row's weight / tau (weighted, below)
 };
 
 Params make_params(double alpha, double inv_tau, bool live) {
-  return {static_cast<float>(alpha), static_cast<float>(inv_tau),
-          static_cast<float>(std::log1p(-alpha)), static_cast<float>(std::log(alpha)), live};
+  return {static_cast<float>(alpha),
+          static_cast<float>(inv_tau),
+          static_cast<float>(std::log1p(-alpha)),
+          static_cast<float>(std::log(alpha)),
+          live,
+          static_cast<float>(inv_tau)};
+}
+
+// prm for a row of the given weight.
+Params weighted(Params prm, float weight) {
+  prm.grad_scale = prm.inv_tau * weight;
+  return prm;
 }
 
 // Columns [j0, j0 + n) of z and r, and of c in snapshot mode, scaled into zb, rb and cb;
@@ -113,11 +124,11 @@ AKL_CPU_CLONES void row_stats(const RowPtrs<T>& row, int64_t cols, const Params&
   }
 }
 
-// Writes grad = grad_scale x (p - q) for the row (when grad != nullptr; grad_scale = the row's
-// weight / tau) and returns its partial KL. lse: the row's global (max, log_sum) per stream.
+// Writes grad = the row's weight x (p - q) / tau for the row (when grad != nullptr) and returns
+// its partial KL. lse: the row's global (max, log_sum) per stream.
 template <typename T, Interp Mode>
 AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Params& prm,
-                                  const float* lse, float grad_scale, T* grad) {
+                                  const float* lse, T* grad) {
   float zb[kBlock], cb[kBlock], rb[kBlock], ab[kBlock], gb[kBlock], kb[kBlock];
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
@@ -138,7 +149,7 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
         e = logit_element<CpuMath>(zb[j], cur[j], rb[j], ab[j], prm.alpha, lse);
       else
         e = kl_element<CpuMath>(log_softmax_at(zb[j], lse, 0), ab[j], gb[j]);
-      gb[j] = e.p_minus_q * grad_scale;
+      gb[j] = e.p_minus_q * prm.grad_scale;
       kb[j] = e.kl_term;
     }
     const float block_kl = lane_sum(kb, n);
@@ -169,11 +180,10 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
 // columns. Split, the prob-snapshot call took 19-20% less at 4096 x 32000 and 2048 x 19008
 // on the operator benchmark's Zen 5 (fp32 and bf16, bench/compare_builds.py), and row_stats +
 // row_kl_grad on one 16000-column shard 15% less. The same split gained nothing in logit mode,
-// whose x is three operations. The gradient is written as in row_kl_grad (grad_scale).
+// whose x is three operations. The gradient is written as in row_kl_grad.
 template <typename T, Interp Mode>
 AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, int64_t cols,
-                                const Params& prm, float* e, float* block, float grad_scale,
-                                T* grad) {
+                                const Params& prm, float* e, float* block, T* grad) {
   const int64_t blocks = blocks_of(cols);
   // e's streams: 0 policy z; 1 anchor a (logit) or current c (prob snapshot); 2 reference r
   // (prob). Prob live uses no slot 1: c == z.
@@ -228,7 +238,7 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
         x = gb[j];
       }
       const Element el = kl_element_of(p, q, finite(x) ? x : nonfinite_x(p, q));
-      gb[j] = el.p_minus_q * grad_scale;
+      gb[j] = el.p_minus_q * prm.grad_scale;
       kb[j] = el.kl_term;
     }
     kl += lane_sum(kb, n);
@@ -298,9 +308,9 @@ void kl_grad_cpu(const Inputs& in, const at::TensorBase& weights, const at::Tens
           if (row_grad) store_zero_gradient(cols, row_grad);
           continue;
         }
-        kl_ptr[i] = static_cast<float>(row_kl_grad<T, Mode>(row_ptrs<T>(in, i), cols, prm,
-                                                            lse_ptr + i * streams * 2,
-                                                            prm.inv_tau * weight[i], row_grad));
+        kl_ptr[i] = static_cast<float>(row_kl_grad<T, Mode>(row_ptrs<T>(in, i), cols,
+                                                            weighted(prm, weight[i]),
+                                                            lse_ptr + i * streams * 2, row_grad));
       }
       gradient_stored();
     });
@@ -327,8 +337,8 @@ void fused_cpu(const Inputs& in, const at::TensorBase& weights, const at::Tensor
           continue;
         }
         const double kl =
-            row_fused<T, Mode>(row, i + 1 < end ? &next : nullptr, cols, prm, e.data(),
-                               block.data(), prm.inv_tau * weight[i], row_grad);
+            row_fused<T, Mode>(row, i + 1 < end ? &next : nullptr, cols, weighted(prm, weight[i]),
+                               e.data(), block.data(), row_grad);
         kl_ptr[i] = static_cast<float>(kl);
       }
       gradient_stored();
