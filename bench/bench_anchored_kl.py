@@ -18,6 +18,11 @@ Implementations (``--backends``):
   reported as not available otherwise;
 - ``fused``: ours (nemo_anchored._C); ``torch``: our float64-capable reference backend.
 
+Every step is a forward + backward of the mean over the tokens (weights 1 / rows). The
+baselines take the weights as the gradient of their per-token loss; ours takes them in the
+forward (``anchored_kl(..., weights=...)``, its documented use), which writes the gradient
+already weighted, so its backward, given 1 per token by the sum, has nothing to do.
+
 ``--tp 2`` (CPU) runs each implementation in 2 gloo processes of 1 thread, each holding half
 of the vocabulary: ours on the shards (its all-gather of the softmax statistics and
 all-reduce of the KL included), eager and compiled on the full vocabulary gathered from the
@@ -136,12 +141,13 @@ def liger_losses():
 
 
 def loss_function(backend, interpolation, alpha, tp_group):
-    """f(z, r, c) -> the per-token loss (or Liger's scalar mean) for one implementation."""
+    """f(z, r, c) -> the per-token loss (or Liger's scalar mean) for one implementation; ours
+    also takes ``weights``."""
     if backend in ("fused", "torch"):
         from nemo_anchored.ops import anchored_kl
-        return lambda z, r, c: anchored_kl(z, r, current_logits=c, alpha=alpha,
-                                           interpolation=interpolation, tp_group=tp_group,
-                                           backend=backend)
+        return lambda z, r, c, weights=None: anchored_kl(
+            z, r, current_logits=c, alpha=alpha, interpolation=interpolation,
+            tp_group=tp_group, backend=backend, weights=weights)
     if backend == "eager":
         return lambda z, r, c: eager_anchored_kl(z, r, c, alpha, interpolation)
     if backend == "compiled":
@@ -185,7 +191,12 @@ def make_step(backend, interpolation, alpha, z, r, c, weights, tp_group):
             loss(z, r).backward()
         return liger_step
     f = loss_function(backend, interpolation, alpha, tp_group)
-    if tp_group is None or backend in ("fused", "torch"):
+    if backend in ("fused", "torch"):
+        def ours_step():
+            z.grad = None
+            f(z, r, c, weights).sum().backward()
+        return ours_step
+    if tp_group is None:
         def step():
             z.grad = None
             f(z, r, c).backward(weights)
@@ -278,7 +289,8 @@ def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp) -> dict |
 def breakdown_one(rows, cols, mode, dtype, device, repeats) -> dict:
     """Where ours spends a forward + backward (TP = 1): the whole step, the forward alone (its
     arithmetic and input reads, no gradient written), a read of the inputs (a sum of each: the
-    floor of any pass over them) and the backward's in-place rescaling of the gradient."""
+    floor of any pass over them) and the in-place rescaling of the gradient that a backward
+    does for a call without weights (the step's call takes them and skips it)."""
     from nemo_anchored.ops.vocab_parallel import scale_rows_
     interpolation, anchor, alpha = mode.split("-")
     z, r, c = random_logits(rows, cols, anchor, dtype, device)

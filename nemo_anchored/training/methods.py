@@ -67,7 +67,7 @@ class MethodLoss:
     def __call__(self, policy, reference, snapshot, batch):
         mask = self._loss_mask(batch, policy.device)
         per_token, sums = self._per_token(policy, reference, snapshot, batch, mask)
-        loss_sum = (per_token * mask).sum()
+        loss_sum = per_token.sum()
         tokens = mask.sum()
         sums.update(loss=loss_sum.detach(), tokens=tokens)
         return loss_sum, tokens.to(torch.int), sums
@@ -79,10 +79,13 @@ class MethodLoss:
                 if not math.isnan(totals[key])}
 
     def _loss_mask(self, batch, device) -> torch.Tensor:
+        """The tokens in the loss: 1, the others 0 (data/sft.py's response tokens)."""
         return batch["loss_mask"].to(device, torch.float32)
 
     def _per_token(self, policy, reference, snapshot, batch, mask) -> Tuple[torch.Tensor, Sums]:
-        """(the per-token loss, the micro-batch's sums besides loss and tokens)."""
+        """(the per-token loss times the mask, the micro-batch's sums besides loss and tokens).
+        The losses take the mask as their weights: their CPU kernels then skip the masked tokens
+        (most of a short example's), and the backward of the sum has nothing left to scale."""
         raise NotImplementedError
 
 
@@ -94,8 +97,8 @@ class CrossEntropy(MethodLoss):
     def _per_token(self, policy, reference, snapshot, batch, mask):
         ce = token_cross_entropy(policy, batch["labels"].to(policy.device),
                                  tp_group=parallel_state.get_tensor_model_parallel_group(),
-                                 backend=self.cfg.baselines.backend)
-        return ce, {"ce": (ce.detach() * mask).sum()}
+                                 backend=self.cfg.baselines.backend, weights=mask)
+        return ce, {"ce": ce.detach().sum()}
 
 
 class KlSft(CrossEntropy):
@@ -111,8 +114,8 @@ class KlSft(CrossEntropy):
         ce, sums = super()._per_token(policy, reference, snapshot, batch, mask)
         kl_ref = reverse_kl(policy, reference,
                             tp_group=parallel_state.get_tensor_model_parallel_group(),
-                            backend=self.cfg.baselines.backend)
-        sums["kl_policy_ref"] = (kl_ref.detach() * mask).sum()
+                            backend=self.cfg.baselines.backend, weights=mask)
+        sums["kl_policy_ref"] = kl_ref.detach().sum()
         return ce + self.kl_lambda * kl_ref, sums
 
 
@@ -121,7 +124,7 @@ class Dft(CrossEntropy):
 
     def _per_token(self, policy, reference, snapshot, batch, mask):
         ce, sums = super()._per_token(policy, reference, snapshot, batch, mask)
-        return dft_loss(ce), sums
+        return dft_loss(ce), sums  # of mask x ce: mask x dft_loss(ce), the mask being 0 or 1
 
 
 class Stm(CrossEntropy):
@@ -183,14 +186,14 @@ class Anchored(MethodLoss):
         options = dict(current_logits=snapshot, alpha=a.alpha, interpolation=a.interpolation,
                        temperature=a.temperature,
                        tp_group=parallel_state.get_tensor_model_parallel_group(),
-                       backend=a.backend)
+                       backend=a.backend, weights=mask)
         every = self.cfg.logging.diagnostics_every
         if every and self.step % every == 0:
             per_token, diagnostics = anchored_kl_and_diagnostics(policy, reference, **options)
             sums = self._diagnostic_sums(diagnostics, mask)
         else:
             per_token, sums = anchored_kl(policy, reference, **options), {}
-        sums["anchored_kl"] = (per_token.detach() * mask).sum()
+        sums["anchored_kl"] = per_token.detach().sum()
         return per_token, sums
 
     @staticmethod
