@@ -18,10 +18,12 @@ Implementations (``--backends``):
   reported as not available otherwise;
 - ``fused``: ours (nemo_anchored._C); ``torch``: our float64-capable reference backend.
 
-Every step is a forward + backward of the mean over the tokens (weights 1 / rows). The
-baselines take the weights as the gradient of their per-token loss; ours takes them in the
-forward (``anchored_kl(..., weights=...)``, its documented use), which writes the gradient
-already weighted, so its backward, given 1 per token by the sum, has nothing to do.
+Every step is a forward + backward of the mean over the tokens in the loss: all of them, or
+with ``--kept F`` a random loss mask keeping about that share (fine-tuning data masks each
+example's prompt and padding). The baselines take the mean's weights (mask / its sum) as the
+gradient of their per-token loss; ours takes them in the forward (``anchored_kl(...,
+weights=...)``, its documented use), which writes the gradient already weighted and skips the
+tokens of weight 0, so its backward, given 1 per token by the sum, has nothing to do.
 
 ``--tp 2`` (CPU) runs each implementation in 2 gloo processes of 1 thread, each holding half
 of the vocabulary: ours on the shards (its all-gather of the softmax statistics and
@@ -213,7 +215,17 @@ def make_step(backend, interpolation, alpha, z, r, c, weights, tp_group):
     return gathered_step
 
 
-def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp) -> dict | None:
+def mean_weights(rows, kept, device):
+    """Per-token weights of the mean over a loss mask keeping about ``kept`` of the tokens
+    (seed 1; every token at 1)."""
+    mask = torch.ones(rows)
+    if kept < 1:
+        mask = (torch.rand(rows, generator=torch.Generator().manual_seed(1)) < kept).float()
+    return (mask / mask.sum()).to(device)
+
+
+def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp,
+                kept=1.0) -> dict | None:
     """Time and peak memory of one configuration (on rank 0 at TP > 1; None elsewhere)."""
     interpolation, anchor, alpha = mode.split("-")
     alpha = float(alpha)
@@ -225,12 +237,13 @@ def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp) -> dict |
         rank = torch.distributed.get_rank()
     z, r, c = random_logits(rows, cols, anchor, dtype, device, tp, rank)
     z.requires_grad_()
-    weights = torch.full((rows,), 1.0 / rows, device=device)
+    weights = mean_weights(rows, kept, device)
     step = make_step(backend, interpolation, alpha, z, r, c, weights, tp_group)
     streams = 3 if c is not None else 2
     moved = (streams + 1) * z.numel() * z.element_size()
-    # Ours is compared with a copy of as many bytes read + written as it must move.
-    copy_src = torch.ones(moved // 8 if backend == "fused" else 0, device=device)
+    # Ours is compared with a copy of as many bytes read + written as it must move (with every
+    # token in the loss: with fewer, it skips the others' inputs).
+    copy_src = torch.ones(moved // 8 if backend == "fused" and kept == 1 else 0, device=device)
     copy_dst = torch.zeros_like(copy_src)
 
     for _ in range(WARMUP_STEPS):
@@ -276,7 +289,7 @@ def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp) -> dict |
             return None
     median = statistics.median(times)
     record = {"backend": backend, "rows": rows, "cols": cols, "tp": tp, "mode": mode,
-            "dtype": str(dtype), "median_s": median, "times_s": times,
+            "dtype": str(dtype), "kept": kept, "median_s": median, "times_s": times,
             "cpu_s_per_step": statistics.median(cpu_times), "peak_extra_bytes": peak,
             "bytes_moved_per_rank": moved, "effective_gb_per_s": moved / median / 1e9}
     if copy_src.numel():
@@ -296,7 +309,7 @@ def breakdown_one(rows, cols, mode, dtype, device, repeats) -> dict:
     z, r, c = random_logits(rows, cols, anchor, dtype, device)
     inputs = [x for x in (z, r, c) if x is not None]
     policy = z.clone().requires_grad_()
-    weights = torch.full((rows,), 1.0 / rows, device=device)
+    weights = mean_weights(rows, 1.0, device)
     loss = loss_function("fused", interpolation, float(alpha), None)
 
     def forward():
@@ -341,7 +354,7 @@ def run_in_subprocess(args, backend, shape, mode, tp) -> dict | None:
     rows, cols = map(int, shape.split("x"))
     cmd = [sys.executable, __file__, "--one", backend, str(rows), str(cols), mode,
            "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats),
-           "--tp", str(tp)]
+           "--tp", str(tp), "--kept", str(args.kept)]
     if tp == 1:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -390,7 +403,7 @@ def print_row(shape, mode, tp, runs, ratios):
         cells.append(cell)
     print(f"{shape} {mode} TP={tp}:\n    " + "\n    ".join(cells))
     ours = runs.get("fused")
-    if ours:
+    if ours and "fraction_of_copy_bandwidth" in ours:
         print(f"    ours: {ours['effective_gb_per_s']:.2f} GB/s per rank = "
               f"{ours['fraction_of_copy_bandwidth']:.0%} of the copy bandwidth measured "
               f"alongside ({ours['copy_gb_per_s']:.2f} GB/s, read + write); "
@@ -410,6 +423,8 @@ def main():
     parser.add_argument("--tp-shapes", nargs="+", default=DEFAULT_SHAPES[:1],
                         help="the shapes run at TP > 1")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kept", type=float, default=1.0,
+                        help="the share of tokens a random loss mask keeps in the mean")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     parser.add_argument("--breakdown", action="store_true",
                         help="instead of the comparison: where ours spends its step (TP = 1)")
@@ -423,7 +438,7 @@ def main():
         backend, rows, cols, mode = args.one
         tp = args.tp[0] if args.tp else 1
         record = measure_one(backend, int(rows), int(cols), mode, dtype, args.device,
-                             args.repeats, tp)
+                             args.repeats, tp, args.kept)
         if record is not None:
             print(json.dumps(record))
         return
@@ -449,7 +464,8 @@ def main():
     if args.device != "cpu" and tps != [1]:
         parser.error("--tp > 1 runs on the CPU only (gloo processes)")
     print(f"device: {device['name']} ({device['kind']}, {device['threads']} threads), "
-          f"dtype {args.dtype}, median of {args.repeats}; times forward + backward")
+          f"dtype {args.dtype}, median of {args.repeats}; times forward + backward of the mean "
+          f"over {args.kept:.0%} of the tokens")
     rows_out = []
     for tp in tps:
         for shape in (args.shapes if tp == 1 else args.tp_shapes):
@@ -463,9 +479,11 @@ def main():
     print("MiB: peak memory over the resident inputs during forward + backward (the "
           "gradient buffer alone is rows x V_local x itemsize); n/a: cannot run here")
     suffix = "" if tps == [1] else "_tp" + "".join(map(str, tps))
+    if args.kept < 1:
+        suffix += f"_kept{round(100 * args.kept)}"
     write_results(args.out or RESULTS / f"anchored_kl_{device['kind']}_{args.dtype}{suffix}.json",
                   {"device": device, "dtype": args.dtype, "repeats": args.repeats,
-                   "results": rows_out})
+                   "kept": args.kept, "results": rows_out})
 
 
 if __name__ == "__main__":

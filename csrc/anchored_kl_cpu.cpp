@@ -170,10 +170,12 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
 // columns (256 KB of inputs, as much again of e) stays in the L2 (2 MiB per core on the
 // benchmark's Xeon), so DRAM sees one read per input; 152k columns spill to the L3. The first
 // pass waits on DRAM (little arithmetic per byte), so the second, the one with the most
-// arithmetic, prefetches the next row into the L2 as it goes (`next`, null for a thread's last
-// row), and the first asks for its own blocks ahead (prefetch_ahead) for what that leaves out:
-// the next row does not all fit beside this row and e in a 1 MiB L2 (Zen 5). `block` holds 2 x 3
-// floats per block of kBlock columns: maxima, then sums and factors.
+// arithmetic, prefetches the next row into the L2 as it goes (`next`: the thread's next row of
+// non-zero weight, null after its last), and the first asks for its own blocks ahead
+// (prefetch_ahead) for what that leaves out: the next row does not all fit beside this row and
+// e in a 1 MiB L2 (Zen 5). `block` holds 2 x 3 floats per block of kBlock columns: maxima,
+// then sums and factors.
+//
 // Prob mode's x, a log_add_exp (an exp, a division, a log1p), is formed in a loop of its own
 // before the element's (row_kl_grad does the same with x and log q): in one loop each column
 // is a chain of ~45 dependent operations, more than the out-of-order window overlaps across
@@ -330,15 +332,18 @@ void fused_cpu(const Inputs& in, const at::TensorBase& weights, const at::Tensor
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> e(3 * cols), block(6 * blocks_of(cols));
       for (int64_t i = begin; i < end; ++i) {
-        const RowPtrs<T> row = row_ptrs<T>(in, i), next = row_ptrs<T>(in, std::min(i + 1, end - 1));
         T* row_grad = g ? g + i * cols : nullptr;
         if (weight.skipped(i)) {
           if (row_grad) store_zero_gradient(cols, row_grad);
           continue;
         }
+        int64_t following = i + 1;  // the next row to compute, whose inputs row_fused prefetches
+        while (following < end && weight.skipped(following)) ++following;
+        const RowPtrs<T> row = row_ptrs<T>(in, i),
+                         next = row_ptrs<T>(in, std::min(following, end - 1));
         const double kl =
-            row_fused<T, Mode>(row, i + 1 < end ? &next : nullptr, cols, weighted(prm, weight[i]),
-                               e.data(), block.data(), row_grad);
+            row_fused<T, Mode>(row, following < end ? &next : nullptr, cols,
+                               weighted(prm, weight[i]), e.data(), block.data(), row_grad);
         kl_ptr[i] = static_cast<float>(kl);
       }
       gradient_stored();

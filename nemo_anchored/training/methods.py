@@ -141,8 +141,11 @@ class Stm(CrossEntropy):
         tp_group = parallel_state.get_tensor_model_parallel_group()
 
         def base_ce(policy, reference, snapshot, batch):
+            # Weighted by the loss mask, the kernels skip the tokens outside it (ce 0 there,
+            # which `response` below drops).
             ce = token_cross_entropy(policy, batch["labels"].to(policy.device),
-                                     tp_group=tp_group, backend=self.cfg.baselines.backend)
+                                     tp_group=tp_group, backend=self.cfg.baselines.backend,
+                                     weights=batch["loss_mask"].to(policy.device, torch.float32))
             return ce.sum(), torch.tensor(1, dtype=torch.int), {"ce": ce, "index": batch["index"]}
 
         outputs = forward_over_dataset(base_ce)
