@@ -269,7 +269,9 @@ void scale_rows_(const torch::Tensor& grad, const torch::Tensor& scale) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace anchored_kl;
-  m.doc() = "Fused anchored-KL and SFT-stage loss kernels on vocab-sharded logits";
+  m.doc() =
+      "Fused anchored-KL and SFT-stage loss kernels on vocab-sharded logits; each loss kernel's "
+      "last argument is its per-row weights (CPU tensors only; None: every row weighs 1)";
   m.def("row_stats", &row_stats, "Local softmax statistics [rows, streams, 2]");
   m.def("kl_grad", &kl_grad, "Partial KL per row and the gradient shard, given global LSEs");
   m.def("fused", &fused, "KL per row and gradient for unsharded rows");
