@@ -13,6 +13,7 @@ import torch
 
 from nemo_anchored.ops import fused_available
 from tests.reference import max_row_relative_error, relative_error
+from tests.test_anchored_kl_cuda import check_weights_agree_with_the_cpu_kernels
 from tests.test_sharded_losses import OPS, TOLERANCES, check_sharded_passes, inputs, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -58,22 +59,10 @@ def test_cuda_kernels_agree_with_the_cpu_kernels(op):
 
 @pytest.mark.parametrize("op", OPS)
 def test_weights_in_the_forward_agree_with_the_cpu_kernels(op):
-    # The CUDA kernels take no weights: their gradient is weighed after them (vocab_parallel's
-    # weigh_gradient), to the same result as the CPU kernels that take them, 0 at weight 0 even
-    # for NaN logits.
     z, other, weights = inputs(op, (33, 5000), seed=3, padded=8)
     weights[::3] = 0.0
-    z[3, 10] = math.nan
-    results = []
-    for device in ("cuda", "cpu"):
-        zz = z.to(device).requires_grad_()
-        loss = OPS[op](zz, other.to(device), backend="fused", weights=weights.to(device))
-        loss.sum().backward()
-        results.append((loss.detach().cpu(), zz.grad.cpu()))
-    (gpu_loss, gpu_grad), (cpu_loss, cpu_grad) = results
-    assert (gpu_loss[::3] == 0).all() and (gpu_grad[::3] == 0).all()
-    assert max_row_relative_error(gpu_loss, cpu_loss) <= 1e-5
-    assert relative_error(gpu_grad, cpu_grad) <= 1e-5
+    check_weights_agree_with_the_cpu_kernels(
+        lambda zz, w: OPS[op](zz, other.to(zz.device), backend="fused", weights=w), z, weights)
 
 
 @pytest.mark.parametrize("op", OPS)
