@@ -293,7 +293,8 @@ def anchored_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, *,
         tp_group: the process group over which the last dimension is sharded (None: unsharded).
         backend: "torch", "fused" or "auto" (fused when built for the device and dtype).
         weights: per-token weights shaped like the loss (the loss mask, or the mask divided by
-            the token count for a mean), the same on every rank; see the Returns.
+            the token count for a mean), the same on every rank, constants (no gradient flows
+            to them); see the Returns.
 
     Returns:
         fp32 per-token loss (fp64 for fp64 inputs), identical on every rank of ``tp_group``;
