@@ -275,46 +275,33 @@ void dispatch(const Inputs& in, Fn&& fn) {
 }  // namespace
 
 void row_stats_cpu(const Inputs& in, const at::TensorBase& weights, const at::TensorBase& stats) {
-  const int64_t rows = in.z.size(0), cols = in.z.size(1);
+  const int64_t cols = in.z.size(1);
   const int streams = num_streams(in.mode);
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
-  const RowWeights weight = row_weights(weights);
   float* out = stats.data_ptr<float>();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        if (!weight.skipped(i))
-          row_stats<T, Mode>(row_ptrs<T>(in, i), cols, prm, out + i * streams * 2);
+    for_each_row<T>(in.z, weights, at::TensorBase(), [&](int64_t i, float, float*, float*) {
+      row_stats<T, Mode>(row_ptrs<T>(in, i), cols, prm, out + i * streams * 2);
     });
   });
 }
 
 void kl_grad_cpu(const Inputs& in, const at::TensorBase& weights, const at::TensorBase& lse,
                  const at::TensorBase& kl, const at::TensorBase& grad) {
-  const int64_t rows = in.z.size(0), cols = in.z.size(1);
+  const int64_t cols = in.z.size(1);
   const int streams = num_streams(in.mode);
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
-  const RowWeights weight = row_weights(weights);
   const float* lse_ptr = lse.data_ptr<float>();
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
-    T* g = grad.defined() ? grad.data_ptr<T>() : nullptr;
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        T* row_grad = g ? g + i * cols : nullptr;
-        if (weight.skipped(i)) {
-          if (row_grad) store_zero_gradient(cols, row_grad);
-          continue;
-        }
-        kl_ptr[i] = static_cast<float>(row_kl_grad<T, Mode>(row_ptrs<T>(in, i), cols,
-                                                            weighted(prm, weight[i]),
-                                                            lse_ptr + i * streams * 2, row_grad));
-      }
-      gradient_stored();
+    for_each_row<T>(in.z, weights, grad, [&](int64_t i, float weight, float*, float*) {
+      kl_ptr[i] =
+          static_cast<float>(row_kl_grad<T, Mode>(row_ptrs<T>(in, i), cols, weighted(prm, weight),
+                                                  lse_ptr + i * streams * 2, grad_row<T>(grad, i)));
     });
   });
 }
@@ -329,6 +316,7 @@ void fused_cpu(const Inputs& in, const at::TensorBase& weights, const at::Tensor
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
     T* g = grad.defined() ? grad.data_ptr<T>() : nullptr;
+    // cpu_rows.h's for_each_row, but for the look-ahead to the next row to prefetch.
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> e(3 * cols), block(6 * blocks_of(cols));
       for (int64_t i = begin; i < end; ++i) {

@@ -4,6 +4,7 @@
 // the compiler vectorizes, with -fno-trapping-math, which lets it turn the selects into blends).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/TensorBase.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -248,6 +250,33 @@ inline void gradient_stored() {
 #if defined(__SSE2__)
   _mm_sfence();
 #endif
+}
+
+// Row i of a [rows, cols] gradient of T (null for an undefined tensor).
+template <typename T>
+T* grad_row(const at::TensorBase& grad, int64_t i) {
+  return grad.defined() ? static_cast<T*>(grad.data_ptr()) + i * grad.size(1) : nullptr;
+}
+
+// Calls row(i, weight, e, block) for every row of z but the skipped ones (weight 0, RowWeights),
+// whose gradient rows (of T, when grad is defined) it writes as zeros; the rows split over
+// threads. e and block: each thread's scratch of `streams` x cols floats for the row's exps and
+// `per_block` floats per block of kBlock columns (the unsharded rows'; none for the others).
+template <typename T, class Row>
+void for_each_row(const at::TensorBase& z, const at::TensorBase& weights,
+                  const at::TensorBase& grad, Row&& row, int streams = 0, int per_block = 0) {
+  const int64_t cols = z.size(1);
+  const RowWeights weight = row_weights(weights);
+  at::parallel_for(0, z.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> e(streams * cols), block(per_block * blocks_of(cols));
+    for (int64_t i = begin; i < end; ++i) {
+      if (!weight.skipped(i))
+        row(i, weight[i], e.data(), block.data());
+      else if (grad.defined())
+        store_zero_gradient(cols, grad_row<T>(grad, i));
+    }
+    gradient_stored();
+  });
 }
 
 }  // namespace anchored_kl

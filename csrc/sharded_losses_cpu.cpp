@@ -10,7 +10,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "anchored_kl_math.h"
 #include "cpu_rows.h"
@@ -182,32 +181,6 @@ void dispatch(const at::TensorBase& z, Fn&& fn) {
 template <typename T>
 const T* row_of(const at::TensorBase& x, int64_t i) {
   return x.defined() ? static_cast<const T*>(x.const_data_ptr()) + i * x.size(1) : nullptr;
-}
-template <typename T>
-T* grad_row(const at::TensorBase& grad, int64_t i) {
-  return grad.defined() ? static_cast<T*>(grad.data_ptr()) + i * grad.size(1) : nullptr;
-}
-
-// Calls row(i, weight, e, block) for every row but the skipped ones (weight 0, cpu_rows.h's
-// RowWeights), whose gradient rows (of T, when grad is defined) it writes as zeros; the rows
-// split over threads. e and block: each thread's scratch of `streams` x cols floats for the
-// row's exps and `per_block` floats per block of kBlock columns (the unsharded rows'; none for
-// the others).
-template <typename T, class Row>
-void for_each_row(const at::TensorBase& z, const at::TensorBase& weights,
-                  const at::TensorBase& grad, Row&& row, int streams = 0, int per_block = 0) {
-  const int64_t cols = z.size(1);
-  const RowWeights weight = row_weights(weights);
-  at::parallel_for(0, z.size(0), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> e(streams * cols), block(per_block * blocks_of(cols));
-    for (int64_t i = begin; i < end; ++i) {
-      if (!weight.skipped(i))
-        row(i, weight[i], e.data(), block.data());
-      else if (grad.defined())
-        store_zero_gradient(cols, grad_row<T>(grad, i));
-    }
-    gradient_stored();
-  });
 }
 
 }  // namespace
