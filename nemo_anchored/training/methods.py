@@ -141,11 +141,12 @@ class Stm(CrossEntropy):
         tp_group = parallel_state.get_tensor_model_parallel_group()
 
         def base_ce(policy, reference, snapshot, batch):
-            # Weighted by the loss mask, the kernels skip the tokens outside it (ce 0 there,
-            # which `response` below drops).
+            # Weighted by the data's loss mask (MethodLoss's: Stm's own needs the filter this
+            # builds), the kernels skip the tokens outside it (ce 0 there, which `response`
+            # below drops).
             ce = token_cross_entropy(policy, batch["labels"].to(policy.device),
                                      tp_group=tp_group, backend=self.cfg.baselines.backend,
-                                     weights=batch["loss_mask"].to(policy.device, torch.float32))
+                                     weights=MethodLoss._loss_mask(self, batch, policy.device))
             return ce.sum(), torch.tensor(1, dtype=torch.int), {"ce": ce, "index": batch["index"]}
 
         outputs = forward_over_dataset(base_ce)
