@@ -38,6 +38,9 @@ METHODS = {
     "anchored_snapshot": ["method=anchored", "anchor.mode=snapshot", *SGD],
     "anchored_live": ["method=anchored", "anchor.mode=live", "anchor.interpolation=prob", *SGD],
     "kl_sft": ["method=kl_sft", *SGD],
+    # The threshold keeps about a third of the response tokens of the seed-initialised base
+    # (perplexity near the vocabulary's size): its pre-pass then decides what is trained.
+    "stm": ["method=stm", "baselines.stm_threshold=250", *SGD],
 }
 ADAMW = ["method=anchored", "anchor.mode=snapshot"]
 
@@ -113,6 +116,15 @@ def test_parallel_layouts_match_tp1(runs, method, layout):
 # and the threaded kernels (this bound was 1e-5 before both; the layer-level comparison of SDPA
 # against megatron's attention is tests/test_attention.py's, at 1e-5).
 ADAMW_TOL = 3e-5
+
+
+def test_stm_trains_on_the_base_models_low_perplexity_tokens(runs):
+    # Step 1's loss is the mean CE of the base model over the step's tokens in the loss, for stm
+    # as for sft (same base, batches and order). stm's filter keeps the tokens whose CE is
+    # <= log(threshold) and drops the others, all above it: its mean must be the lower. Equal
+    # would mean that it dropped nothing, higher that it kept the wrong tokens.
+    stm, sft = step_records(runs["stm_tp1"])[0], step_records(runs["sft_dp1"])[0]
+    assert stm["loss"] < sft["loss"] - 1e-3, (stm, sft)
 
 
 def test_adamw_losses_match_across_layouts(runs):
