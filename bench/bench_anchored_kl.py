@@ -228,22 +228,40 @@ def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp,
                 kept=1.0) -> dict | None:
     """Time and peak memory of one configuration (on rank 0 at TP > 1; None elsewhere)."""
     interpolation, anchor, alpha = mode.split("-")
-    alpha = float(alpha)
-    tp_group = None
-    rank = 0
-    if tp > 1:
-        torch.distributed.init_process_group("gloo")
-        tp_group = torch.distributed.group.WORLD
-        rank = torch.distributed.get_rank()
+    tp_group = start_tensor_parallel(tp)
+    rank = 0 if tp_group is None else torch.distributed.get_rank(tp_group)
     z, r, c = random_logits(rows, cols, anchor, dtype, device, tp, rank)
     z.requires_grad_()
     weights = mean_weights(rows, kept, device)
-    step = make_step(backend, interpolation, alpha, z, r, c, weights, tp_group)
-    streams = 3 if c is not None else 2
+    step = make_step(backend, interpolation, float(alpha), z, r, c, weights, tp_group)
+    # Ours is compared with a copy of as many bytes as it must move when every token is in the
+    # loss (with fewer, it skips the others' inputs).
+    record = time_steps(step, z, 3 if c is not None else 2, device, repeats, tp_group,
+                        ours=backend == "fused", with_copy=backend == "fused" and kept == 1)
+    if record is not None:
+        record.update(backend=backend, rows=rows, cols=cols, tp=tp, mode=mode,
+                      dtype=str(dtype), kept=kept)
+    return record
+
+
+def start_tensor_parallel(tp: int):
+    """The gloo group of a TP > 1 configuration's processes (None at TP = 1)."""
+    if tp == 1:
+        return None
+    torch.distributed.init_process_group("gloo")
+    return torch.distributed.group.WORLD
+
+
+def time_steps(step, z, streams: int, device, repeats, tp_group, *, ours: bool,
+               with_copy: bool) -> dict | None:
+    """Times ``step`` (which leaves the policy's gradient in z.grad) and the peak memory it
+    adds: the record of measure_one (on rank 0 at TP > 1, whose process group it ends; None
+    elsewhere). ``streams``: the [rows, V_local] inputs the operator reads; ``ours``: the step
+    is the extension's (the gradient buffer it keeps between calls counts as its memory);
+    ``with_copy``: compared with a copy of as many bytes as the operator must move (each input
+    read once, the gradient written once), one after each step."""
     moved = (streams + 1) * z.numel() * z.element_size()
-    # Ours is compared with a copy of as many bytes read + written as it must move (with every
-    # token in the loss: with fewer, it skips the others' inputs).
-    copy_src = torch.ones(moved // 8 if backend == "fused" and kept == 1 else 0, device=device)
+    copy_src = torch.ones(moved // 8 if with_copy else 0, device=device)
     copy_dst = torch.zeros_like(copy_src)
 
     for _ in range(WARMUP_STEPS):
@@ -257,7 +275,7 @@ def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp,
         with open("/proc/self/clear_refs", "w") as f:  # VmHWM from here on (Linux >= 4.0)
             f.write("5")
         base = resident_kib("VmRSS") * 1024
-        if backend == "fused":  # the gradient buffer ours keeps between calls is ours too
+        if ours:  # the gradient buffer ours keeps between calls is ours too
             from nemo_anchored import _C
             base -= _C.idle_cpu_gradient_bytes()
     times, cpu_times, copy_times = [], [], []
@@ -284,14 +302,14 @@ def measure_one(backend, rows, cols, mode, dtype, device, repeats, tp,
         peak_t = torch.tensor([peak], dtype=torch.float64)
         torch.distributed.all_reduce(peak_t, torch.distributed.ReduceOp.MAX)
         peak = int(peak_t.item())
+        rank = torch.distributed.get_rank(tp_group)
         torch.distributed.destroy_process_group()
         if rank != 0:
             return None
     median = statistics.median(times)
-    record = {"backend": backend, "rows": rows, "cols": cols, "tp": tp, "mode": mode,
-            "dtype": str(dtype), "kept": kept, "median_s": median, "times_s": times,
-            "cpu_s_per_step": statistics.median(cpu_times), "peak_extra_bytes": peak,
-            "bytes_moved_per_rank": moved, "effective_gb_per_s": moved / median / 1e9}
+    record = {"median_s": median, "times_s": times,
+              "cpu_s_per_step": statistics.median(cpu_times), "peak_extra_bytes": peak,
+              "bytes_moved_per_rank": moved, "effective_gb_per_s": moved / median / 1e9}
     if copy_src.numel():
         copy_gb_per_s = 2 * copy_src.numel() * 4 / statistics.median(copy_times) / 1e9
         record.update(copy_gb_per_s=copy_gb_per_s,
@@ -352,19 +370,25 @@ def run_in_subprocess(args, backend, shape, mode, tp) -> dict | None:
                                         or float(mode.split("-")[2]) != 1.0):
         return None
     rows, cols = map(int, shape.split("x"))
-    cmd = [sys.executable, __file__, "--one", backend, str(rows), str(cols), mode,
-           "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats),
-           "--tp", str(tp), "--kept", str(args.kept)]
+    return run_processes([sys.executable, __file__, "--one", backend, str(rows), str(cols), mode,
+                          "--device", args.device, "--dtype", args.dtype, "--repeats",
+                          str(args.repeats), "--tp", str(tp), "--kept", str(args.kept)],
+                         tp, args.threads)
+
+
+def run_processes(cmd: list, tp: int, threads: int) -> dict:
+    """Runs a benchmark's ``--one`` command in a fresh process, or in ``tp`` gloo processes
+    sharing ``threads``; returns the record rank 0 prints last."""
     if tp == 1:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               WORLD_SIZE=str(tp), OMP_NUM_THREADS=str(max(1, args.threads // tp)))
+               WORLD_SIZE=str(tp), OMP_NUM_THREADS=str(max(1, threads // tp)))
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE,
                               text=True) for rank in range(tp)]
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
-        raise RuntimeError(f"{backend} {shape} {mode} TP={tp} failed")
+        raise RuntimeError(f"{' '.join(cmd[1:])}: failed at TP = {tp}")
     return json.loads(outs[0].strip().splitlines()[-1])
 
 

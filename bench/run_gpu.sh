@@ -49,7 +49,10 @@ python3 -m pytest -q -p no:cacheprovider tests/test_anchored_kl_cuda.py tests/te
 want operator && step "operator benchmark" && {
 python3 bench/bench_anchored_kl.py --device cuda --dtype bfloat16 --repeats 20 2>&1 | tail -45
 python3 bench/bench_anchored_kl.py --device cuda --dtype float32 --repeats 20 \
-  --shapes 4096x32000 2>&1 | tail -25; }
+  --shapes 4096x32000 2>&1 | tail -25
+# The SFT-stage losses against eager, compiled, megatron-core's and Liger's cross-entropy.
+python3 bench/bench_sft_losses.py --device cuda --dtype bfloat16 --repeats 20 \
+  --shapes 4096x32000 2>&1 | tail -20; }
 # sft and kl_sft (fused and torch path), anchored live and snapshot, at two model sizes.
 want step-time && step "step-time benchmark" && {
 python3 bench/bench_step_time.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8 \
