@@ -68,30 +68,22 @@ AKL_INLINE const float* load_columns(const RowPtrs<T>& row, int64_t j0, int64_t 
   return cb;
 }
 
-// Asks for columns [j0, j0 + n) of a row's inputs, one request per 64-byte line, into the L1
-// (kL1, prefetcht0) or the L2 (kL2, prefetcht1).
-enum CacheLevel : int { kL2 = 2, kL1 = 3 };
+// Asks for columns [j0, j0 + n) of a row's inputs (cpu_rows.h's prefetch_columns), or for the
+// block kAhead blocks past j0 (prefetch_ahead).
 template <int Level, typename T>
-AKL_INLINE void prefetch_block(const RowPtrs<T>& row, int64_t j0, int64_t n, bool live) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t j = j0; j < j0 + n; j += kLine) {
-    __builtin_prefetch(row.z + j, 0, Level);
-    __builtin_prefetch(row.r + j, 0, Level);
-    if (!live) __builtin_prefetch(row.c + j, 0, Level);
-  }
+AKL_INLINE void prefetch_inputs(const RowPtrs<T>& row, int64_t j0, int64_t n, bool live) {
+  if (live)
+    prefetch_columns<Level>(j0, n, row.z, row.r);
+  else
+    prefetch_columns<Level>(j0, n, row.z, row.r, row.c);
 }
 
-// A pass that reads a row's inputs from DRAM asks for them kAhead blocks (4 KiB of fp32 per
-// input) before it reads them: the hardware prefetchers alone leave the arithmetic waiting. On
-// the operator benchmark's 2-core Zen 5 (4096 x 32000 fp32, logit live), row_fused's first pass
-// took 69 ms from DRAM against 42 ms on rows already in the L3, and 53 ms with this; the whole
-// row_fused without a gradient 90 -> 78 ms, row_kl_grad on a 16000-column shard 48-55 -> 37-42
-// ms, row_stats within 2 ms either way. Two blocks ahead did better than one or three.
-constexpr int64_t kAhead = 2;
 template <typename T>
-AKL_INLINE void prefetch_ahead(const RowPtrs<T>& row, int64_t j0, int64_t cols, bool live) {
-  const int64_t ahead = j0 + kAhead * kBlock;
-  if (ahead < cols) prefetch_block<kL1>(row, ahead, std::min(kBlock, cols - ahead), live);
+AKL_INLINE void prefetch_inputs_ahead(const RowPtrs<T>& row, int64_t j0, int64_t cols, bool live) {
+  if (live)
+    prefetch_ahead(j0, cols, row.z, row.r);
+  else
+    prefetch_ahead(j0, cols, row.z, row.r, row.c);
 }
 
 template <typename T, Interp Mode>
@@ -100,7 +92,7 @@ AKL_CPU_CLONES void row_stats(const RowPtrs<T>& row, int64_t cols, const Params&
   RowSoftmax s[3];
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
-    prefetch_ahead(row, j0, cols, prm.live);
+    prefetch_inputs_ahead(row, j0, cols, prm.live);
     load_scaled(row.z + j0, n, prm.inv_tau, zb);
     s[0].add(zb, n);
     load_scaled(row.r + j0, n, prm.inv_tau, rb);
@@ -133,7 +125,7 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
-    prefetch_ahead(row, j0, cols, prm.live);
+    prefetch_inputs_ahead(row, j0, cols, prm.live);
     const float* cur = load_columns(row, j0, n, prm, zb, cb, rb);
     if constexpr (Mode == Interp::kLogit)  // in a loop of its own: see logit_element
       for (int64_t j = 0; j < n; ++j) ab[j] = anchor_logit(cur[j], rb[j], prm.alpha);
@@ -172,9 +164,9 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
 // pass waits on DRAM (little arithmetic per byte), so the second, the one with the most
 // arithmetic, prefetches the next row into the L2 as it goes (`next`: the thread's next row of
 // non-zero weight, null after its last), and the first asks for its own blocks ahead
-// (prefetch_ahead) for what that leaves out: the next row does not all fit beside this row and
-// e in a 1 MiB L2 (Zen 5). `block` holds 2 x 3 floats per block of kBlock columns: maxima,
-// then sums and factors.
+// (prefetch_inputs_ahead) for what that leaves out: the next row does not all fit beside this row
+// and e in a 1 MiB L2 (Zen 5). `block` holds 2 x 3 floats per block of kBlock columns: maxima, then
+// sums and factors.
 //
 // Prob mode's x, a log_add_exp (an exp, a division, a log1p), is formed in a loop of its own
 // before the element's (row_kl_grad does the same with x and log q): in one loop each column
@@ -197,7 +189,7 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
   float zb[kBlock], cb[kBlock], rb[kBlock], gb[kBlock], kb[kBlock];
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
-    prefetch_ahead(row, j0, cols, prm.live);
+    prefetch_inputs_ahead(row, j0, cols, prm.live);
     if constexpr (Mode == Interp::kLogit) {
       const float* cur = load_columns(row, j0, n, prm, es[0] + j0, cb, rb);
       for (int64_t j = 0; j < n; ++j) es[1][j0 + j] = anchor_logit(cur[j], rb[j], prm.alpha);
@@ -222,7 +214,7 @@ AKL_CPU_CLONES double row_fused(const RowPtrs<T>& row, const RowPtrs<T>* next, i
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
     const float* cur = load_columns(row, j0, n, prm, zb, cb, rb);
-    if (next != nullptr) prefetch_block<kL2>(*next, j0, n, prm.live);
+    if (next != nullptr) prefetch_inputs<kL2>(*next, j0, n, prm.live);
     const float fp = s[0].factor[b], fq = s[1].factor[b], fc = s[current].factor[b],
                 fr = s[2].factor[b];
     if constexpr (Mode == Interp::kProb)  // x in a loop of its own (into gb): see above
@@ -282,9 +274,10 @@ void row_stats_cpu(const Inputs& in, const at::TensorBase& weights, const at::Te
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
-    for_each_row<T>(in.z, weights, at::TensorBase(), [&](int64_t i, float, float*, float*) {
-      row_stats<T, Mode>(row_ptrs<T>(in, i), cols, prm, out + i * streams * 2);
-    });
+    for_each_row<T>(in.z, weights, at::TensorBase(),
+                    [&](int64_t i, int64_t, float, float*, float*) {
+                      row_stats<T, Mode>(row_ptrs<T>(in, i), cols, prm, out + i * streams * 2);
+                    });
   });
 }
 
@@ -298,7 +291,7 @@ void kl_grad_cpu(const Inputs& in, const at::TensorBase& weights, const at::Tens
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
-    for_each_row<T>(in.z, weights, grad, [&](int64_t i, float weight, float*, float*) {
+    for_each_row<T>(in.z, weights, grad, [&](int64_t i, int64_t, float weight, float*, float*) {
       kl_ptr[i] =
           static_cast<float>(row_kl_grad<T, Mode>(row_ptrs<T>(in, i), cols, weighted(prm, weight),
                                                   lse_ptr + i * streams * 2, grad_row<T>(grad, i)));
@@ -308,34 +301,21 @@ void kl_grad_cpu(const Inputs& in, const at::TensorBase& weights, const at::Tens
 
 void fused_cpu(const Inputs& in, const at::TensorBase& weights, const at::TensorBase& kl,
                const at::TensorBase& grad) {
-  const int64_t rows = in.z.size(0), cols = in.z.size(1);
+  const int64_t cols = in.z.size(1);
   const Params prm = make_params(in.alpha, in.inv_tau, !in.c.has_value());
-  const RowWeights weight = row_weights(weights);
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(in, [&](auto type_tag, auto mode_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     constexpr Interp Mode = decltype(mode_tag)::value;
-    T* g = grad.defined() ? grad.data_ptr<T>() : nullptr;
-    // cpu_rows.h's for_each_row, but for the look-ahead to the next row to prefetch.
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> e(3 * cols), block(6 * blocks_of(cols));
-      for (int64_t i = begin; i < end; ++i) {
-        T* row_grad = g ? g + i * cols : nullptr;
-        if (weight.skipped(i)) {
-          if (row_grad) store_zero_gradient(cols, row_grad);
-          continue;
-        }
-        int64_t following = i + 1;  // the next row to compute, whose inputs row_fused prefetches
-        while (following < end && weight.skipped(following)) ++following;
-        const RowPtrs<T> row = row_ptrs<T>(in, i),
-                         next = row_ptrs<T>(in, std::min(following, end - 1));
-        const double kl =
-            row_fused<T, Mode>(row, following < end ? &next : nullptr, cols,
-                               weighted(prm, weight[i]), e.data(), block.data(), row_grad);
-        kl_ptr[i] = static_cast<float>(kl);
-      }
-      gradient_stored();
-    });
+    for_each_row<T>(
+        in.z, weights, grad,
+        [&](int64_t i, int64_t next, float weight, float* e, float* block) {
+          const RowPtrs<T> following = row_ptrs<T>(in, next < 0 ? i : next);
+          kl_ptr[i] = static_cast<float>(
+              row_fused<T, Mode>(row_ptrs<T>(in, i), next < 0 ? nullptr : &following, cols,
+                                 weighted(prm, weight), e, block, grad_row<T>(grad, i)));
+        },
+        3, 6);
   });
 }
 

@@ -26,6 +26,10 @@ AKL_CPU_CLONES void row_stats(const T* z, const T* r, int64_t cols, float* stats
   double policy_weighted = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
+    if (r == nullptr)
+      prefetch_ahead(j0, cols, z);
+    else
+      prefetch_ahead(j0, cols, z, r);
     load_block(z + j0, n, zb);
     const double rescale = policy.add(zb, n, e);
     if (r == nullptr) continue;
@@ -49,6 +53,7 @@ AKL_CPU_CLONES void row_cross_entropy_grad(const T* z, int64_t cols, int64_t lab
   float zb[kBlock], gb[kBlock];
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
+    prefetch_ahead(j0, cols, z);
     load_block(z + j0, n, zb);
     for (int64_t j = 0; j < n; ++j)
       gb[j] =
@@ -66,6 +71,7 @@ AKL_CPU_CLONES double row_reverse_kl(const T* z, const T* r, int64_t cols, const
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
+    prefetch_ahead(j0, cols, z, r);
     load_block(z + j0, n, zb);
     load_block(r + j0, n, rb);
     for (int64_t j = 0; j < n; ++j) {
@@ -82,17 +88,21 @@ AKL_CPU_CLONES double row_reverse_kl(const T* z, const T* r, int64_t cols, const
 // The unsharded rows (the *_fused_cpu calls) in two passes while the row stays in cache, as in
 // anchored_kl_cpu.cpp's row_fused: the first keeps each block's exps in `e` (BlockSoftmax), the
 // second forms the probabilities from them, so a column takes one exp per distribution where
-// the sharded rows' statistics and gradient passes take two.
+// the sharded rows' statistics and gradient passes take two. As there too, the first pass asks
+// for its blocks ahead (prefetch_ahead) and the second prefetches the thread's next row into
+// the L2 (next_z, next_r: null after its last row).
 
 // Returns the row's cross-entropy and writes weight x (p - onehot(label)) when grad != nullptr.
 // e: cols floats; block: 2 per block of kBlock columns.
 template <typename T>
-AKL_CPU_CLONES float row_cross_entropy_fused(const T* z, int64_t cols, int64_t label, float* e,
-                                             float* block, float weight, T* grad) {
+AKL_CPU_CLONES float row_cross_entropy_fused(const T* z, const T* next_z, int64_t cols,
+                                             int64_t label, float* e, float* block, float weight,
+                                             T* grad) {
   const int64_t blocks = blocks_of(cols);
   BlockSoftmax p{block, block + blocks};
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
+    prefetch_ahead(j0, cols, z);
     load_block(z + j0, n, e + j0);
     p.add(b, e + j0, n, e + j0);
   }
@@ -102,6 +112,7 @@ AKL_CPU_CLONES float row_cross_entropy_fused(const T* z, int64_t cols, int64_t l
     float gb[kBlock];
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
+      if (next_z != nullptr) prefetch_columns<kL2>(j0, n, next_z);
       const float factor = p.factor[b];
       for (int64_t j = 0; j < n; ++j)
         gb[j] = weight * cross_entropy_element_of(e[j0 + j] * factor, j0 + j == label);
@@ -116,8 +127,9 @@ AKL_CPU_CLONES float row_cross_entropy_fused(const T* z, int64_t cols, int64_t l
 // cols floats; block: 5 per block (z's and r's maxima and factors, then each block's share of
 // E_p[z - r] before its factor).
 template <typename T>
-AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, int64_t cols, float* e,
-                                           float* block, float weight, T* grad) {
+AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, const T* next_z, const T* next_r,
+                                           int64_t cols, float* e, float* block, float weight,
+                                           T* grad) {
   const int64_t blocks = blocks_of(cols);
   float* const ez = e;
   float* const er = e + cols;
@@ -126,6 +138,7 @@ AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, int64_t cols,
   float zb[kBlock], rb[kBlock], t[kBlock];
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
+    prefetch_ahead(j0, cols, z, r);
     load_block(z + j0, n, zb);
     load_block(r + j0, n, rb);
     p.add(b, zb, n, ez + j0);
@@ -148,6 +161,7 @@ AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, int64_t cols,
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
     load_block(z + j0, n, zb);
     load_block(r + j0, n, rb);
+    if (next_z != nullptr) prefetch_columns<kL2>(j0, n, next_z, next_r);
     const float fp = p.factor[b], fr = ref.factor[b];
     for (int64_t j = 0; j < n; ++j) {
       const ReverseKlElement el = reverse_kl_element_of(ez[j0 + j] * fp, er[j0 + j] * fr,
@@ -177,10 +191,12 @@ void dispatch(const at::TensorBase& z, Fn&& fn) {
   }
 }
 
-// Row i of a [rows, cols] tensor of T (null for an undefined tensor).
+// Row i of a [rows, cols] tensor of T (null for an undefined tensor or i = -1, for_each_row's
+// "no next row").
 template <typename T>
 const T* row_of(const at::TensorBase& x, int64_t i) {
-  return x.defined() ? static_cast<const T*>(x.const_data_ptr()) + i * x.size(1) : nullptr;
+  return x.defined() && i >= 0 ? static_cast<const T*>(x.const_data_ptr()) + i * x.size(1)
+                               : nullptr;
 }
 
 }  // namespace
@@ -192,7 +208,7 @@ void loss_stats_cpu(const at::TensorBase& z, const at::TensorBase& r, const at::
   float* w = r.defined() ? weighted.data_ptr<float>() : nullptr;
   dispatch(z, [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    for_each_row<T>(z, weights, at::TensorBase(), [&](int64_t i, float, float*, float*) {
+    for_each_row<T>(z, weights, at::TensorBase(), [&](int64_t i, int64_t, float, float*, float*) {
       row_stats<T>(row_of<T>(z, i), row_of<T>(r, i), cols, out + i * width, w ? w + i : nullptr);
     });
   });
@@ -205,7 +221,7 @@ void cross_entropy_grad_cpu(const at::TensorBase& z, const at::TensorBase& label
   const float* lse_ptr = lse.const_data_ptr<float>();
   dispatch(z, [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    for_each_row<T>(z, weights, grad, [&](int64_t i, float weight, float*, float*) {
+    for_each_row<T>(z, weights, grad, [&](int64_t i, int64_t, float weight, float*, float*) {
       row_cross_entropy_grad<T>(row_of<T>(z, i), z.size(1), label[i], lse_ptr + 2 * i, weight,
                                 grad_row<T>(grad, i));
     });
@@ -221,9 +237,10 @@ void cross_entropy_fused_cpu(const at::TensorBase& z, const at::TensorBase& labe
     using T = std::remove_pointer_t<decltype(type_tag)>;
     for_each_row<T>(
         z, weights, grad,
-        [&](int64_t i, float weight, float* e, float* block) {
-          loss_ptr[i] = row_cross_entropy_fused<T>(row_of<T>(z, i), z.size(1), label[i], e, block,
-                                                   weight, grad_row<T>(grad, i));
+        [&](int64_t i, int64_t next, float weight, float* e, float* block) {
+          loss_ptr[i] =
+              row_cross_entropy_fused<T>(row_of<T>(z, i), row_of<T>(z, next), z.size(1), label[i],
+                                         e, block, weight, grad_row<T>(grad, i));
         },
         1, 2);
   });
@@ -238,7 +255,7 @@ void reverse_kl_grad_cpu(const at::TensorBase& z, const at::TensorBase& r,
   float* kl_ptr = kl.data_ptr<float>();
   dispatch(z, [&](auto type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    for_each_row<T>(z, weights, grad, [&](int64_t i, float weight, float*, float*) {
+    for_each_row<T>(z, weights, grad, [&](int64_t i, int64_t, float weight, float*, float*) {
       kl_ptr[i] = static_cast<float>(row_reverse_kl<T>(row_of<T>(z, i), row_of<T>(r, i), z.size(1),
                                                        lse_ptr + 4 * i, mean[i], weight,
                                                        grad_row<T>(grad, i)));
@@ -254,9 +271,10 @@ void reverse_kl_fused_cpu(const at::TensorBase& z, const at::TensorBase& r,
     using T = std::remove_pointer_t<decltype(type_tag)>;
     for_each_row<T>(
         z, weights, grad,
-        [&](int64_t i, float weight, float* e, float* block) {
+        [&](int64_t i, int64_t next, float weight, float* e, float* block) {
           kl_ptr[i] = static_cast<float>(row_reverse_kl_fused<T>(
-              row_of<T>(z, i), row_of<T>(r, i), z.size(1), e, block, weight, grad_row<T>(grad, i)));
+              row_of<T>(z, i), row_of<T>(r, i), row_of<T>(z, next), row_of<T>(r, next), z.size(1),
+              e, block, weight, grad_row<T>(grad, i)));
         },
         2, 5);
   });
