@@ -30,12 +30,12 @@ AKL_CPU_CLONES void row_stats(const T* z, const T* r, int64_t cols, float* stats
       prefetch_ahead(j0, cols, z);
     else
       prefetch_ahead(j0, cols, z, r);
-    load_block(z + j0, n, zb);
-    const double rescale = policy.add(zb, n, e);
+    const float* zs = fp32_block(z + j0, n, zb);
+    const double rescale = policy.add(zs, n, e);
     if (r == nullptr) continue;
-    load_block(r + j0, n, rb);
-    reference.add(rb, n);
-    for (int64_t j = 0; j < n; ++j) t[j] = weighted_difference(e[j], zb[j], rb[j]);
+    const float* rs = fp32_block(r + j0, n, rb);
+    reference.add(rs, n);
+    for (int64_t j = 0; j < n; ++j) t[j] = weighted_difference(e[j], zs[j], rs[j]);
     policy_weighted = policy_weighted * rescale + lane_sum(t, n);
   }
   stats[0] = policy.max;
@@ -54,10 +54,10 @@ AKL_CPU_CLONES void row_cross_entropy_grad(const T* z, int64_t cols, int64_t lab
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
     prefetch_ahead(j0, cols, z);
-    load_block(z + j0, n, zb);
+    const float* zs = fp32_block(z + j0, n, zb);
     for (int64_t j = 0; j < n; ++j)
       gb[j] =
-          weight * cross_entropy_element<CpuMath>(log_softmax_at(zb[j], lse, 0), j0 + j == label);
+          weight * cross_entropy_element<CpuMath>(log_softmax_at(zs[j], lse, 0), j0 + j == label);
     store_gradient(gb, n, grad + j0);
   }
 }
@@ -72,10 +72,10 @@ AKL_CPU_CLONES double row_reverse_kl(const T* z, const T* r, int64_t cols, const
   for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
     const int64_t n = std::min(kBlock, cols - j0);
     prefetch_ahead(j0, cols, z, r);
-    load_block(z + j0, n, zb);
-    load_block(r + j0, n, rb);
+    const float* zs = fp32_block(z + j0, n, zb);
+    const float* rs = fp32_block(r + j0, n, rb);
     for (int64_t j = 0; j < n; ++j) {
-      const ReverseKlElement e = reverse_kl_element<CpuMath>(zb[j], rb[j], lse, mean_difference);
+      const ReverseKlElement e = reverse_kl_element<CpuMath>(zs[j], rs[j], lse, mean_difference);
       gb[j] = weight * e.grad;
       kb[j] = e.kl_term;
     }
@@ -103,8 +103,7 @@ AKL_CPU_CLONES float row_cross_entropy_fused(const T* z, const T* next_z, int64_
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
     prefetch_ahead(j0, cols, z);
-    load_block(z + j0, n, e + j0);
-    p.add(b, e + j0, n, e + j0);
+    p.add(b, fp32_block(z + j0, n, e + j0), n, e + j0);
   }
   float lse[2];
   p.finish(blocks, lse);
@@ -139,11 +138,11 @@ AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, const T* next
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
     prefetch_ahead(j0, cols, z, r);
-    load_block(z + j0, n, zb);
-    load_block(r + j0, n, rb);
-    p.add(b, zb, n, ez + j0);
-    ref.add(b, rb, n, er + j0);
-    for (int64_t j = 0; j < n; ++j) t[j] = weighted_difference(ez[j0 + j], zb[j], rb[j]);
+    const float* zs = fp32_block(z + j0, n, zb);
+    const float* rs = fp32_block(r + j0, n, rb);
+    p.add(b, zs, n, ez + j0);
+    ref.add(b, rs, n, er + j0);
+    for (int64_t j = 0; j < n; ++j) t[j] = weighted_difference(ez[j0 + j], zs[j], rs[j]);
     weighted[b] = lane_sum(t, n);
   }
   float lse[4];
@@ -159,13 +158,13 @@ AKL_CPU_CLONES double row_reverse_kl_fused(const T* z, const T* r, const T* next
   double kl = 0.0;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, cols - j0);
-    load_block(z + j0, n, zb);
-    load_block(r + j0, n, rb);
+    const float* zs = fp32_block(z + j0, n, zb);
+    const float* rs = fp32_block(r + j0, n, rb);
     if (next_z != nullptr) prefetch_columns<kL2>(j0, n, next_z, next_r);
     const float fp = p.factor[b], fr = ref.factor[b];
     for (int64_t j = 0; j < n; ++j) {
       const ReverseKlElement el = reverse_kl_element_of(ez[j0 + j] * fp, er[j0 + j] * fr,
-                                                        zb[j] - rb[j], lse, mean_difference);
+                                                        zs[j] - rs[j], lse, mean_difference);
       gb[j] = weight * el.grad;
       kb[j] = el.kl_term;
     }
