@@ -434,14 +434,46 @@ def print_row(shape, mode, tp, runs, ratios):
               f"CPU time {ours['cpu_s_per_step']:.3f} s per step")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def run_comparison(args, variants, key: str, names, run, prefix: str) -> None:
+    """The comparison, printed and written as JSON (RESULTS/PREFIX_KIND_DTYPE[_tpN][_keptK].json
+    unless ``args.out``): for every TP size (``args.tp``; default 1 and, on the CPU, 2), shape
+    (``args.shapes``, ``args.tp_shapes`` at TP > 1) and variant (``key``: an anchored mode or an
+    SFT-stage loss), each implementation in ``names`` by ``run(name, shape, variant, tp)``
+    (None: cannot run here), ours against the others."""
+    device = device_description(args.device)
+    tps = args.tp or ([1, 2] if args.device == "cpu" else [1])
+    if args.device != "cpu" and tps != [1]:
+        raise SystemExit("--tp > 1 runs on the CPU only (gloo processes)")
+    print(f"device: {device['name']} ({device['kind']}, {device['threads']} threads), "
+          f"dtype {args.dtype}, median of {args.repeats}; times forward + backward of the mean "
+          f"over {args.kept:.0%} of the tokens")
+    rows_out = []
+    for tp in tps:
+        for shape in (args.shapes if tp == 1 else args.tp_shapes):
+            for variant in variants:
+                runs = {name: run(name, shape, variant, tp) for name in names}
+                ratios = compare(runs)
+                print_row(shape, variant, tp, runs, ratios)
+                rows_out.append({"shape": shape, key: variant, "tp": tp, "runs": runs,
+                                 "ours_vs": ratios, "load_average": list(os.getloadavg())})
+    print("MiB: peak memory over the resident inputs during forward + backward (the "
+          "gradient buffer alone is rows x V_local x itemsize); n/a: cannot run here")
+    suffix = "" if tps == [1] else "_tp" + "".join(map(str, tps))
+    if args.kept < 1:
+        suffix += f"_kept{round(100 * args.kept)}"
+    write_results(args.out or RESULTS / f"{prefix}_{device['kind']}_{args.dtype}{suffix}.json",
+                  {"device": device, "dtype": args.dtype, "repeats": args.repeats,
+                   "kept": args.kept, "results": rows_out})
+
+
+def comparison_parser(description: str, backends) -> argparse.ArgumentParser:
+    """The options an operator comparison takes (run_comparison's and time_steps')."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="ROWSxV (full)")
-    parser.add_argument("--modes", nargs="+", default=None,
-                        help="INTERPOLATION-ANCHOR-ALPHA, e.g. logit-live-0.5 prob-snapshot-1")
-    parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
+    parser.add_argument("--backends", nargs="+", default=backends, choices=backends)
     parser.add_argument("--tp", nargs="+", type=int, default=None,
                         help="tensor-parallel sizes (default: 1 and, on the CPU, 2)")
     parser.add_argument("--tp-shapes", nargs="+", default=DEFAULT_SHAPES[:1],
@@ -450,6 +482,13 @@ def main():
     parser.add_argument("--kept", type=float, default=1.0,
                         help="the share of tokens a random loss mask keeps in the mean")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
+    return parser
+
+
+def main():
+    parser = comparison_parser(__doc__.splitlines()[0], BACKENDS)
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="INTERPOLATION-ANCHOR-ALPHA, e.g. logit-live-0.5 prob-snapshot-1")
     parser.add_argument("--breakdown", action="store_true",
                         help="instead of the comparison: where ours spends its step (TP = 1)")
     parser.add_argument("--one", nargs=4, metavar=("BACKEND", "ROWS", "COLS", "MODE"),
@@ -467,9 +506,9 @@ def main():
             print(json.dumps(record))
         return
 
-    device = device_description(args.device)
     modes = args.modes or DEFAULT_MODES["cuda" if args.device == "cuda" else "cpu"]
     if args.breakdown:
+        device = device_description(args.device)
         rows_out = []
         for shape in args.shapes:
             for mode in modes:
@@ -484,30 +523,9 @@ def main():
                       f"{args.dtype}.json", {"device": device, "dtype": args.dtype,
                                               "repeats": args.repeats, "results": rows_out})
         return
-    tps = args.tp or ([1, 2] if args.device == "cpu" else [1])
-    if args.device != "cpu" and tps != [1]:
-        parser.error("--tp > 1 runs on the CPU only (gloo processes)")
-    print(f"device: {device['name']} ({device['kind']}, {device['threads']} threads), "
-          f"dtype {args.dtype}, median of {args.repeats}; times forward + backward of the mean "
-          f"over {args.kept:.0%} of the tokens")
-    rows_out = []
-    for tp in tps:
-        for shape in (args.shapes if tp == 1 else args.tp_shapes):
-            for mode in modes:
-                runs = {name: run_in_subprocess(args, name, shape, mode, tp)
-                        for name in implementations(args.backends)}
-                ratios = compare(runs)
-                print_row(shape, mode, tp, runs, ratios)
-                rows_out.append({"shape": shape, "mode": mode, "tp": tp, "runs": runs,
-                                 "ours_vs": ratios, "load_average": list(os.getloadavg())})
-    print("MiB: peak memory over the resident inputs during forward + backward (the "
-          "gradient buffer alone is rows x V_local x itemsize); n/a: cannot run here")
-    suffix = "" if tps == [1] else "_tp" + "".join(map(str, tps))
-    if args.kept < 1:
-        suffix += f"_kept{round(100 * args.kept)}"
-    write_results(args.out or RESULTS / f"anchored_kl_{device['kind']}_{args.dtype}{suffix}.json",
-                  {"device": device, "dtype": args.dtype, "repeats": args.repeats,
-                   "kept": args.kept, "results": rows_out})
+    run_comparison(args, modes, "mode", list(implementations(args.backends)),
+                   lambda name, shape, mode, tp: run_in_subprocess(args, name, shape, mode, tp),
+                   "anchored_kl")
 
 
 if __name__ == "__main__":

@@ -28,21 +28,17 @@ Writes JSON (with the device description) to bench/results/.
 """
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench_anchored_kl import (RESULTS, compare, device_description, gather_columns,
-                               mean_weights, print_row, random_logits, run_processes,
-                               start_tensor_parallel, time_steps, write_results)
+from bench_anchored_kl import (comparison_parser, gather_columns, mean_weights, random_logits,
+                               run_comparison, run_processes, start_tensor_parallel, time_steps)
 
 LOSSES = ["cross_entropy", "reverse_kl"]
 BACKENDS = ["eager", "compiled", "megatron", "liger", "fused", "torch"]
 ONLY_CROSS_ENTROPY = {"megatron", "liger"}
-DEFAULT_SHAPES = ["4096x32000", "2048x19008"]  # as bench_anchored_kl.py's
 
 
 def eager_cross_entropy(z, labels):
@@ -140,7 +136,7 @@ def measure_one(backend, loss, rows, cols, dtype, device, repeats, tp, kept) -> 
     return record
 
 
-def run_in_subprocess(args, backend, loss, shape, tp) -> dict | None:
+def run_in_subprocess(args, backend, shape, loss, tp) -> dict | None:
     """One configuration in fresh processes; None when the implementation cannot run here."""
     if backend in ONLY_CROSS_ENTROPY and loss != "cross_entropy":
         return None
@@ -154,20 +150,8 @@ def run_in_subprocess(args, backend, loss, shape, tp) -> dict | None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser = comparison_parser(__doc__.splitlines()[0], BACKENDS)
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
-    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="ROWSxV (full)")
-    parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
-    parser.add_argument("--tp", nargs="+", type=int, default=None,
-                        help="tensor-parallel sizes (default: 1 and, on the CPU, 2)")
-    parser.add_argument("--tp-shapes", nargs="+", default=DEFAULT_SHAPES[:1],
-                        help="the shapes run at TP > 1")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kept", type=float, default=1.0,
-                        help="the share of tokens a random loss mask keeps in the mean")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     parser.add_argument("--one", nargs=4, metavar=("BACKEND", "LOSS", "ROWS", "COLS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -182,31 +166,9 @@ def main():
             print(json.dumps(record))
         return
 
-    device = device_description(args.device)
-    tps = args.tp or ([1, 2] if args.device == "cpu" else [1])
-    if args.device != "cpu" and tps != [1]:
-        parser.error("--tp > 1 runs on the CPU only (gloo processes)")
-    print(f"device: {device['name']} ({device['kind']}, {device['threads']} threads), "
-          f"dtype {args.dtype}, median of {args.repeats}; times forward + backward of the mean "
-          f"over {args.kept:.0%} of the tokens")
-    rows_out = []
-    for tp in tps:
-        for shape in (args.shapes if tp == 1 else args.tp_shapes):
-            for loss in args.losses:
-                runs = {name: run_in_subprocess(args, name, loss, shape, tp)
-                        for name in args.backends}
-                ratios = compare(runs)
-                print_row(shape, loss, tp, runs, ratios)
-                rows_out.append({"shape": shape, "loss": loss, "tp": tp, "runs": runs,
-                                 "ours_vs": ratios, "load_average": list(os.getloadavg())})
-    print("MiB: peak memory over the resident inputs during forward + backward (the "
-          "gradient buffer alone is rows x V_local x itemsize); n/a: cannot run here")
-    suffix = "" if tps == [1] else "_tp" + "".join(map(str, tps))
-    if args.kept < 1:
-        suffix += f"_kept{round(100 * args.kept)}"
-    write_results(args.out or RESULTS / f"sft_losses_{device['kind']}_{args.dtype}{suffix}.json",
-                  {"device": device, "dtype": args.dtype, "repeats": args.repeats,
-                   "kept": args.kept, "results": rows_out})
+    run_comparison(args, args.losses, "loss", args.backends,
+                   lambda name, shape, loss, tp: run_in_subprocess(args, name, shape, loss, tp),
+                   "sft_losses")
 
 
 if __name__ == "__main__":
