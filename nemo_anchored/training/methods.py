@@ -112,11 +112,16 @@ class KlSft(CrossEntropy):
 
     def _per_token(self, policy, reference, snapshot, batch, mask):
         ce, sums = super()._per_token(policy, reference, snapshot, batch, mask)
-        kl_ref = reverse_kl(policy, reference,
+        # lambda rides in the KL's weights: its kernels then write lambda x its gradient, and
+        # the backward has no pass over the [tokens, V] gradient of its own to scale it. At
+        # lambda = 0 the KL is only logged.
+        lam = self.kl_lambda
+        kl_ref = reverse_kl(policy if lam > 0 else policy.detach(), reference,
                             tp_group=parallel_state.get_tensor_model_parallel_group(),
-                            backend=self.cfg.baselines.backend, weights=mask)
-        sums["kl_policy_ref"] = kl_ref.detach().sum()
-        return ce + self.kl_lambda * kl_ref, sums
+                            backend=self.cfg.baselines.backend,
+                            weights=mask * lam if lam > 0 else mask)
+        sums["kl_policy_ref"] = kl_ref.detach().sum() / (lam if lam > 0 else 1.0)
+        return (ce + kl_ref if lam > 0 else ce), sums
 
 
 class Dft(CrossEntropy):
