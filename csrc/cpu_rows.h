@@ -1,7 +1,9 @@
 // What the CPU kernels share: exp and log1p as vectorizable float arithmetic, sums in
-// independent lanes, and the running softmax of a row, all over blocks of kBlock columns that a
-// kernel has converted to fp32 on its stack (so the hot loops run over plain float arrays that
-// the compiler vectorizes, with -fno-trapping-math, which lets it turn the selects into blends).
+// independent lanes, and the running softmax of a row, all over blocks of kBlock columns in fp32
+// (converted on the kernel's stack, or the row itself when it is fp32), so the hot loops run
+// over plain float arrays that the compiler vectorizes, with -fno-trapping-math, which lets it
+// turn the selects into blends; and the prefetches, the gradient's streaming stores and the row
+// loop around them.
 #pragma once
 
 #include <ATen/Parallel.h>
