@@ -198,19 +198,30 @@ def make_step(backend, interpolation, alpha, z, r, c, weights, tp_group):
             z.grad = None
             f(z, r, c, weights).sum().backward()
         return ours_step
+
+    def gathered(x):  # the baselines see the full vocabulary on every rank
+        return x if tp_group is None or x is None else gather_columns(x, tp_group)
+    return baseline_step(z, lambda policy: f(policy, gathered(r), gathered(c)), weights,
+                         tp_group)
+
+
+def baseline_step(z, loss, weights, tp_group):
+    """A baseline's forward + backward, the policy's gradient landing in z.grad: ``loss(policy)``
+    is its per-token loss on the full vocabulary, given the mean's ``weights`` as its gradient.
+    At TP > 1 the policy is gathered from the shards on every rank (the gather in the step's
+    time) and the rank keeps its slice of the full gradient."""
     if tp_group is None:
         def step():
             z.grad = None
-            f(z, r, c).backward(weights)
+            loss(z).backward(weights)
         return step
 
     rank = torch.distributed.get_rank(tp_group)
     width = z.shape[-1]
 
-    def gathered_step():  # the baselines see the full vocabulary on every rank
+    def gathered_step():
         z_full = gather_columns(z.detach(), tp_group).requires_grad_()
-        f(z_full, gather_columns(r, tp_group),
-          None if c is None else gather_columns(c, tp_group)).backward(weights)
+        loss(z_full).backward(weights)
         z.grad = z_full.grad[:, rank * width:(rank + 1) * width].contiguous()
     return gathered_step
 
@@ -432,7 +443,6 @@ def print_row(shape, mode, tp, runs, ratios):
               f"{ours['fraction_of_copy_bandwidth']:.0%} of the copy bandwidth measured "
               f"alongside ({ours['copy_gb_per_s']:.2f} GB/s, read + write); "
               f"CPU time {ours['cpu_s_per_step']:.3f} s per step")
-
 
 
 def run_comparison(args, variants, key: str, names, run, prefix: str) -> None:

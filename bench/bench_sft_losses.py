@@ -21,8 +21,10 @@ Implementations (``--backends``):
 Every step is a forward + backward of the mean over the tokens in the loss, all of them or with
 ``--kept F`` a random loss mask, as in bench_anchored_kl.py (whose measurement this shares:
 fresh processes per configuration, peak memory over the inputs, the copy bandwidth alongside
-ours, gloo processes at TP > 1 with eager and compiled on the gathered full vocabulary, the
-gather in their time). The labels are uniform over the full vocabulary (seed 0).
+ours, gloo processes at TP > 1 with eager and compiled on the gathered full vocabulary: the
+policy's gather in their time, the frozen reference's done once before the timed steps, where
+bench_anchored_kl.py gathers the reference and snapshot in every step). The labels are uniform
+over the full vocabulary (seed 0).
 
 Writes JSON (with the device description) to bench/results/.
 """
@@ -33,8 +35,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench_anchored_kl import (comparison_parser, gather_columns, mean_weights, random_logits,
-                               run_comparison, run_processes, start_tensor_parallel, time_steps)
+from bench_anchored_kl import (baseline_step, comparison_parser, gather_columns, mean_weights,
+                               random_logits, run_comparison, run_processes,
+                               start_tensor_parallel, time_steps)
 
 LOSSES = ["cross_entropy", "reverse_kl"]
 BACKENDS = ["eager", "compiled", "megatron", "liger", "fused", "torch"]
@@ -93,22 +96,9 @@ def make_step(backend, loss, z, r, labels, weights, tp_group):
     if backend == "compiled":
         f = torch.compile(f, dynamic=False)
     second = labels if loss == "cross_entropy" else r
-    if tp_group is None:
-        def step():
-            z.grad = None
-            f(z, second).backward(weights)
-        return step
-
-    rank = torch.distributed.get_rank(tp_group)
-    width = z.shape[-1]
-    if loss == "reverse_kl":
-        second = gather_columns(r, tp_group)  # the reference is frozen: gathered once
-
-    def gathered_step():  # the baselines see the full vocabulary on every rank
-        z_full = gather_columns(z.detach(), tp_group).requires_grad_()
-        f(z_full, second).backward(weights)
-        z.grad = z_full.grad[:, rank * width:(rank + 1) * width].contiguous()
-    return gathered_step
+    if loss == "reverse_kl" and tp_group is not None:
+        second = gather_columns(r, tp_group)  # frozen: gathered once, before the timed steps
+    return baseline_step(z, lambda policy: f(policy, second), weights, tp_group)
 
 
 def measure_one(backend, loss, rows, cols, dtype, device, repeats, tp, kept) -> dict | None:
