@@ -159,14 +159,14 @@ class FusedKernels:
         native = native_weights(z, weights)
         partial, grad = _C.kl_grad(z, c, r, lse, spec.alpha, spec.inv_tau,
                                    int(spec.interpolation), need_grad, native)
-        return partial, finish_gradient(grad if need_grad else None, weights, native)
+        return partial, finish_gradient(grad, weights, native)
 
     @staticmethod
     def unsharded(z, c, r, spec: AnchorSpec, need_grad, weights):
         native = native_weights(z, weights)
         kl, grad = _C.fused(z, c, r, spec.alpha, spec.inv_tau, int(spec.interpolation),
                             need_grad, native)
-        return kl, finish_gradient(grad if need_grad else None, weights, native)
+        return kl, finish_gradient(grad, weights, native)
 
 
 def _kl_rows(z, c, r, spec: AnchorSpec, tp_group, kernels, need_grad, weights=None):

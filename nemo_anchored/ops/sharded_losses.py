@@ -115,19 +115,19 @@ class FusedKernels:
     def reverse_kl(z, r, lse, mean_difference, need_grad, weights):
         native = native_weights(z, weights)
         kl, grad = _C.reverse_kl_grad(z, r, lse, mean_difference, need_grad, native)
-        return kl, finish_gradient(grad if need_grad else None, weights, native)
+        return kl, finish_gradient(grad, weights, native)
 
     @staticmethod
     def cross_entropy_unsharded(z, labels, need_grad, weights):
         native = native_weights(z, weights)
         loss, grad = _C.cross_entropy_fused(z, labels, need_grad, native)
-        return loss, finish_gradient(grad if need_grad else None, weights, native)
+        return loss, finish_gradient(grad, weights, native)
 
     @staticmethod
     def reverse_kl_unsharded(z, r, need_grad, weights):
         native = native_weights(z, weights)
         kl, grad = _C.reverse_kl_fused(z, r, need_grad, native)
-        return kl, finish_gradient(grad if need_grad else None, weights, native)
+        return kl, finish_gradient(grad, weights, native)
 
 
 def _kernels(logits, backend):

@@ -279,7 +279,8 @@ def native_weights(z: torch.Tensor, weights: torch.Tensor | None):
 
 def finish_gradient(grad, weights, native):
     """An extension kernel's gradient, weighted: as it came when the kernel took the weights
-    (``native``, from ``native_weights``), weighed here otherwise."""
+    (``native``, from ``native_weights``), weighed here otherwise. None (a call without the
+    gradient: the bindings return an undefined tensor as None) stays None."""
     return grad if native is not None else weigh_gradient(grad, weights)
 
 
