@@ -116,6 +116,17 @@ AKL_CPU_CLONES void row_stats(const RowPtrs<T>& row, int64_t cols, const Params&
   }
 }
 
+// Prob mode's q = (1 - alpha) p_c + alpha p_r from two exps, as row_fused forms it from its kept
+// exps. column_element's exp of log q (a log_add_exp: an exp and a log1p) takes a log1p more,
+// and rounds log q to within |log q| eps before its exp. Formed with the element, not in x's
+// loop: row_stats + row_kl_grad on a 4096 x 16000 fp32 shard in prob snapshot mode took 0.92 of
+// the time with the exp of log q on 2 threads (0.94 on one, 0.94 in bf16; the operator
+// benchmark's Zen 5, bench/compare_builds.py --sharded), and 0.96 of it with q in x's loop.
+AKL_INLINE float prob_q(float c, float r, const float* lse, float alpha) {
+  return (1.f - alpha) * CpuMath::exp(log_softmax_at(c, lse, 1)) +
+         alpha * CpuMath::exp(log_softmax_at(r, lse, 2));
+}
+
 // Writes grad = the row's weight x (p - q) / tau for the row (when grad != nullptr) and returns
 // its partial KL. lse: the row's global (max, log_sum) per stream.
 template <typename T, Interp Mode>
@@ -129,18 +140,19 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
     const float* cur = load_columns(row, j0, n, prm, zb, cb, rb);
     if constexpr (Mode == Interp::kLogit)  // in a loop of its own: see logit_element
       for (int64_t j = 0; j < n; ++j) ab[j] = anchor_logit(cur[j], rb[j], prm.alpha);
-    else  // log q and x, a log_add_exp each, in a loop of their own (into ab and gb): see row_fused
-      for (int64_t j = 0; j < n; ++j) {
-        ab[j] = prob_log_q<CpuMath>(cur[j], rb[j], lse, prm.log_one_minus_alpha, prm.log_alpha);
+    else  // x, a log_add_exp, in a loop of its own (into gb): see row_fused
+      for (int64_t j = 0; j < n; ++j)
         gb[j] = prob_log_ratio<CpuMath>(zb[j], cur[j], rb[j], lse, prm.log_one_minus_alpha,
                                         prm.log_alpha);
-      }
     for (int64_t j = 0; j < n; ++j) {
       Element e;
-      if constexpr (Mode == Interp::kLogit)
+      if constexpr (Mode == Interp::kLogit) {
         e = logit_element<CpuMath>(zb[j], cur[j], rb[j], ab[j], prm.alpha, lse);
-      else
-        e = kl_element<CpuMath>(log_softmax_at(zb[j], lse, 0), ab[j], gb[j]);
+      } else {
+        const float p = CpuMath::exp(log_softmax_at(zb[j], lse, 0)),
+                    q = prob_q(cur[j], rb[j], lse, prm.alpha), x = gb[j];
+        e = kl_element_of(p, q, finite(x) ? x : nonfinite_x(p, q));
+      }
       gb[j] = e.p_minus_q * prm.grad_scale;
       kb[j] = e.kl_term;
     }
@@ -156,8 +168,8 @@ AKL_CPU_CLONES double row_kl_grad(const RowPtrs<T>& row, int64_t cols, const Par
 // while the block is in the L1, with the block's max and sum; the second forms p and q as
 // e x factor, the block's factor exp(block max - row max) / row sum being one scalar per block
 // and stream. row_stats + row_kl_grad, which serve sharded rows and so cannot keep the exps,
-// take 4 exps per column in logit mode (2 + p and q again) and 6-7 in prob mode (+ log q and
-// x by log_add_exp, with a log1p each); this takes 2, and 3-4 in prob mode (x's log_add_exp),
+// take 4 exps per column in logit mode (2 + p and q again) and 6-7 in prob mode (+ p, q's two
+// and x's log_add_exp, with a log1p); this takes 2, and 3-4 in prob mode (x's log_add_exp),
 // and reads e once, in the pass that needs it. A row of 32k fp32
 // columns (256 KB of inputs, as much again of e) stays in the L2 (2 MiB per core on the
 // benchmark's Xeon), so DRAM sees one read per input; 152k columns spill to the L3. The first

@@ -139,8 +139,8 @@ AKL_HD float prob_log_ratio(float z, float c, float r, const float* lse, float l
                            log_alpha + (r - z) + lse_difference(lse, 0, 2));
 }
 
-// log q in prob mode: log((1 - alpha) p_c + alpha p_r), each stream from its own max. Apart
-// from column_element so that the CPU can form it in a loop of its own (see row_fused).
+// log q in prob mode: log((1 - alpha) p_c + alpha p_r), each stream from its own max. (The CPU
+// kernels form q itself from two exps instead: anchored_kl_cpu.cpp's prob_q.)
 template <class Math>
 AKL_HD float prob_log_q(float c, float r, const float* lse, float log_one_minus_alpha,
                         float log_alpha) {
