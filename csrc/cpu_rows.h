@@ -19,7 +19,7 @@
 #include <vector>
 
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #endif
 
 namespace anchored_kl {
@@ -226,29 +226,59 @@ AKL_INLINE const float* fp32_block(const T* src, int64_t n, float* dst) {
   }
 }
 
-// The gradient rows go to memory with streaming (non-temporal) stores, 16 bytes at a time (SSE2,
-// so every clone has them). A gradient of [rows, V] is far larger than the caches and is read
-// again only by the backward: an ordinary store first reads each line it misses (a read of the
-// whole gradient that nothing uses) and evicts the row's inputs and scratch for it. On the
-// operator benchmark's 2-core Zen 5 (4096 x 32000 fp32, logit live), writing the gradient into
-// memory already mapped (cpu_gradient.cpp) added 7-10 ms to the 70-76 ms forward this way,
-// 26-31 ms with ordinary stores. dst[j] = g[j] rounded to T for n <= kBlock values. (fp32 too
-// goes through the stack copy, one path for every type: skipping it for fp32 took 0.98-1.01 of
-// the time with it, with and without a gradient, the builds alternating, once the build aligned
-// its functions; the 78-84 ms against 70-76 measured for it before that was most likely the
-// alignment.)
+#if defined(__SSE2__)
+// `lines` 64-byte lines from src to dst (64-byte aligned) with AVX-512 streaming stores, one
+// per line. Compiled for AVX-512 whichever clone calls it (a clone for another target could not
+// inline it), and called only where the CPU has AVX-512, once per block of kBlock columns.
+__attribute__((target("avx512f"), noinline)) inline void stream_lines_avx512(const char* src,
+                                                                             int64_t lines,
+                                                                             char* dst) {
+  for (int64_t k = 0; k < lines; ++k)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + 64 * k), _mm512_loadu_si512(src + 64 * k));
+}
+#endif
+
+// The gradient rows go to memory with streaming (non-temporal) stores. A gradient of [rows, V]
+// is far larger than the caches and is read again only by the backward: an ordinary store first
+// reads each line it misses (a read of the whole gradient that nothing uses) and evicts the
+// row's inputs and scratch for it. On the operator benchmark's 2-core Zen 5 (4096 x 32000 fp32,
+// logit live), writing the gradient into memory already mapped (cpu_gradient.cpp) added 7-10 ms
+// to the 70-76 ms forward this way, 26-31 ms with ordinary stores. A CPU with AVX-512 takes a
+// store per 64-byte line, others one per 16 bytes (SSE2, which every clone has); fp32 values go
+// out straight from g, other types through a rounded copy on the stack. Against 16-byte stores
+// from a copy for every type (bench/compare_builds.py, bench/results/stores_*vs_6be0376_*.json),
+// the fused call with the gradient at 4096 x 32000 fp32 took 0.96 of the time in logit live,
+// 0.98 in prob snapshot, 0.73 for the cross-entropy and 0.88 for the reverse KL, the sharded
+// passes at 4096 x 16000 0.95, 0.94, 0.87 and 0.94; bf16, whose copy stays, 1.02, 0.98, 0.96 and
+// 0.93 (rounds ranged over 0.83-1.18 there). With the copy skipped but 16-byte stores: 0.99, 0.98,
+// 0.68 and 1.01 (fused fp32), so the cross-entropy's gain is the copy's, the others' the wider
+// stores'. dst[j] = g[j] rounded to T for n <= kBlock values.
 template <typename T>
 AKL_INLINE void store_gradient(const float* g, int64_t n, T* dst) {
 #if defined(__SSE2__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  constexpr int64_t kSize = sizeof(T);
   alignas(16) T converted[kBlock];
-  for (int64_t j = 0; j < n; ++j) converted[j] = static_cast<T>(g[j]);
-  const T* src = converted;
-  constexpr int64_t kPerStore = 16 / sizeof(T);
+  const T* src;
+  if constexpr (std::is_same_v<T, float>) {
+    src = g;
+  } else {
+    for (int64_t j = 0; j < n; ++j) converted[j] = static_cast<T>(g[j]);
+    src = converted;
+  }
+  const int64_t line = avx512 ? 64 : 16;
   int64_t j = 0;
-  for (; j < n && reinterpret_cast<uintptr_t>(dst + j) % 16 != 0; ++j) dst[j] = src[j];
-  for (; j + kPerStore <= n; j += kPerStore)
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+  for (; j < n && reinterpret_cast<uintptr_t>(dst + j) % line != 0; ++j) dst[j] = src[j];
+  if (avx512) {
+    const int64_t lines = (n - j) * kSize / 64;
+    stream_lines_avx512(reinterpret_cast<const char*>(src + j), lines,
+                        reinterpret_cast<char*>(dst + j));
+    j += lines * 64 / kSize;
+  } else {
+    for (; j + 16 / kSize <= n; j += 16 / kSize)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + j),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+  }
   for (; j < n; ++j) dst[j] = src[j];
 #else
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(g[j]);
