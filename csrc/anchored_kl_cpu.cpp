@@ -120,7 +120,7 @@ AKL_CPU_CLONES void row_stats(const RowPtrs<T>& row, int64_t cols, const Params&
 // exps. column_element's exp of log q (a log_add_exp: an exp and a log1p) takes a log1p more,
 // and rounds log q to within |log q| eps before its exp. Formed with the element, not in x's
 // loop: row_stats + row_kl_grad on a 4096 x 16000 fp32 shard in prob snapshot mode took 0.92 of
-// the time with the exp of log q on 2 threads (0.94 on one, 0.94 in bf16; the operator
+// the time they took with the exp of log q on 2 threads (0.94 on one, 0.94 in bf16; the operator
 // benchmark's Zen 5, bench/compare_builds.py --sharded), and 0.96 of it with q in x's loop.
 AKL_INLINE float prob_q(float c, float r, const float* lse, float alpha) {
   return (1.f - alpha) * CpuMath::exp(log_softmax_at(c, lse, 1)) +
