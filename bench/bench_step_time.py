@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_anchored_kl import RESULTS, device_description, write_results  # noqa: E402
 
+RECIPE = ROOT / "recipes/tiny_cpu.yaml"  # its model and batch give way to run_overrides
 TORCH_PATH = ["baselines.backend=torch"]
 METHODS = {"sft": ("sft", []),
            "sft_torch": ("sft", TORCH_PATH),
@@ -37,14 +38,30 @@ METHODS = {"sft": ("sft", []),
 
 
 def train(command, overrides, run_dir):
-    cmd = [sys.executable, "-m", "nemo_anchored", command, "--config",
-           str(ROOT / "recipes/tiny_cpu.yaml"), *overrides, f"logging.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "nemo_anchored", command, "--config", str(RECIPE), *overrides,
+           f"logging.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text()
             .splitlines() if '"event"' not in line]
+
+
+def run_overrides(args) -> tuple[list[str], list[str]]:
+    """The recipe overrides of every run: (the model, batch and logging; the timed steps)."""
+    model = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
+             f"model.num_attention_heads={args.heads}", f"model.num_query_groups={args.heads}",
+             f"model.ffn_hidden_size={4 * args.hidden}", f"model.vocab_size={args.vocab}",
+             f"model.max_seq_len={args.seq}", f"data.seq_length={args.seq}",
+             f"model.dtype={args.dtype}", f"trainer.device={args.device}",
+             f"trainer.micro_batch_size={args.micro_batch}",
+             f"trainer.global_batch_size={2 * args.micro_batch}",
+             "logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=none",
+             f"logging.diagnostics_every={args.diagnostics_every}"]
+    steps = [f"trainer.max_steps={args.steps}", "anchor.outer_iterations=1",
+             f"anchor.inner_steps={args.steps}"]
+    return model, steps
 
 
 def main():
@@ -66,17 +83,7 @@ def main():
     parser.add_argument("--diagnostics-every", type=int, default=0)
     args = parser.parse_args()
 
-    model = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
-             f"model.num_attention_heads={args.heads}", f"model.num_query_groups={args.heads}",
-             f"model.ffn_hidden_size={4 * args.hidden}", f"model.vocab_size={args.vocab}",
-             f"model.max_seq_len={args.seq}", f"data.seq_length={args.seq}",
-             f"model.dtype={args.dtype}", f"trainer.device={args.device}",
-             f"trainer.micro_batch_size={args.micro_batch}",
-             f"trainer.global_batch_size={2 * args.micro_batch}",
-             "logging.progress=false", "logging.tensorboard=false", "checkpoint.resume=none",
-             f"logging.diagnostics_every={args.diagnostics_every}"]
-    steps = [f"trainer.max_steps={args.steps}", "anchor.outer_iterations=1",
-             f"anchor.inner_steps={args.steps}"]
+    model, steps = run_overrides(args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train("sft", [*model, "trainer.max_steps=1"], tmp / "reference")  # base + reference
