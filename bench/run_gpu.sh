@@ -12,7 +12,8 @@
 # fills .whl/a and .whl/b, carried by two calls made back to back (the real-model lab's model
 # is too large for one): the first `bash bench/run_gpu.sh build` with .whl/a, the second the
 # sections with .whl/b. The extension built by the first call is still there for the second.
-# tests/test_run_gpu.py checks, without a GPU, that the benchmarks accept the lines below.
+# tests/test_run_gpu.py checks, without a GPU, that the benchmarks accept the lines below and
+# that the configs of the step-time runs pass validation.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
