@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_anchored.cli.train import _method_overrides
+from nemo_anchored.cli.train import method_overrides
 from nemo_anchored.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,5 +73,6 @@ def test_the_step_time_runs_build_valid_configs(parsed):
         model, steps = module.run_overrides(namespace)
         load_config(module.RECIPE, [*model, "trainer.max_steps=1"], check_paths=False)
         for command, extra in module.METHODS.values():
-            overrides = _method_overrides(command, "sft", [*model, *steps, *start, *extra])
+            overrides = method_overrides(command, module.RECIPE,
+                                         [*model, *steps, *start, *extra])
             load_config(module.RECIPE, overrides, check_paths=False)

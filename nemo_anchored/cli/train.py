@@ -16,9 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _method_overrides(command: str, recipe_method: str, overrides: list) -> list:
-    """The command fixes the stage: `anchor` runs method=anchored; `sft` runs the method given
-    on the command line, else the recipe's (sft when the recipe is an anchored one)."""
+def method_overrides(command: str, recipe, overrides: list) -> list:
+    """The overrides `nemo-anchored COMMAND --config RECIPE ...` trains with. The command fixes
+    the stage: `anchor` runs method=anchored; `sft` runs the method given on the command line,
+    else the recipe's (sft when the recipe is an anchored one)."""
+    recipe_method = read_recipe(recipe).get("method", "sft")
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("method=")]
     if command == "anchor":
         if given and given[-1] != "anchored":
@@ -32,8 +34,7 @@ def _method_overrides(command: str, recipe_method: str, overrides: list) -> list
 
 
 def run(args) -> int:
-    recipe_method = read_recipe(args.config).get("method", "sft")
-    overrides = _method_overrides(args.command, recipe_method, list(args.overrides))
+    overrides = method_overrides(args.command, args.config, list(args.overrides))
     cfg = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
     from nemo_anchored.training.trainer import run as train
