@@ -246,13 +246,10 @@ __attribute__((target("avx512f"), noinline)) inline void stream_lines_avx512(con
 // to the 70-76 ms forward this way, 26-31 ms with ordinary stores. A CPU with AVX-512 takes a
 // store per 64-byte line, others one per 16 bytes (SSE2, which every clone has); fp32 values go
 // out straight from g, other types through a rounded copy on the stack. Against 16-byte stores
-// from a copy for every type (bench/compare_builds.py, bench/results/stores_*vs_6be0376_*.json),
-// the fused call with the gradient at 4096 x 32000 fp32 took 0.96 of the time in logit live,
-// 0.98 in prob snapshot, 0.73 for the cross-entropy and 0.88 for the reverse KL, the sharded
-// passes at 4096 x 16000 0.95, 0.94, 0.87 and 0.94; bf16, whose copy stays, 1.02, 0.98, 0.96 and
-// 0.93 (rounds ranged over 0.83-1.18 there). With the copy skipped but 16-byte stores: 0.99, 0.98,
-// 0.68 and 1.01 (fused fp32), so the cross-entropy's gain is the copy's, the others' the wider
-// stores'. dst[j] = g[j] rounded to T for n <= kBlock values.
+// from a copy for every type, the fused call with the gradient (4096 x 32000 fp32) took 0.73 of
+// the time for the cross-entropy, whose gain is the skipped copy's, and 0.88-0.98 for the other
+// losses, whose gain is the wider stores' (docs/design/cpu_performance.md, change 15, has the
+// measurements). dst[j] = g[j] rounded to T for n <= kBlock values.
 template <typename T>
 AKL_INLINE void store_gradient(const float* g, int64_t n, T* dst) {
 #if defined(__SSE2__)
