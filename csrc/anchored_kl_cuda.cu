@@ -6,7 +6,8 @@
 // fp32 columns; single columns when a row is not 16-byte aligned), with kGlobalUnroll packs per
 // stream loaded before any is used so that enough bytes are in flight. Each thread keeps an
 // online softmax (max, sum of exp) and a KL partial; they are merged by warp shuffles and then
-// across warps in a fixed order, so every result is deterministic (no float atomics).
+// across warps in a fixed order, so every result is deterministic (no float atomics). These
+// pieces, shared with sharded_losses_cuda.cu, are in cuda_rows.cuh.
 //
 // fused_cuda (unsharded rows) needs both passes over a row but should read it from DRAM once.
 // A 128K-column bf16 row of two or three streams is 0.5-0.9 MB; one row per SM in flight is
@@ -22,42 +23,23 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cooperative_groups.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 
+#include "cuda_rows.cuh"
+
 namespace anchored_kl {
 namespace {
 
-// The accurate libdevice functions (the build uses no fast-math flags).
-struct CudaMath {
-  static AKL_HD float exp(float x) { return expf(x); }
-  static AKL_HD float log1p(float t) { return log1pf(t); }
-};
-
-constexpr int kPackBytes = 16;
-// Packs per stream each thread loads from global memory before using them. With the block
-// shapes below that is 48-72 KB in flight per SM, more than DRAM latency needs (~25 KB per SM
-// on an H100), while the kernels stay within the ~80 registers that the shapes allow.
-constexpr int kGlobalUnroll = 2;
-// Streaming kernels: up to 256 threads, at least 3 blocks per SM, so that some block is
-// loading while another reduces at the end of its row.
-constexpr int kMaxThreads = 256;
-constexpr int kStreamingBlocksPerSm = 3;
 // fused_resident_kernel: 2 blocks per SM, each with up to half of the SM's shared memory.
 constexpr int kResidentThreads = 384;
 constexpr int kResidentBlocksPerSm = 2;
 constexpr int kMaxCluster = 8;  // the portable cluster size limit
-constexpr int64_t kMaxCols = int64_t{1} << 30;  // keeps in-row indices in int
 
 template <Interp Mode>
 constexpr int kStreams = Mode == Interp::kLogit ? 2 : 3;
-template <typename T>
-constexpr int kPackWidth = kPackBytes / sizeof(T);
 constexpr int kLseSize = 6;  // (max, log_sum) pairs of up to 3 streams
 
 struct Params {
@@ -72,35 +54,7 @@ Params make_params(const Inputs& in) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Element types and packs.
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-// bf16 is the top half of an fp32 (spelled out: fewer registers than __bfloat162float).
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
-  return __uint_as_float(static_cast<uint32_t>(__bfloat16_as_ushort(x)) << 16);
-}
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-
-// W consecutive columns of one stream, loaded or stored as one access.
-template <typename T, int W>
-struct alignas(sizeof(T) * W) Pack {
-  T v[W];
-};
+// The streams' packs and rows.
 
 // The same W columns of every stream (c is not loaded in live mode).
 template <typename T, int W>
@@ -124,14 +78,6 @@ __device__ __forceinline__ Columns<W> unpack(const Packs<T, W>& x, const Params&
     f.c[i] = p.live ? f.z[i] : to_float(x.c.v[i]) * p.inv_tau;
   }
   return f;
-}
-
-template <typename T, int W>
-__device__ __forceinline__ void store(Pack<T, W>* dst, const float (&g)[W]) {
-  Pack<T, W> out;
-#pragma unroll
-  for (int i = 0; i < W; ++i) out.v[i] = from_float<T>(g[i]);
-  *dst = out;
 }
 
 // One row of each stream as packs, in global or shared memory (c == z in live mode).
@@ -176,74 +122,7 @@ __device__ __forceinline__ Pack<T, W>* grad_row(T* grad, int64_t row, int cols,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reductions.
-
-// Running (max, sum of exp(x - max)) of one stream, as RowSoftmax in the CPU file: a column
-// block whose running max is still -inf has no mass and is skipped; NaN or +inf make sum NaN.
-// A plain aggregate so that it can live in __shared__ arrays.
-struct SoftmaxState {
-  float max, sum;
-
-  template <int W>
-  __device__ __forceinline__ void add(const float (&x)[W]) {
-    float m = max;
-#pragma unroll
-    for (int i = 0; i < W; ++i) m = fmaxf(m, x[i]);  // ignores NaN, like the CPU's select
-    if (m == -INFINITY) return;
-    if (m > max) {
-      sum *= expf(max - m);
-      max = m;
-    }
-    float s = 0.f;  // summed per pack first: W times fewer roundings in the running sum
-#pragma unroll
-    for (int i = 0; i < W; ++i) s += expf(x[i] - max);
-    sum += s;
-  }
-};
-
-__device__ __forceinline__ SoftmaxState empty_state() { return {-INFINITY, 0.f}; }
-
-// Both combines are commutative bit for bit, so a butterfly leaves every lane the same value
-// (the products are rounded on their own: an FMA would round a's and b's differently).
-__device__ __forceinline__ SoftmaxState combine(SoftmaxState a, SoftmaxState b) {
-  const float m = fmaxf(a.max, b.max);
-  if (m == -INFINITY) return a;  // both empty
-  return {m, __fmul_rn(a.sum, expf(a.max - m)) + __fmul_rn(b.sum, expf(b.max - m))};
-}
-__device__ __forceinline__ float combine(float a, float b) { return a + b; }
-
-__device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
-  return __shfl_xor_sync(0xffffffffu, v, lane_mask);
-}
-__device__ __forceinline__ SoftmaxState shfl_xor(SoftmaxState s, int lane_mask) {
-  return {shfl_xor(s.max, lane_mask), shfl_xor(s.sum, lane_mask)};
-}
-
-template <typename V, int N>
-__device__ __forceinline__ void warp_reduce(V (&v)[N]) {
-#pragma unroll
-  for (int k = 0; k < N; ++k)
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) v[k] = combine(v[k], shfl_xor(v[k], m));
-}
-
-// Combines v over the block; every thread gets the result. Each thread folds the warp results
-// in warp order, a fixed order, so the result does not depend on timing.
-template <typename V, int N>
-__device__ __forceinline__ void block_reduce(V (&v)[N], V (*scratch)[N]) {
-  warp_reduce(v);
-  if (threadIdx.x % 32 == 0)
-#pragma unroll
-    for (int k = 0; k < N; ++k) scratch[threadIdx.x / 32][k] = v[k];
-  __syncthreads();
-  const int warps = blockDim.x / 32;
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    v[k] = scratch[0][k];
-    for (int w = 1; w < warps; ++w) v[k] = combine(v[k], scratch[w][k]);
-  }
-  __syncthreads();  // scratch may be reused right away
-}
+// The row's statistics.
 
 template <Interp Mode>
 __device__ __forceinline__ void finish_row_stats(SoftmaxState (&s)[kStreams<Mode>],
@@ -540,23 +419,6 @@ bool rows_aligned(const Inputs& in, const at::TensorBase& grad) {
   };
   return aligned(in.z) && aligned(in.r) && (!in.c.has_value() || aligned(*in.c)) &&
          (!grad.defined() || aligned(grad));
-}
-
-// Calls launch(width) with the pack width as a compile-time constant: 16 bytes when the rows
-// are aligned, else one column.
-template <typename T, class Launch>
-void with_pack_width(bool aligned, Launch&& launch) {
-  if (aligned)
-    launch(std::integral_constant<int, kPackWidth<T>>{});
-  else
-    launch(std::integral_constant<int, 1>{});
-}
-
-// Threads of a streaming block for rows of n packs: enough for kGlobalUnroll packs per thread.
-int block_threads(int64_t n) {
-  int threads = 128;
-  while (threads < kMaxThreads && int64_t{threads} * kGlobalUnroll < n) threads *= 2;
-  return threads;
 }
 
 int device_attribute(cudaDeviceAttr attribute, int device) {

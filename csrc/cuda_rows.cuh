@@ -1,7 +1,7 @@
-// What the CUDA kernels share (taken unchanged from anchored_kl_cuda.cu, whose comments argue
-// the choices): the accurate libdevice functions, element types and 16-byte packs, the online
-// softmax of a thread, and the deterministic warp and block reductions. One thread block per
-// row; thread t of T takes the packs t, t + T, ... of its row.
+// What the CUDA kernels of anchored_kl_cuda.cu and sharded_losses_cuda.cu share (the first file's
+// header argues the scheme): the accurate libdevice functions, element types and 16-byte packs,
+// the online softmax of a thread, and the deterministic warp and block reductions. One thread
+// block per row; thread t of T takes the packs t, t + T, ... of its row.
 #pragma once
 
 #include <cuda_bf16.h>
