@@ -67,7 +67,6 @@ RESULTS = Path(__file__).parent / "results"
 WARMUP_STEPS = 3
 DEFAULT_SHAPES = ["4096x32000", "2048x19008"]  # 19008 = Qwen2.5's 152064 vocabulary / TP 8
 BACKENDS = ["eager", "compiled", "liger", "fused", "torch"]
-BASELINES = ["eager", "compiled", "liger", "torch"]  # what "fused" is compared with
 # MODE = interpolation-anchor-alpha; Liger computes only alpha = 1 (q = p_ref).
 DEFAULT_MODES = {"cpu": ["logit-live-0.5", "prob-snapshot-0.5"],
                  "cuda": ["logit-live-0.5", "prob-snapshot-0.5", "logit-live-1"]}
