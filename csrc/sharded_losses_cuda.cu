@@ -128,9 +128,9 @@ __device__ __forceinline__ void walk(const Pack<T, W>* z, const Pack<T, W>* r, i
 // ---------------------------------------------------------------------------------------------
 // Block-level passes over row `row`; every thread gets the results.
 
-// The policy's global (max, log_sum) of an unsharded row.
+// The policy's (max, sum of exp(z - max)) over the row.
 template <typename T, int W>
-__device__ __forceinline__ void policy_lse(const LossRows<T>& pb, int64_t row, float (&lse)[2]) {
+__device__ __forceinline__ SoftmaxState policy_stats(const LossRows<T>& pb, int64_t row) {
   __shared__ SoftmaxState scratch[32][1];
   SoftmaxState s[1] = {empty_state()};
   walk<false, kGlobalUnroll>(pb.template row<W>(pb.z, row), pb.template row<W>(pb.z, row),
@@ -140,8 +140,7 @@ __device__ __forceinline__ void policy_lse(const LossRows<T>& pb, int64_t row, f
                                s[0].add(f);
                              });
   block_reduce(s, scratch);
-  lse[0] = s[0].max;
-  lse[1] = logf(s[0].sum);
+  return s[0];
 }
 
 // Local statistics of z and r, and the weighted difference sum.
@@ -231,18 +230,10 @@ __global__ void __launch_bounds__(kMaxThreads, kStreamingBlocksPerSm)
       weighted[row] = policy.weighted;
     }
   } else {
-    __shared__ SoftmaxState scratch[32][1];
-    SoftmaxState s[1] = {empty_state()};
-    walk<false, kGlobalUnroll>(pb.template row<W>(pb.z, row), pb.template row<W>(pb.z, row),
-                               pb.cols / W, false, [&](int, const PackPair<T, W>& x) {
-                                 float f[W];
-                                 unpack(x.z, f);
-                                 s[0].add(f);
-                               });
-    block_reduce(s, scratch);
+    const SoftmaxState s = policy_stats<T, W>(pb, row);
     if (threadIdx.x == 0) {
-      stats[row * 2] = s[0].max;
-      stats[row * 2 + 1] = s[0].sum;
+      stats[row * 2] = s.max;
+      stats[row * 2 + 1] = s.sum;
     }
   }
 }
@@ -261,8 +252,8 @@ __global__ void __launch_bounds__(kMaxThreads, kStreamingBlocksPerSm)
     cross_entropy_fused_kernel(LossRows<T> pb, const int64_t* __restrict__ labels,
                                float* __restrict__ loss, T* __restrict__ grad) {
   const int64_t row = blockIdx.x;
-  float lse[2];
-  policy_lse<T, W>(pb, row, lse);
+  const SoftmaxState s = policy_stats<T, W>(pb, row);
+  const float lse[2] = {s.max, logf(s.sum)};
   const int64_t label = labels[row];
   if (grad != nullptr) cross_entropy_grad_pass<T, W>(pb, row, label, lse, grad, true);
   if (threadIdx.x == 0) {
