@@ -294,9 +294,8 @@ class CheckpointConfig:
     dir: str = "${logging.dir}/checkpoints"
     save_every: int = 0  # steps; 0: only at outer-iteration ends and at the end
     resume: str = "auto"  # auto: latest complete checkpoint in dir if any | none | a path
-    # A resume whose settings in training/resume.py's RESUME_SETTINGS (global batch, seed,
-    # held-out fraction, packing, lr) differ from the checkpoint's is refused (the data or the
-    # updates would change silently); true: resume anyway, with a warning.
+    # A resume whose RESUME_SETTINGS (training/resume.py) differ from the checkpoint's is
+    # refused (the data or the updates would change silently); true: resume anyway, warning.
     allow_changed_settings: bool = False
 
 
