@@ -47,6 +47,7 @@ from nemo_anchored.parallel.distributed import (
     shutdown,
 )
 
+import megatron.core
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -608,7 +609,8 @@ def integrity(root, ckpt, run):
     topic = "integrity"
     records = json.loads((ckpt / MARKER).read_text()).get("files")
     expect(topic, "the marker records every other file with the size and CRC-32 recomputed here",
-           records == recomputed_records(ckpt) and len(records) >= 4)
+           records == recomputed_records(ckpt) and ".metadata" in records
+           and any(name.endswith(".distcp") for name in records))
     damaged = root / "damaged"
     shutil.copytree(ckpt, damaged)
     data_file = sorted(damaged.glob("*.distcp"))[0]
@@ -659,16 +661,19 @@ def messages(root, ckpt, run):
            f"use {complete}, the latest complete checkpoint")
 
     # Checkpoints saved before checksums: the tensor index names a missing or truncated data
-    # file; anything else unreadable is called corrupt, not an architecture mismatch.
-    for what, damage, needles in (
-            ("a truncated data file", lambda d: truncate(d / "__0_0.distcp"),
-             ("file __0_0.distcp is truncated",)),
-            ("a missing data file", lambda d: (d / "__0_1.distcp").unlink(),
-             ("file __0_1.distcp is missing",)),
-            ("a truncated common.pt", lambda d: truncate(d / "common.pt"),
-             ("a file is missing, truncated or corrupt",)),
-            ("a truncated tensor index", lambda d: truncate(d / ".metadata"),
-             ("file .metadata (its tensor index) is missing or corrupt",))):
+    # file; anything else unreadable is called corrupt, not an architecture mismatch. (A world
+    # of one writes one or two data files, and common.pt only before megatron-core 0.19.)
+    data = sorted(p.name for p in ckpt.glob("*.distcp"))
+    cases = [("a truncated data file", lambda d: truncate(d / data[0]),
+              (f"file {data[0]} is truncated",)),
+             ("a missing data file", lambda d: (d / data[-1]).unlink(),
+              (f"file {data[-1]} is missing",)),
+             ("a truncated tensor index", lambda d: truncate(d / ".metadata"),
+              ("file .metadata (its tensor index) is missing or corrupt",))]
+    if (ckpt / "common.pt").exists():
+        cases.append(("a truncated common.pt", lambda d: truncate(d / "common.pt"),
+                      ("a file is missing, truncated or corrupt",)))
+    for what, damage, needles in cases:
         old = root / f"old_{what.replace(' ', '_')}"
         shutil.copytree(ckpt, old)
         edit_marker(old, lambda marker: marker.pop("files", None))
@@ -677,6 +682,23 @@ def messages(root, ckpt, run):
                lambda: load_checkpoint(old, model=run.policy, optimizer=run.optimizer,
                                        scheduler=run.scheduler, snapshot=run.snapshot),
                str(old), *needles)
+
+    # A checkpoint of megatron-core 0.19 or later (its common state inside the torch_dist files,
+    # no common.pt) where this megatron-core, which wrote a common.pt, reads only that: stood
+    # in for by this checkpoint without its common.pt and with 0.19.2 recorded as its writer.
+    if (ckpt / "common.pt").exists():
+        newer = root / "written_by_megatron_core_0_19"
+        shutil.copytree(ckpt, newer)
+        (newer / "common.pt").unlink()
+        edit_marker(newer, lambda marker: (marker["files"].pop("common.pt"),
+                                           marker.update(megatron_core="0.19.2")))
+        before = run.weights()
+        raises(topic, "a checkpoint of megatron-core 0.19.2", lambda: load_model_weights(
+            newer, run.policy), str(newer), "no common.pt (megatron-core 0.19.2 wrote it)",
+            f"this megatron-core {megatron.core.__version__} reads only common.pt",
+            "Load it with megatron-core >= 0.19")
+        expect(topic, "nothing was loaded from the newer megatron-core's checkpoint",
+               bitwise(run.weights(), before))
 
     # A full disk: every write's fsync fails as on a full file system (the writer processes
     # megatron forks inherit the stand-in).

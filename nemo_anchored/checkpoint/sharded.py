@@ -9,12 +9,14 @@ only at the layout they were saved at; elsewhere there is no meaningful mapping 
 On-disk layout of one checkpoint directory ``<root>/<name>/``::
 
     complete.json       the completeness marker, written last (by global rank 0): format
-                        version, global step, save time, layout, vocabulary size, which parts
-                        are present, a JSON copy of rank 0's trainer state, and the size and
-                        CRC-32 of every other file (each rank hashes the files it wrote)
+                        version, the megatron-core version that wrote it, global step, save
+                        time, layout, vocabulary size, which parts are present, a JSON copy of
+                        rank 0's trainer state, and the size and CRC-32 of every other file
+                        (each rank hashes the files it wrote)
     metadata.json       dist_checkpointing's backend record (torch_dist)
     common.pt           rank 0's plain entries: trainer state, lr scheduler state, the
-                        optimizer's param groups
+                        optimizer's param groups (from megatron-core 0.19 on, inside the .distcp
+                        files instead: see _check_readable)
     .metadata           torch.distributed.checkpoint's index of the global tensors / objects
     __<rank>_<n>.distcp the data, written in parallel by the ranks (each shard once), holding:
         <param key>                 the policy's weights, megatron's names, e.g.
@@ -55,6 +57,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import megatron.core
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -85,6 +88,11 @@ _DATA_FILE = re.compile(r"__(\d+)_\d+\.distcp")
 # How a full disk reads once it has crossed a process boundary as text (the writer processes
 # and the other ranks send their failures pickled, which drops the exception's cause).
 _NO_SPACE_TEXT = f"[Errno {errno.ENOSPC}]"
+# megatron-core 0.19 moved dist_checkpointing's common (non-tensor) state from common.pt into
+# the torch_dist files (the object "common_state") and reads both; earlier releases, 0.16.1
+# among them (the newest for Python 3.11), read only common.pt.
+_COMMON_STATE_IN_TORCH_DIST = (0, 19)
+_COMMON_FILE = "common.pt"
 
 
 def _sharding_metadata() -> Dict[str, Any]:
@@ -145,6 +153,30 @@ def _vocab_size(model) -> Optional[int]:
     # padded size (layouts pad differently) without complaint, so a vocabulary that does not
     # match would go unnoticed without this record.
     return getattr(model, "unpadded_vocab_size", None)
+
+
+def _megatron_release(version: str) -> tuple:
+    """(major, minor) of a megatron-core version string such as "0.19.2" or "0.20.0rc1"."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def _check_readable(path: Path, marker: Dict[str, Any]) -> None:
+    """A checkpoint without common.pt has its common state where only megatron-core 0.19 and
+    later look: say so, rather than fail inside an older megatron-core's loader."""
+    reader = megatron.core.__version__
+    if (path / _COMMON_FILE).exists() or _megatron_release(reader) >= _COMMON_STATE_IN_TORCH_DIST:
+        return
+    writer = marker.get("megatron_core")
+    if writer is not None and _megatron_release(writer) < _COMMON_STATE_IN_TORCH_DIST:
+        return  # a lost common.pt: verify_files or the loader names it
+    origin = (f"megatron-core {writer} wrote it" if writer is not None else
+              "written by megatron-core 0.19 or later, or its common.pt was lost")
+    raise CheckpointError(
+        f"checkpoint {path} has no {_COMMON_FILE} ({origin}): megatron-core 0.19 and later keep "
+        f"the common state inside the torch_dist files, and this megatron-core {reader} reads "
+        f"only {_COMMON_FILE}. Load it with megatron-core >= 0.19 (which needs Python >= 3.12)"
+    )
 
 
 def _check_fits(path: Path, marker: Dict[str, Any], model) -> None:
@@ -213,11 +245,24 @@ def _no_space(err: BaseException) -> bool:
     return False
 
 
-def _describe(err: BaseException, path: Path) -> str:
-    """The gist of a failure about checkpoint ``path``: a full disk says so, on the folder it
-    was written to; a CheckpointException's text is every rank's traceback, so only each
-    rank's cause is kept."""
-    if _no_space(err):
+class _WriterErrors(logging.Handler):
+    """The errors megatron-core's checkpoint writers log while a save runs. From 0.19 on, a
+    writer's OSError reaches the raised exception only as its class: its errno, a full disk's
+    among them, is in the log alone."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _describe(err: BaseException, path: Path, logged: Sequence[str] = ()) -> str:
+    """The gist of a failure about checkpoint ``path``: a full disk (in ``err`` or in the
+    writers' ``logged`` errors) says so, on the folder it was written to; a
+    CheckpointException's text is every rank's traceback, so only each rank's cause is kept."""
+    if _no_space(err) or any(_NO_SPACE_TEXT in message for message in logged):
         return f"no space left on {path.parent}"
     if isinstance(err, CheckpointException):
         causes = sorted({f"{type(exc).__name__}: {exc}" for exc, _ in err.failures.values()})
@@ -279,6 +324,7 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
     rank_state = _rank_state({"rng": _capture_rng(), "trainer_state": state})
     marker = {
         "format_version": FORMAT_VERSION,
+        "megatron_core": megatron.core.__version__,  # the layout of its files (_check_readable)
         "global_step": _global_step(state),
         "layout": _layout(),
         "vocab_size": _vocab_size(model),
@@ -307,6 +353,8 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
         get_default_save_sharded_strategy(),
         parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
+    writer_errors, writer_log = _WriterErrors(), logging.getLogger(dist_checkpointing.__name__)
+    writer_log.addHandler(writer_errors)
     try:
         dist_checkpointing.save(
             sharded, str(tmp), sharded_strategy=strategy,
@@ -316,7 +364,10 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
             },
         )
     except _CHECKPOINT_FAILURES as err:
-        raise CheckpointError(f"saving checkpoint {path} failed: {_describe(err, path)}") from err
+        raise CheckpointError(f"saving checkpoint {path} failed: "
+                              f"{_describe(err, path, writer_errors.messages)}") from err
+    finally:
+        writer_log.removeHandler(writer_errors)
     records = _file_records(tmp, path)  # collective: every rank's files are written
 
     def finish():
@@ -411,6 +462,7 @@ def load_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
     """
     path = Path(path)
     marker = read_marker(path)
+    _check_readable(path, marker)
     _check_fits(path, marker, model)
     for name, part in (("snapshot", snapshot), ("optimizer", optimizer),
                        ("scheduler", scheduler)):
@@ -449,6 +501,7 @@ def load_model_weights(path, model) -> None:
     already exists call its ``reload_model_params()``)."""
     path = Path(path)
     marker = read_marker(path)
+    _check_readable(path, marker)
     _check_fits(path, marker, model)
     _verify(path, marker)
     sharded = {"model": model.sharded_state_dict(metadata=_sharding_metadata())}
