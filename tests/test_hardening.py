@@ -264,6 +264,9 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path, sft_ru
     assert done.returncode == 0, done.stderr[-3000:]
     assert "warning: checkpoint" in done.stdout and "resuming anyway" in done.stdout
     assert steps(run_dir) == [1, 2, 3]
+    # The resumed step runs at the new lr (tiny_cpu's schedule is constant), not at the
+    # checkpoint's, which its optimizer and scheduler state carry.
+    assert [m["lr"] for m in metrics(run_dir) if "event" not in m] == [0.001, 0.001, 0.002]
 
 
 @pytest.mark.slow

@@ -451,6 +451,17 @@ def _load(path: Path, sharded: Dict[str, Any], required_prefixes: Sequence[str])
     return loaded
 
 
+def _saved_lr_in_param_groups(optimizer, scheduler_state: Dict[str, Any]) -> None:
+    """Gives the optimizer's param groups the max_lr and min_lr they had at save time, the
+    scheduler's (megatron builds every group with them): megatron-core 0.19 pairs saved param
+    groups with the current ones by such values, so at another optim.lr it would find none
+    (0.16 pairs them by position). The load then restores the saved lr everywhere."""
+    for group in optimizer.param_groups:
+        for key in ("max_lr", "min_lr"):
+            if key in group:
+                group[key] = scheduler_state[key]
+
+
 def load_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=None
                     ) -> Dict[str, Any]:
     """Restore what ``save_checkpoint`` saved (collective); returns the trainer state.
@@ -480,6 +491,8 @@ def load_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
     if snapshot is not None:
         snapshot.load_state_dict(loaded["snapshot"])
     if optimizer is not None:
+        if scheduler is not None:
+            _saved_lr_in_param_groups(optimizer, loaded["opt_param_scheduler"])
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])

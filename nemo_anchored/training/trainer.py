@@ -177,6 +177,18 @@ class Trainer:
             wd_incr_steps=max(horizon, 1), wd_incr_style="constant")
         return optimizer, scheduler
 
+    def _lr_from_config(self, optimizer, scheduler) -> None:
+        """The config's optim.lr and optim.min_lr for the resumed steps. A resume restores the
+        checkpoint's, in the scheduler and in every param group; they differ only where
+        checkpoint.allow_changed_settings let another lr through, or min_lr changed."""
+        o = self.cfg.optim
+        if (scheduler.max_lr, scheduler.min_lr) == (o.lr, o.min_lr):
+            return
+        scheduler.max_lr, scheduler.min_lr = o.lr, o.min_lr
+        for group in optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = o.lr, o.min_lr
+        scheduler.step(increment=0)  # every group's lr for the current step
+
     def _forward_over_dataset(self, loss_fn) -> List[Dict[str, torch.Tensor]]:
         """``loss_fn``'s outputs (last stage) for every row (example, or packed row) once, in
         order, from the models in eval mode without backward: the methods' passes before
@@ -207,6 +219,7 @@ class Trainer:
             if resume is not None:
                 state = load_checkpoint(resume, model=self.stack.policy, optimizer=optimizer,
                                         scheduler=scheduler, snapshot=self.stack.snapshot)
+                self._lr_from_config(optimizer, scheduler)
                 pos = Position(**state["position"])
                 self.newest_checkpoint = (pos.global_step, resume)
             self.log = self._together(lambda: MetricsLogger(
