@@ -664,13 +664,14 @@ def messages(root, ckpt, run):
     # file; anything else unreadable is called corrupt, not an architecture mismatch. (A world
     # of one writes one or two data files, and common.pt only before megatron-core 0.19.)
     data = sorted(p.name for p in ckpt.glob("*.distcp"))
+    writes_common_file = (ckpt / "common.pt").exists()
     cases = [("a truncated data file", lambda d: truncate(d / data[0]),
               (f"file {data[0]} is truncated",)),
              ("a missing data file", lambda d: (d / data[-1]).unlink(),
               (f"file {data[-1]} is missing",)),
              ("a truncated tensor index", lambda d: truncate(d / ".metadata"),
               ("file .metadata (its tensor index) is missing or corrupt",))]
-    if (ckpt / "common.pt").exists():
+    if writes_common_file:
         cases.append(("a truncated common.pt", lambda d: truncate(d / "common.pt"),
                       ("a file is missing, truncated or corrupt",)))
     for what, damage, needles in cases:
@@ -686,7 +687,7 @@ def messages(root, ckpt, run):
     # A checkpoint of megatron-core 0.19 or later (its common state inside the torch_dist files,
     # no common.pt) where this megatron-core, which wrote a common.pt, reads only that: stood
     # in for by this checkpoint without its common.pt and with 0.19.2 recorded as its writer.
-    if (ckpt / "common.pt").exists():
+    if writes_common_file:
         newer = root / "written_by_megatron_core_0_19"
         shutil.copytree(ckpt, newer)
         (newer / "common.pt").unlink()
