@@ -41,3 +41,14 @@ def hf_conversions(tmp_path_factory):
     work = tmp_path_factory.mktemp("hf_convert")
     worker = Path(__file__).with_name("hf_convert_worker.py")
     return work, worker_checks(worker, work, "--work", work, nproc=2)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the marks into node ids
+def pytest_collection_modifyitems(items):
+    """`make test` runs the suite on two pytest-xdist workers with ``--dist loadgroup``; these
+    groups give each worker whole modules, so that a module's fixtures are built once, and keep
+    the users of the ~100 s ``hf_conversions`` run on one worker."""
+    for item in items:
+        shared = "hf_conversions" in getattr(item, "fixturenames", ())
+        group = "hf_conversions" if shared else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
