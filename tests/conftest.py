@@ -44,10 +44,13 @@ def hf_conversions(tmp_path_factory):
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the marks into node ids
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """`make test` runs the suite on two pytest-xdist workers with ``--dist loadgroup``; these
     groups give each worker whole modules, so that a module's fixtures are built once, and keep
-    the users of the ~100 s ``hf_conversions`` run on one worker."""
+    the users of the ~100 s ``hf_conversions`` run on one worker. Where pytest-xdist is not
+    installed (bench/run_gpu.sh's GPU machine), the mark would be an unknown one."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
     for item in items:
         shared = "hf_conversions" in getattr(item, "fixturenames", ())
         group = "hf_conversions" if shared else item.module.__name__
