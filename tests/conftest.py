@@ -1,4 +1,4 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and the grouping of the tests for pytest-xdist."""
 import importlib.util
 from pathlib import Path
 
