@@ -20,14 +20,9 @@ ASSETS = Path(__file__).with_name("assets") / "megatron_core_0_19"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 def test_a_megatron_core_0_19_checkpoint_exports_to_its_source_weights(tmp_path):
     from nemo_anchored.models.hf_export import convert_mcore_to_hf
+    from tests.hf_convert_worker import load_safetensors_folder
 
     base = ASSETS / "base"
     marker = json.loads((base / "complete.json").read_text())
@@ -35,7 +30,7 @@ def test_a_megatron_core_0_19_checkpoint_exports_to_its_source_weights(tmp_path)
     assert marker["layout"]["tensor_parallel"] == 2
 
     out = convert_mcore_to_hf(base, base, tmp_path / "export")
-    source, exported = _tensors(ASSETS / "hf"), _tensors(out)
+    source, exported = load_safetensors_folder(ASSETS / "hf"), load_safetensors_folder(out)
     assert sorted(exported) == sorted(source)
     unequal = [name for name in source if not torch.equal(source[name], exported[name])]
     assert not unequal, unequal
@@ -46,9 +41,11 @@ def _write_assets(folder: Path) -> None:
     import megatron.core
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from nemo_anchored.checkpoint.sharded import _COMMON_STATE_IN_TORCH_DIST, _megatron_release
     from tests.hf_convert_worker import tiny_tokenizer
 
-    assert int(megatron.core.__version__.split(".")[1]) >= 19, megatron.core.__version__
+    release = _megatron_release(megatron.core.__version__)
+    assert release >= _COMMON_STATE_IN_TORCH_DIST, megatron.core.__version__
     config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                          num_hidden_layers=2, intermediate_size=48, vocab_size=300,
                          tie_word_embeddings=False, max_position_embeddings=128)
