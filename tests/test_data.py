@@ -171,6 +171,12 @@ BAD_LINES = {
     "'response' is not a string": '{"prompt": "a", "response": null}',
     "'response' is empty": '{"prompt": "a", "response": ""}',
     "lone surrogate": '{"prompt": "\\ud800", "response": "b"}',
+    # json.loads alone would keep the last value and drop the first without a word.
+    "key 'response' given twice": '{"prompt": "a", "response": "b", "response": "c"}',
+    "key 'role' given twice": '{"messages": [{"role": "user", "content": "a", "role": '
+                              '"assistant"}]}',
+    # Python's parser recurses per level: a RecursionError, no line number, if not caught.
+    "nested too deeply": '{"prompt": ' + "[" * 100_000,
 }
 
 
@@ -455,13 +461,16 @@ CHATML_GENERATION = (
 
 @pytest.mark.parametrize("inside, outside, suffix", [
     ("{{ message['content'] + '<|im_end|>' }}", "{{ '\n' }}", "<|im_end|>"),
-    ("{{ message['content'] }}", "{{ '<|im_end|>\n' }}", ""),
-], ids=["content-and-end", "content-only"])
+    ("{{ message['content'] }}", "{{ '<|im_end|>\n' }}", "<|im_end|>"),
+    ("{{ message['content'] + '<|im_end|>\n' }}", "", "<|im_end|>\n"),
+], ids=["content-and-end", "content-only", "content-end-and-newline"])
 def test_hf_generation_blocks_are_followed(tmp_path, smol_folder, smol, smol_ref, inside,
                                            outside, suffix):
     """SmolLM2's template with {% generation %} blocks renders the same text. Around content
     and <|im_end|>, the blocks give the mask the prefix rendering gives; around the content
-    alone, exactly the contents (so the mask really comes from the blocks)."""
+    alone, that mask too, the mask extended through the <|im_end|> right after each block (else
+    the model would never learn to end a turn); around the newline as well, the newline too
+    (so the mask really comes from the blocks)."""
     folder = tmp_path / "generation"
     shutil.copytree(smol_folder, folder)
     (folder / "chat_template.jinja").write_text(
@@ -472,7 +481,7 @@ def test_hf_generation_blocks_are_followed(tmp_path, smol_folder, smol, smol_ref
     assert ids == reference_ids
     runs = [smol_ref.decode(run) for run in masked_runs(ids, mask)]
     assert runs == [m["content"] + suffix for m in MULTILINE if m["role"] == "assistant"]
-    if suffix:
+    if suffix == "<|im_end|>":
         assert mask == reference_mask
 
 
@@ -535,6 +544,22 @@ def test_tiny_tokenizer_conversation(tmp_path, template):
         tok.encode_conversation(msgs(("assistant", "hi")))
 
 
+def test_hf_conversation_opening_with_an_assistant_turn(tmp_path, smol):
+    """Without {% generation %} blocks there is no rendering before the turn to tell the
+    template's text from the turn's (SmolLM2's puts its default system prompt and the role
+    header there): refused. The blocks say which tokens are the turn's."""
+    opening = msgs(("assistant", "hello"), ("user", "hi"), ("assistant", "fine"))
+    with pytest.raises(ConversationError, match=r"^messages\[0\] is an assistant turn: "
+                                                r"without \{% generation %\} blocks"):
+        smol.encode_conversation(opening)
+    template = _TINY_TURNS.replace("{{ raise_exception('start with a user') }}", "")
+    generation = HFTokenizer(tiny_tokenizer(tmp_path / "generation", template.replace(
+        "ASSISTANT", "{% generation %}{{ m['content'] + ' <eot>' }}{% endgeneration %}{{ ' ' }}")))
+    ids, mask = generation.encode_conversation(opening)
+    assert ids == words("<s> <assistant> hello <eot> <user> hi <eot> <assistant> fine <eot>")
+    assert masked_runs(ids, mask) == [words("hello <eot>"), words("fine <eot>")]
+
+
 def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     folder = tiny_tokenizer(tmp_path / "tok", TINY_REWRITES)
     tok = HFTokenizer(folder)
@@ -570,6 +595,19 @@ def test_tokenizer_without_chat_template(tmp_path):
     assert data.tokens[0].tolist() == full[:-1] + [pad] * 2
     assert data.labels[0].tolist() == full[1:] + [pad] * 2
     assert data.loss_mask[0].tolist() == [0, 0, 1, 1, 1, 0, 0]
+    # The text of a special token is refused in a prompt or a response, as in chat messages: it
+    # would be encoded as that control token (here, an eos in mid-response).
+    special = write_jsonl(tmp_path, [example("hi </s> how", "fine"), example("hi", "fine </s>"),
+                                     example("hi how", "fine thanks")], name="special.jsonl")
+    data = load_sft_dataset(special, tok, seq_length=7, on_error="skip")
+    assert data.report.skipped == [
+        (1, f"the prompt contains '</s>', the text of a special token of tokenizer {tok.name!r} "
+            "(it would be encoded as that control token)"),
+        (2, f"the response contains '</s>', the text of a special token of tokenizer "
+            f"{tok.name!r} (it would be encoded as that control token)")]
+    assert data.tokens[0].tolist() == full[:-1] + [pad] * 2
+    with pytest.raises(ConversationError, match="the prompt contains '</s>'"):
+        tok.encode_prompt("hi </s>")
     # No bos is invented, and pad falls back to eos.
     bare = HFTokenizer(tiny_tokenizer(tmp_path / "bare", None, bos=False, pad=False))
     assert (bare.bos_id, bare.pad_id) == (None, TINY_IDS["</s>"])

@@ -20,7 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -351,13 +351,7 @@ def _encode_line(raw: bytes, first: bool, tokenizer: Tokenizer) -> Tuple[List[in
                 raise _BadLine("has both 'messages' and 'prompt'/'response' (one format per "
                                "line)")
             return tokenizer.encode_conversation(record["messages"])
-        prompt, response = _prompt_and_response(record)
-        if tokenizer.chat_template is None:
-            prompt_ids = tokenizer.encode_prompt(prompt)  # [bos?] + encode(prompt)
-            response_ids = [*tokenizer.encode(response), tokenizer.eos_id]
-            return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
-        return tokenizer.encode_conversation([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": response}])
+        return tokenizer.encode_example(*_prompt_and_response(record))
     except ConversationError as error:
         raise _BadLine(str(error)) from None
 
@@ -372,11 +366,24 @@ def _parse_record(raw: bytes, first: bool) -> dict:
     if not text.strip():
         raise _BlankLine("blank line")
     try:
-        record = json.loads(text)
+        record = json.loads(text, object_pairs_hook=_object_without_duplicate_keys)
     except json.JSONDecodeError as error:
         raise _BadLine(f"malformed JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise _BadLine("malformed JSON (nested too deeply to parse)") from None
     if not isinstance(record, dict):
         raise _BadLine(f"not a JSON object (got {type(record).__name__})")
+    return record
+
+
+def _object_without_duplicate_keys(pairs: List[Tuple[str, Any]]) -> dict:
+    """A JSON object's dict; a key given twice is _BadLine (json.loads would keep the last value
+    and drop the other without a word)."""
+    record = {}
+    for key, value in pairs:
+        if key in record:
+            raise _BadLine(f"malformed JSON (key {key!r} given twice in one object)")
+        record[key] = value
     return record
 
 

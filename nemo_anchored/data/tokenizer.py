@@ -73,6 +73,11 @@ class Tokenizer(Protocol):
         """(ids, loss_mask) of a whole conversation: the mask is 1 on the assistant turns'
         tokens, each turn's end-of-turn token included, and 0 elsewhere."""
 
+    def encode_example(self, prompt: str, response: str) -> Tuple[List[int], List[int]]:
+        """(ids, loss_mask) of a prompt/response example: the conversation of one user and one
+        assistant message, or without a chat template ``encode_prompt(prompt) + response +
+        [eos]``, the mask 1 on the response and eos."""
+
 
 def check_messages(messages: Any, *, training: bool) -> Messages:
     """``messages`` as a list of ``{"role", "content"}`` dicts, or ConversationError naming the
@@ -179,6 +184,12 @@ class ByteTokenizer:
         """The plain rendering (see the class) and its mask: each assistant turn's bytes and
         the eos that ends it."""
         return self._render(check_messages(messages, training=True))
+
+    def encode_example(self, prompt: str, response: str) -> Tuple[List[int], List[int]]:
+        """The plain rendering of the user and assistant turns: ``[bos] + prompt + response +
+        [eos]``."""
+        return self.encode_conversation([{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": response}])
 
     def _render(self, messages: Messages) -> Tuple[List[int], List[int]]:
         ids, mask = [self.bos_id], [0]
@@ -291,10 +302,11 @@ class HFTokenizer:
     def encode_prompt(self, prompt: Prompt) -> List[int]:
         """The chat template's rendering with the generation prompt (the next assistant turn's
         header). Without a template a str prompt is ``[bos?] + encode(prompt)``, and a message
-        list raises TokenizerError."""
+        list raises TokenizerError. Either way the text of a special token in it raises
+        ConversationError."""
         if self._template is None:
             if isinstance(prompt, str):
-                return [*self._bos(), *self.encode(prompt)]
+                return [*self._bos(), *self.encode(self._plain_text(prompt, "the prompt"))]
             raise self._no_template_error()
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         messages = self._checked(messages, training=False)
@@ -304,25 +316,37 @@ class HFTokenizer:
         """The template's rendering of the whole conversation (the ids
         ``apply_chat_template(messages)`` gives) and the mask of the assistant turns' tokens.
 
-        With ``{% generation %}`` in the template, the mask is what those blocks enclose.
-        Otherwise each assistant turn is located by rendering the conversation up to it with
-        the generation prompt, and through it: the first must be a prefix of the second and
-        the second of the whole rendering (else ConversationError: the template rewrites
-        earlier turns, or the content's tokens merge with the header's), and the turn's tokens
-        are those in between, up to and including its last stop token (what follows it, such
-        as ChatML's newline, is template glue the model is never asked to produce).
+        With ``{% generation %}`` in the template, the mask is what those blocks enclose,
+        extended through the stop tokens right after a block: a block around the content alone
+        would otherwise never teach the model to end its turn. Otherwise each assistant turn is
+        located by rendering the conversation up to it with the generation prompt, and through
+        it: the first must be a prefix of the second and the second of the whole rendering
+        (else ConversationError: the template rewrites earlier turns, or the content's tokens
+        merge with the header's), and the turn's tokens are those in between, up to and
+        including its last stop token (what follows it, such as ChatML's newline, is template
+        glue the model is never asked to produce). A conversation that opens with an assistant
+        turn has nothing before it to render (transformers renders no empty conversation),
+        so there it raises ConversationError: what the template puts before the turn (a
+        default system prompt, the role header) cannot be told from the turn.
         """
         if self._template is None:
             raise self._no_template_error()
         messages = self._checked(messages, training=True)
         if self._generation_marked:
             return self._generation_mask(messages)
+        # Rendered first, so that a template that refuses the conversation says why itself.
         ids = self._render(messages, add_generation_prompt=False)
+        if messages[0]["role"] == "assistant":
+            raise ConversationError(
+                f"messages[0] is an assistant turn: without {{% generation %}} blocks in the "
+                f"chat template of tokenizer {self.name!r}, an assistant turn is found by "
+                f"rendering the conversation before it, and there is none; start with a system "
+                f"or user message, or add {{% generation %}} blocks to the template")
         mask = [0] * len(ids)
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            header = self._render(messages[:index], add_generation_prompt=True) if index else []
+            header = self._render(messages[:index], add_generation_prompt=True)
             through = self._render(messages[:index + 1], add_generation_prompt=False)
             if through[:len(header)] != header or ids[:len(through)] != through:
                 raise ConversationError(
@@ -343,6 +367,17 @@ class HFTokenizer:
                                  f"token for the assistant turns of this conversation")
         return ids, mask
 
+    def encode_example(self, prompt: str, response: str) -> Tuple[List[int], List[int]]:
+        """The chat template's user and assistant turns (``encode_conversation``); without a
+        template ``[bos?] + prompt + response + [eos]``, refusing the text of a special token in
+        either as the template path does."""
+        if self._template is not None:
+            return self.encode_conversation([{"role": "user", "content": prompt},
+                                             {"role": "assistant", "content": response}])
+        prompt_ids = self.encode_prompt(prompt)
+        response_ids = [*self.encode(self._plain_text(response, "the response")), self.eos_id]
+        return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
     # ---------------------------------------------------------------------------- internals
 
     def _bos(self) -> List[int]:
@@ -355,13 +390,17 @@ class HFTokenizer:
     def _checked(self, messages: Any, training: bool) -> Messages:
         messages = check_messages(messages, training=training)
         for index, message in enumerate(messages):
-            found = self._special_text and self._special_text.search(message["content"])
-            if found:
-                raise ConversationError(
-                    f"messages[{index}]: 'content' contains {found.group()!r}, the text of a "
-                    f"special token of tokenizer {self.name!r} (it would be encoded as that "
-                    f"control token)")
+            self._plain_text(message["content"], f"messages[{index}]: 'content'")
         return messages
+
+    def _plain_text(self, text: str, what: str) -> str:
+        """``text``, or ConversationError when it contains the text of a special token."""
+        found = self._special_text and self._special_text.search(text)
+        if found:
+            raise ConversationError(
+                f"{what} contains {found.group()!r}, the text of a special token of tokenizer "
+                f"{self.name!r} (it would be encoded as that control token)")
+        return text
 
     def _render(self, messages: Messages, add_generation_prompt: bool) -> List[int]:
         try:
@@ -384,6 +423,9 @@ class HFTokenizer:
             raise TokenizerError(f"the chat template of tokenizer {self.name!r} has "
                                  f"{{% generation %}} blocks but marks no token of this "
                                  f"conversation's assistant turns")
+        for position in range(1, len(ids)):  # through the stop tokens right after a block
+            if mask[position - 1] and not mask[position] and ids[position] in self._stop_ids:
+                mask[position] = 1
         return ids, mask
 
     def _end_of_turn_ids(self) -> FrozenSet[int]:
