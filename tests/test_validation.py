@@ -211,3 +211,53 @@ def test_validation_reaches_tensorboard_and_the_trackers_with_the_config(runs, m
         pytest.approx(expected, rel=1e-12)
     assert found.data.params["anchor.alpha"] == "0.5"
     assert found.data.params["trainer.eval_interval"] == "1"
+
+
+STM_SCRIPT = r"""
+import json, sys
+import torch
+from nemo_anchored.config import load_config
+from nemo_anchored.data import build_tokenizer, load_sft_dataset
+from nemo_anchored.parallel.distributed import model_parallel
+from nemo_anchored.training.validation import Validation
+
+path = sys.argv[1]
+cfg = load_config("recipes/tiny_cpu.yaml", ["method=stm", "trainer.micro_batch_size=2",
+                                            f"data.valid_path={path}"], check_paths=False)
+dataset = load_sft_dataset(path, build_tokenizer("byte"), cfg.data.seq_length)
+last = len(dataset) - 1
+
+def forward_only(batches, loss_fn):
+    # Base logits certain of every label (perplexity 1) but on the last example, uniform there
+    # (perplexity 259): stm keeps the response tokens of all examples but the last.
+    outputs = []
+    for batch in batches:
+        logits = torch.zeros(*batch["labels"].shape, cfg.model.vocab_size)
+        labels = batch["labels"][..., None]
+        sure = (batch["index"] != last)[:, None, None].expand_as(labels)
+        logits.scatter_(2, labels, torch.where(sure, 30.0, 0.0))
+        outputs.append(loss_fn(logits, None, None, batch)[2])
+    return outputs
+
+with model_parallel(1, 1, seed=0):
+    validation = Validation(cfg, dataset, total_steps=1, dp_rank=0, dp_size=1,
+                            forward_only=forward_only, reduce_sums=None, device="cpu")
+response = dataset.loss_mask > 0
+kept = validation.loss.keep & response
+print(json.dumps({"kept": kept.sum(1).tolist(), "response": response.sum(1).tolist(),
+                  "summary": validation.summary}))
+"""
+
+
+def test_stm_filter_of_a_validation_set_ignores_the_padding_rows(tmp_path):
+    # 3 examples in micro-batches of 2: the second is padded with a copy of the last example
+    # whose loss mask is 0. Its cross-entropy of 0 must not stand for the last example's.
+    data = tmp_path / "valid.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"answer {i}"}) + "\n"
+                            for i in range(3)))
+    script = tmp_path / "stm_validation.py"
+    script.write_text(STM_SCRIPT)
+    out = json.loads(run_script(script, data).stdout.strip().splitlines()[-1])
+    assert out["response"] == [9, 9, 9]
+    assert out["kept"] == [9, 9, 0]
+    assert "stm keeps 18 of 27 response tokens (66.7%)" in out["summary"]

@@ -156,8 +156,15 @@ class Stm(CrossEntropy):
 
         outputs = forward_over_dataset(base_ce)
         keep = torch.zeros(len(dataset), self.cfg.data.seq_length, dtype=torch.bool)
+        # The passes fill their last micro-batch with repeats of the last row (validation's
+        # with its loss mask 0: ce 0, "kept" everywhere), always after the row itself: the
+        # first occurrence of a row is the one to keep.
+        seen = torch.zeros(len(dataset), dtype=torch.bool)
         for out in outputs:  # last stage only; other stages never read the mask
-            keep[out["index"]] = stm_keep_mask(out["ce"], threshold).cpu()
+            rows = stm_keep_mask(out["ce"], threshold).cpu()
+            for row, index in zip(rows, out["index"].tolist()):
+                if not seen[index]:
+                    keep[index], seen[index] = row, True
         response = dataset.loss_mask > 0
         counts = torch.tensor([(keep & response).sum(), response.sum()], dtype=torch.float64,
                               device=device)
