@@ -390,6 +390,10 @@ class Lab:
         if folders:
             self.log(f"lab: the committed bases ({', '.join(map(str, folders))}) were pretrained "
                      "with other settings: pretraining a new one")
+        else:
+            self.log(f"lab: no committed base in {', '.join(map(str, self.committed_bases))} (a "
+                     "clone of the repository has them, an installed package does not): "
+                     "pretraining a new one")
         return None
 
     def pretrain(self, paths) -> Path:
