@@ -1,6 +1,7 @@
 """The real-model lab (lab/real_model.py): its dry-run plan and estimate, the instruction checks
 it scores general skills with, and the --smoke run end to end (SmolLM2-135M-Instruct on the
 CPU)."""
+import dataclasses
 import json
 import math
 import os
@@ -53,6 +54,10 @@ def test_dry_run_lists_every_training_with_its_compute_and_fits_ten_minutes():
     assert float(rows["reference_e2"][3]) == pytest.approx(seconds, abs=0.05)
     assert "within the 10-minute budget" in lines[-1]
     assert any("6 x params x trained tokens" in line for line in lines)
+    # medcalc keeps its recipe's 1088 positions (at 512, 372 of its 1024 examples would drop).
+    medcalc = real_model.plan_lines(dataclasses.replace(s, task="medcalc"))
+    assert "(batch 32 x 1088 tokens)" in medcalc[0]
+    assert "within the 10-minute budget" in medcalc[-1]
 
 
 def test_instruction_checks_by_hand():
