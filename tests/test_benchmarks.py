@@ -41,6 +41,12 @@ def test_gsm_symbolic_scorer():
     assert not score_gsm_symbolic("287", example)
     assert not score_gsm_symbolic(None, example)
     assert score_response("gsm_symbolic", "so the total is 288", example) == (None, False)
+    # Thousands separators and signs (reasoning-gym's own regex reads these as 2 and 5).
+    assert score_gsm_symbolic("2,205 apples", {"answer": "2205"})
+    assert not score_gsm_symbolic("2,205", {"answer": "2"})
+    assert score_gsm_symbolic("-5", {"answer": "-5"})
+    assert not score_gsm_symbolic("-5", {"answer": "5"})
+    assert score_gsm_symbolic("\u22125", {"answer": "-5"})  # the typographic minus
 
 
 def test_countdown_scorer():
@@ -54,6 +60,13 @@ def test_countdown_scorer():
     assert not score_countdown("9**9**9 + 94 + 4 + 61 + 6", example)  # no powers
     assert not score_countdown("__import__('os')", example)  # only arithmetic reaches sympy
     assert not score_countdown(None, example)
+    # What a response adds around the expression: "= target", a period, code quotes,
+    # typographic operators; a stated value other than the target is wrong.
+    for decorated in ("94*4 - 61 - 6 = 309", "94*4 - 61 - 6.", "`94*4 - 61 - 6`",
+                      "94\u00d74 \u2212 61 \u2212 6", "(94*4 - 61 - 6) = 309."):
+        assert score_countdown(decorated, example), decorated
+    assert not score_countdown("94*4 - 61 - 6 = 310", example)
+    assert not score_countdown("94*4 - 61 = 315", example)
 
 
 def test_medcalc_scorer_follows_medcalc_bench():
@@ -72,6 +85,8 @@ def test_medcalc_scorer_follows_medcalc_bench():
     assert score_medcalc("3", integer) and score_medcalc("3.4 points", integer)
     assert not score_medcalc("4", integer) and not score_medcalc("3.6", integer)
     assert first_number("1,234.5 mL") == 1234.5 and first_number("-.5") == -0.5
+    assert first_number("\u22123.2") == -3.2  # a typographic minus is a minus
+    assert score_medcalc("\u221215.2", negative) and not score_medcalc("\u221215", decimal)
 
 
 # -------------------------------------------------------------------------------- HumanEval
@@ -95,6 +110,12 @@ def test_humaneval_programs_pass_fail_and_time_out(problems):
     # no network from evaluated programs
     assert run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))") == \
         "failed: OSError: network access is disabled in evaluated programs"
+    # A wrong completion that ends the program with status 0 before the tests is no pass.
+    early = "failed: exited (status 0) before the end of the tests"
+    for exit_early in ("    return False\nimport sys\nsys.exit(0)\n",
+                       "    return False\nexit()\n",
+                       "    return False\nimport unittest\nunittest.main()\n"):
+        assert run_program(humaneval_program(chosen[0], exit_early)) == early, exit_early
 
 
 def test_humaneval_completion_from_a_chat_response(problems):
@@ -108,6 +129,11 @@ def test_humaneval_completion_from_a_chat_response(problems):
     assert humaneval_completion(problem, body_only) == "    return number - int(number)\n"
     assert run_program(humaneval_program(problem, humaneval_completion(problem, body_only))) \
         == "passed"
+    # Any language tag on the fence: with an unknown one, the closing fence used to open a
+    # "block" of the prose after it.
+    for tag in ("python3", "PYTHON", "py3", "Python "):
+        tagged = full.replace("```python", f"```{tag}")
+        assert humaneval_completion(problem, tagged) == completion, tag
     assert humaneval_completion(problem, "    return 0.5\n") == "    return 0.5\n"  # no fence
 
 

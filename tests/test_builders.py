@@ -51,6 +51,8 @@ def test_examples_teach_the_final_answer_format_their_scorer_accepts(task, examp
             assert "####" not in assistant["content"]
             float(example["answer"])
         if task == "countdown":
+            # The instruction says what is scored: every number, once.
+            assert "using each number exactly once" in user["content"]
             numbers = example["metadata"]["numbers"]
             assert sorted(int(x) for x in re.findall(r"\d+", example["answer"])) == \
                 sorted(numbers)
@@ -70,6 +72,7 @@ def test_extract_final_answer():
     assert extract_final_answer("no final line") is None
     assert extract_final_answer("The Answer: 3") is None  # must start its line
     assert extract_final_answer("Answer:") == ""
+    assert extract_final_answer("Answer: 4\r\n") == "4"
 
 
 def test_countdown_steps_follow_evaluation_order():

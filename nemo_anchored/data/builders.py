@@ -114,9 +114,10 @@ def _countdown(seed: int, draws: int) -> Iterator[dict]:
             raise ValueError(f"countdown (seed {seed}, item {index}): unexpected item "
                              f"{item['question'][:80]!r} / {item['answer']!r}")
         solution = "\n".join(steps) + f"\nThe expression {item['answer']} reaches {meta['target']}."
+        # "exactly once": the question asks for all the numbers, as the scorer does.
         yield chat_example("countdown", question, solution, item["answer"],
-                       "arithmetic expression using each number at most once, with * and /",
-                       {"numbers": list(meta["numbers"]), "target": meta["target"]})
+                           "arithmetic expression using each number exactly once, with * and /",
+                           {"numbers": list(meta["numbers"]), "target": meta["target"]})
 
 
 # ---------------------------------------------------------------------------------- building

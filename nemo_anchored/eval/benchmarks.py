@@ -28,11 +28,17 @@ Scoring, per task:
                   definition of the entry point replaces the stub, anything else continues it.
                   The program prompt + completion + test + check(entry_point) runs in a fresh
                   ``python -I`` with a timeout, sockets disabled and a 4 GiB address-space
-                  limit, in an empty temporary directory. pass@1 (greedy).
-    gsm_symbolic  reasoning-gym's scorer on the text after the last "Answer:" (a score of 1.0).
+                  limit, in an empty temporary directory; it passes when it runs to its end
+                  with exit status 0 (a completion calling exit() or unittest.main() ends it
+                  with 0 before the tests). pass@1 (greedy). Fenced code: any language tag.
+    gsm_symbolic  reasoning-gym's rule on the text after the last "Answer:": its first number
+                  equals the answer, the number read with thousands separators and a
+                  typographic minus (the gym's own regex reads "2,205" as 2 and "-5" as 5).
     countdown     reasoning-gym's scorer on that text (every number used once, the target
-                  reached); the expression may contain only digits, spaces, + - * / ( ) and no
-                  "**" (the scorer parses it with sympy, which evaluates what it is given).
+                  reached), after code quotes, a final period and "= <target>" are taken off
+                  and typographic operators read as + - * /; the expression may contain only
+                  digits, spaces, + - * / ( ) and no "**" (the scorer parses it with sympy,
+                  which evaluates what it is given).
     medcalc       the first number after the last "Answer:", as MedCalc-Bench scores: integer
                   outputs (scores) must match after rounding; decimal outputs must lie within
                   5% of the calculator's answer (MedCalc-Bench's lower/upper limits), taken as

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,7 +22,9 @@ HUMANEVAL_TIMEOUT_S = 10.0
 
 # -------------------------------------------------------------------------------- HumanEval
 
-_FENCED = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+# A fenced block with any info string (```python3, ```PY, none...): a fence that requires a
+# known tag lets the block's closing fence open a "block" of the prose after it.
+_FENCED = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def humaneval_completion(problem: dict, response: str) -> str:
@@ -55,11 +58,17 @@ del _resource, _socket, _no_lookup
 
 
 def run_program(program: str, timeout: float = HUMANEVAL_TIMEOUT_S) -> str:
-    """Run ``program`` in a fresh isolated interpreter: "passed" (exit status 0), "failed: ..."
-    (the last line of its stderr) or "timed out" (its whole process group is killed)."""
+    """Run ``program`` in a fresh isolated interpreter: "passed" (it ran to its end and exited
+    with status 0), "failed: ..." (the last line of its stderr) or "timed out" (its whole process
+    group is killed).
+
+    Status 0 alone is not a pass: a completion that calls ``sys.exit(0)``, ``exit()`` or
+    ``unittest.main()`` ends the program with status 0 before the tests run. The program's last
+    statement creates a file of a random name, which only a program that got there has made."""
     with tempfile.TemporaryDirectory(prefix="nemo_anchored_eval_") as workdir:
-        script = Path(workdir) / "program.py"
-        script.write_text(_PRELUDE + program, encoding="utf-8")
+        script, reached_end = Path(workdir) / "program.py", Path(workdir) / secrets.token_hex(16)
+        script.write_text(f"{_PRELUDE}{program}\nopen({reached_end.name!r}, 'x').close()\n",
+                          encoding="utf-8")
         env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
         proc = subprocess.Popen([sys.executable, "-I", str(script)], cwd=workdir, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -70,8 +79,9 @@ def run_program(program: str, timeout: float = HUMANEVAL_TIMEOUT_S) -> str:
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: the program and its children
             proc.communicate()
             return "timed out"
+        finished = reached_end.exists()
     if proc.returncode == 0:
-        return "passed"
+        return "passed" if finished else "failed: exited (status 0) before the end of the tests"
     lines = stderr.decode("utf-8", errors="replace").strip().splitlines()
     return f"failed: {lines[-1] if lines else f'exit status {proc.returncode}'}"
 
@@ -86,27 +96,42 @@ def _gym_scorer(name: str):
 
 
 def score_gsm_symbolic(answer: Optional[str], example: dict) -> bool:
-    return answer is not None and \
-        _gym_scorer("gsm_symbolic")(answer, {"answer": example["answer"]}) == 1.0
+    # reasoning-gym's rule (the first number equals the answer) with first_number's parse: the
+    # gym's own regex reads "2,205" as 2 and "-5" as 5.
+    value = first_number(answer)
+    return value is not None and value == float(example["answer"])
 
 
 _COUNTDOWN_EXPRESSION = re.compile(r"[0-9+\-*/() ]{1,200}")
+# What a response may add around the expression: code quotes, a closing period, "= <value>".
+_COUNTDOWN_DECORATION = re.compile(r"[\s`]*(.*?)(?:\s*=\s*(-?\d+(?:\.\d+)?))?[\s`.]*",
+                                   re.DOTALL)
 
 
 def score_countdown(answer: Optional[str], example: dict) -> bool:
-    if answer is None or not _COUNTDOWN_EXPRESSION.fullmatch(answer) or "**" in answer:
+    if answer is None:
         return False
     meta = example["metadata"]
+    expression, value = _COUNTDOWN_DECORATION.fullmatch(
+        answer.translate(_TYPOGRAPHIC_OPERATORS)).groups()
+    if value is not None and float(value) != meta["target"]:
+        return False  # the expression may reach the target, the response says it does not
+    if not _COUNTDOWN_EXPRESSION.fullmatch(expression) or "**" in expression:
+        return False
     entry = {"metadata": {"numbers": meta["numbers"], "target": meta["target"]}}
-    return _gym_scorer("countdown")(answer, entry) == 1.0
+    return _gym_scorer("countdown")(expression, entry) == 1.0
 
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+# The minus sign, the en dash and the multiplication and division signs a model may write.
+_TYPOGRAPHIC_OPERATORS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u00d7": "*",
+                                        "\u00f7": "/"})
 
 
 def first_number(text: Optional[str]) -> Optional[float]:
-    """The first number in ``text`` (thousands separators allowed), or None."""
-    match = _NUMBER.search(text or "")
+    """The first number in ``text`` (thousands separators and a typographic minus allowed), or
+    None."""
+    match = _NUMBER.search((text or "").translate(_TYPOGRAPHIC_OPERATORS))
     return None if match is None else float(match.group().replace(",", ""))
 
 
