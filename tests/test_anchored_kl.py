@@ -208,6 +208,17 @@ def test_lemma_bounds_hold(backend, scale):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_logit_bound_at_alpha_one(backend):
+    # alpha / (1 - alpha) x KL(p_cur || p_ref) is inf at alpha = 1, but 0 where the current
+    # model is the reference (the anchor is then the current model): not inf x 0 = NaN.
+    r = logits((4, 300), seed=40)
+    z = torch.cat([r[:2], logits((2, 300), seed=41)])
+    d = anchor_diagnostics(z, r, alpha=1.0, interpolation="logit", backend=backend)
+    assert d["bound"].tolist() == [0.0, 0.0, math.inf, math.inf]
+    assert d["anchor_step_kl"][:2].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_entropy_diagnostic(backend):
     z, r = logits((7, 333), seed=27), logits((7, 333), seed=28)
     z[:, :5] = -math.inf
@@ -343,6 +354,12 @@ def test_second_backward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    # Nor is there a second derivative: it would silently leave the loss's term out of a
+    # Hessian-vector product or a gradient penalty.
+    z = logits((3, 40)).requires_grad_()
+    loss = anchored_kl(z, logits((3, 40), seed=33)).sum()
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, z, create_graph=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

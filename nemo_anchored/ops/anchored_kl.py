@@ -234,7 +234,10 @@ def _diagnostic_rows(z, c, r, step, spec: AnchorSpec, tp_group, kernels, *, poli
     kl_cur_ref = total["kl_cur_ref"].float()
     if spec.interpolation == Interpolation.LOGIT:
         alpha = spec.alpha
-        bound = (alpha / (1.0 - alpha) if alpha < 1.0 else math.inf) * kl_cur_ref
+        if alpha < 1.0:
+            bound = alpha / (1.0 - alpha) * kl_cur_ref
+        else:  # inf, but 0 where the current model is the reference (not inf x 0 = NaN)
+            bound = torch.where(kl_cur_ref == 0, 0.0, math.inf * kl_cur_ref)
     else:
         bound = spec.alpha * total["kl_ref_cur"].float()
     out = {"anchor_step_kl": step.float(), "bound": bound, "kl_cur_ref": kl_cur_ref,
@@ -323,7 +326,8 @@ def anchor_diagnostics(policy_logits: torch.Tensor, reference_logits: torch.Tens
     Returns a dict of fp32 tensors shaped like the loss:
         anchor_step_kl: KL(q || p_cur), how far the anchor sits from the current model;
         bound: its guaranteed ceiling: alpha * KL(p_ref || p_cur) (prob, Lemma 5.1) or
-            alpha / (1 - alpha) * KL(p_cur || p_ref) (logit, Lemma 5.3; inf at alpha = 1);
+            alpha / (1 - alpha) * KL(p_cur || p_ref) (logit, Lemma 5.3; inf at alpha = 1,
+            but 0 where p_cur = p_ref);
         kl_cur_ref: KL(p_cur || p_ref);
         entropy: the policy's entropy.
     """

@@ -305,6 +305,10 @@ class _HandWrittenGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # autograd runs backward so only under create_graph=True
+            raise RuntimeError("the fused per-token losses have no second derivative: their "
+                               "gradient is written in the forward pass, without a graph; "
+                               "backward with create_graph=True is not supported")
         (grad,) = ctx.saved_tensors
         # In place: the buffer is ours, and a second backward is refused by autograd's version
         # check.
