@@ -270,6 +270,26 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path, sft_ru
 
 
 @pytest.mark.slow
+def test_resume_with_another_objective_data_or_optimizer_is_refused(tmp_path, sft_run):
+    """Each would resume without failing into another run (or fail loading the optimizer state
+    as if the files were damaged): refused before anything is written, naming what changed."""
+    run_dir = copy_run(sft_run, tmp_path)
+    data = tmp_path / "reversed.jsonl"  # the same examples in another order
+    lines = (ROOT / "recipes" / "data" / "tiny_sft.jsonl").read_text().splitlines()
+    data.write_text("\n".join(reversed(lines)) + "\n")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    done = cli("sft", run_dir, "trainer.max_steps=3", "method=dft", f"data.train_path={data}",
+               "optim.name=sgd", "optim.decay_style=linear", "model.dtype=bfloat16",
+               "anchor.alpha=0.9")
+    assert_stopped(done, "method=sft in the checkpoint, dft now",
+                   "data=96 examples", "optim.name=adamw in the checkpoint, sgd now",
+                   "optim.decay_style=constant in the checkpoint, linear now",
+                   "model.dtype=float32 in the checkpoint, bfloat16 now")
+    assert "anchor.alpha" not in done.stderr  # an sft checkpoint: the anchor is not its
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
 def test_events_are_logged_once_across_a_resume(tmp_path, sft_run):
     run_dir = tmp_path / "run"
     args = [f"model.base_checkpoint={sft_run / 'base'}",

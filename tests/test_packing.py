@@ -174,7 +174,7 @@ def test_rotary_positions_restart_exactly_as_each_example_alone():
 
 def test_a_packed_run_has_the_same_batches_after_a_restart_and_records_packing(tmp_path):
     from nemo_anchored.checkpoint.format import FORMAT_VERSION, MARKER
-    from nemo_anchored.training.resume import resume_point, settings_of
+    from nemo_anchored.training.resume import data_identity, resume_point, settings_of
 
     path = write_examples(tmp_path, ["b" * n for n in range(1, 30, 2)])
     # The first start builds the token cache, the restart reads it; each packs after loading.
@@ -192,12 +192,14 @@ def test_a_packed_run_has_the_same_batches_after_a_restart_and_records_packing(t
     saved = tmp_path / "step_0000004"  # a checkpoint saved by the same run without packing
     saved.mkdir()
     cfg = load_config("tiny_cpu", [f"checkpoint.resume={saved}"])
+    data = data_identity(first)
+    assert data == data_identity(restart)  # the cache's arrays are the built ones
     (saved / MARKER).write_text(json.dumps({"format_version": FORMAT_VERSION,
-                                            "state": {"settings": settings_of(cfg)}}))
-    assert settings_of(cfg)["data.packing"] is False
+                                            "state": {"settings": settings_of(cfg, data)}}))
+    assert settings_of(cfg, data)["data.packing"] is False
     packing = load_config("tiny_cpu", [f"checkpoint.resume={saved}", "data.packing=true"])
     with pytest.raises(ConfigError, match="data.packing=False in the checkpoint, True now"):
-        resume_point(packing, tmp_path)
+        resume_point(packing, tmp_path, data)
 
 
 def test_too_few_packed_rows_name_packing(tmp_path):

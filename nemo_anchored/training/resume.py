@@ -3,30 +3,62 @@
 over), taken with the same settings it was saved with."""
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from nemo_anchored.checkpoint.format import CheckpointError, read_marker, scan_checkpoints
 from nemo_anchored.config import ConfigError
 
-# The settings a resume must share with its checkpoint (which records them): a changed global
-# batch, seed or packing reorders the data, a changed held-out fraction changes the training
-# examples, a changed lr changes the updates, and none of them would fail.
-RESUME_SETTINGS = ("trainer.global_batch_size", "trainer.seed", "data.valid_fraction",
-                   "data.packing", "optim.lr")
+# The settings a resume must share with its checkpoint (which records them), since a change
+# would not fail but silently make another run of the rest: the objective (method and its
+# settings), the data and its order (the global batch, seed, packing, shuffling, held-out
+# fraction, the sequence length and the bad- and over-long-line policies: with "data", the
+# training examples themselves), the updates (lr, weight decay, the schedule, which megatron's
+# scheduler takes from the checkpoint, not the config), and what the optimizer state was saved
+# for (its name, the model's dtype, the distributed optimizer: elsewhere its load fails on
+# missing keys, reported as damaged files).
+RESUME_SETTINGS = (
+    "method", "trainer.global_batch_size", "trainer.seed", "data.valid_fraction",
+    "data.packing", "data.shuffle", "data.seq_length", "data.on_error", "data.overlong",
+    "optim.name", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.decay_style",
+    "model.dtype", "parallelism.use_distributed_optimizer",
+    "anchor.alpha", "anchor.interpolation", "anchor.mode", "anchor.temperature",
+    "anchor.outer_iterations", "anchor.inner_epochs", "anchor.inner_steps",
+    "anchor.restart_optimizer", "baselines.kl_lambda", "baselines.stm_threshold")
+# The settings only one method reads (compared only for a checkpoint of that method).
+_METHOD_OF = {"anchor": "anchored", "baselines.kl_lambda": "kl_sft",
+              "baselines.stm_threshold": "stm"}
 
 
-def settings_of(cfg) -> Dict[str, object]:
-    """The RESUME_SETTINGS of a run config, as a checkpoint records them."""
-    return {key: OmegaConf.select(cfg, key) for key in RESUME_SETTINGS}
+def settings_of(cfg, data: str) -> Dict[str, object]:
+    """The RESUME_SETTINGS of a run config, and ``data`` (``data_identity``), as a checkpoint
+    records them."""
+    return {**{key: OmegaConf.select(cfg, key) for key in RESUME_SETTINGS}, "data": data}
 
 
-def resume_point(cfg, run_dir: Path) -> Tuple[Optional[Path], List[str]]:
+def data_identity(dataset) -> str:
+    """The tokenized training examples (an SFTDataset, before any split), in a line: a changed
+    file, tokenizer or chat template changes it."""
+    crc = 0
+    for array in (dataset.offsets, dataset.ids, dataset.assistant):
+        crc = zlib.crc32(np.ascontiguousarray(array), crc)
+    return f"{len(dataset)} examples, {len(dataset.ids)} tokens, CRC-32 {crc:08x}"
+
+
+def _compared(key: str, method: str) -> bool:
+    owner = _METHOD_OF.get(key, _METHOD_OF.get(key.split(".")[0]))
+    return owner is None or owner == method
+
+
+def resume_point(cfg, run_dir: Path, data: str) -> Tuple[Optional[Path], List[str]]:
     """The checkpoint to resume from (None: start at step 0) and warnings for the log.
     Raises, before anything is written, when the checkpoint folder holds checkpoints but
-    none is usable, or when the checkpoint's RESUME_SETTINGS differ from this run's."""
+    none is usable, or when the checkpoint's RESUME_SETTINGS or training data (``data``, as
+    ``data_identity`` gives it) differ from this run's."""
     resume = cfg.checkpoint.resume
     if resume == "none":
         return None, []
@@ -35,7 +67,7 @@ def resume_point(cfg, run_dir: Path) -> Tuple[Optional[Path], List[str]]:
     else:
         path, warnings = Path(resume), []
     if path is not None:
-        warnings += _compare_settings(cfg, run_dir, path)
+        warnings += _compare_settings(cfg, run_dir, path, data)
     return path, warnings
 
 
@@ -54,16 +86,18 @@ def _latest_usable_checkpoint(cfg, run_dir: Path) -> Tuple[Optional[Path], List[
                          for reason in reasons]
 
 
-def _compare_settings(cfg, run_dir: Path, path: Path) -> List[str]:
-    """Refuses (ConfigError) a resume whose RESUME_SETTINGS differ from the checkpoint's,
-    unless checkpoint.allow_changed_settings; returns the warnings for the log."""
+def _compare_settings(cfg, run_dir: Path, path: Path, data: str) -> List[str]:
+    """Refuses (ConfigError) a resume whose RESUME_SETTINGS or data differ from the
+    checkpoint's, unless checkpoint.allow_changed_settings; returns the warnings for the log.
+    A setting the checkpoint does not record (an older save) is not compared."""
     saved = read_marker(path).get("state", {}).get("settings")
     if saved is None:
         return [f"warning: checkpoint {path} does not record {', '.join(RESUME_SETTINGS)} "
                 "(an older save): the resume cannot check that they are unchanged"]
-    now = settings_of(cfg)
+    now, method = settings_of(cfg, data), saved.get("method", cfg.method)
     changed = [f"{key}={saved[key]} in the checkpoint, {now[key]} now"
-               for key in RESUME_SETTINGS if key in saved and saved[key] != now[key]]
+               for key in (*RESUME_SETTINGS, "data")
+               if key in saved and _compared(key, method) and saved[key] != now[key]]
     if not changed:
         return []
     what = f"checkpoint {path} was saved with other settings: {'; '.join(changed)}"
@@ -71,9 +105,9 @@ def _compare_settings(cfg, run_dir: Path, path: Path) -> List[str]:
         return [f"warning: {what}; resuming anyway (checkpoint.allow_changed_settings=true): "
                 "the data order or the updates from here on differ from the saved run's"]
     raise ConfigError(
-        f"{what}. Resuming would change the run silently (the global batch size, the seed, "
-        "the held-out fraction and the packing set the data order, the learning rate the "
-        "updates). "
-        "Restore them, resume anyway with checkpoint.allow_changed_settings=true, or start "
-        "over from step 0 "
+        f"{what}. Resuming would change the run silently (the method and its settings set the "
+        "objective; the data file, tokenizer, global batch size, seed, held-out fraction, "
+        "packing and shuffling the examples and their order; the optimizer settings the "
+        "updates). Restore them, resume anyway with checkpoint.allow_changed_settings=true, "
+        "or start over from step 0 "
         f"with checkpoint.resume=none (this truncates {run_dir / 'metrics.jsonl'})")

@@ -57,7 +57,7 @@ from nemo_anchored.training.guards import TrainingDiverged, any_non_finite, grad
 from nemo_anchored.training.methods import MethodLoss
 from nemo_anchored.training.metrics import MetricsLogger
 from nemo_anchored.training.preemption import Preempted, PreemptionSignals
-from nemo_anchored.training.resume import resume_point, settings_of
+from nemo_anchored.training.resume import data_identity, resume_point, settings_of
 from nemo_anchored.training.run_lock import RunLock
 from nemo_anchored.training.validation import Validation, split_off_validation
 
@@ -95,6 +95,7 @@ class Trainer:
         dataset = cached_sft_dataset(d.train_path, tokenizer, d.seq_length,
                                      on_error=d.on_error, overlong=d.overlong,
                                      cache_dir=d.cache_dir)
+        self.data_identity = data_identity(dataset)
         self.dataset, valid_set = split_off_validation(cfg, dataset, tokenizer)
         if d.packing:  # after the split, so that no row mixes training and held-out examples
             self.dataset = self.dataset.packed()
@@ -215,7 +216,7 @@ class Trainer:
         cfg, pos = self.cfg, Position()
         with self._run_directory_lock() as notes:
             optimizer, scheduler = self._build_optimizer()
-            resume, warnings = resume_point(self.cfg, self.run_dir)
+            resume, warnings = resume_point(self.cfg, self.run_dir, self.data_identity)
             if resume is not None:
                 state = load_checkpoint(resume, model=self.stack.policy, optimizer=optimizer,
                                         scheduler=scheduler, snapshot=self.stack.snapshot)
@@ -440,9 +441,9 @@ class Trainer:
                 f"the policy weights are not finite after step {pos.global_step}: refusing to "
                 f"save {path}. Likely cause: a learning rate too high for this model "
                 f"(optim.lr={self.cfg.optim.lr}). {self._ways_on()}")
+        settings = settings_of(self.cfg, self.data_identity)
         save_checkpoint(path, model=self.stack.policy,
-                        state={"position": vars(pos), "settings": settings_of(self.cfg)},
-                        **parts)
+                        state={"position": vars(pos), "settings": settings}, **parts)
 
     def _announce(self, resume: Optional[Path], pos: Position, warnings: List[str]) -> None:
         if self.ctx.rank != 0:
