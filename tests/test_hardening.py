@@ -249,6 +249,27 @@ def test_resume_skips_unusable_checkpoints_loudly_and_never_starts_over_silently
 
 
 @pytest.mark.slow
+def test_starting_over_sets_the_earlier_runs_checkpoints_aside(tmp_path, sft_run):
+    """Run B starts over in run A's directory and stops (as at a preemption) before A's last
+    step: a resume must continue B, not take A's later checkpoint for B's."""
+    run_dir = copy_run(sft_run, tmp_path)  # A: checkpoints at steps 1 and 2
+    earlier = {name: (run_dir / "checkpoints" / name / MARKER).read_bytes()
+               for name in checkpoints(run_dir)}
+    done = cli("sft", run_dir, "trainer.max_steps=1", "checkpoint.save_every=1",
+               "checkpoint.resume=none", "optim.clip_grad=0.5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    aside = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("superseded-")]
+    assert len(aside) == 1 and f"are moved to {aside[0]}" in done.stdout
+    assert {p.name: (p / MARKER).read_bytes() for p in aside[0].iterdir()} == earlier
+    assert checkpoints(run_dir) == ["step_0000001"]  # B's own
+    done = cli("sft", run_dir, "trainer.max_steps=2", "checkpoint.save_every=1",
+               "optim.clip_grad=0.5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step_0000001 at step 1" in done.stdout
+    assert steps(run_dir) == [1, 2]
+
+
+@pytest.mark.slow
 def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path, sft_run):
     run_dir = copy_run(sft_run, tmp_path)
     changed = ["trainer.seed=99", "optim.lr=0.002", "trainer.max_steps=3"]

@@ -3,6 +3,7 @@
 over), taken with the same settings it was saved with."""
 from __future__ import annotations
 
+import time
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -69,6 +70,24 @@ def resume_point(cfg, run_dir: Path, data: str) -> Tuple[Optional[Path], List[st
     if path is not None:
         warnings += _compare_settings(cfg, run_dir, path, data)
     return path, warnings
+
+
+def set_aside_earlier_checkpoints(root: Path) -> Optional[str]:
+    """For a run that starts over (checkpoint.resume=none): moves the ``step_*`` checkpoints of
+    an earlier run in ``root`` into ``root/superseded-<UTC time>/``, where no resume looks, and
+    says so (None: there were none). Left in place, those of later steps than this run reaches
+    before a preemption would be the ones a resume takes, as this run's. Moved, not deleted: a
+    save is not ours to destroy. Rank 0 only."""
+    earlier = sorted(root.glob("step_*")) if root.is_dir() else []
+    if not earlier:
+        return None
+    aside = root / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
+    aside.mkdir()
+    for path in earlier:
+        path.rename(aside / path.name)
+    return (f"checkpoint.resume=none starts over: the {len(earlier)} checkpoints of an earlier "
+            f"run in {root} ({earlier[0].name} to {earlier[-1].name}) are moved to {aside}, so "
+            "that no resume takes them for this run's")
 
 
 def _latest_usable_checkpoint(cfg, run_dir: Path) -> Tuple[Optional[Path], List[str]]:

@@ -57,7 +57,8 @@ from nemo_anchored.training.guards import TrainingDiverged, any_non_finite, grad
 from nemo_anchored.training.methods import MethodLoss
 from nemo_anchored.training.metrics import MetricsLogger
 from nemo_anchored.training.preemption import Preempted, PreemptionSignals
-from nemo_anchored.training.resume import data_identity, resume_point, settings_of
+from nemo_anchored.training.resume import (data_identity, resume_point,
+                                           set_aside_earlier_checkpoints, settings_of)
 from nemo_anchored.training.run_lock import RunLock
 from nemo_anchored.training.validation import Validation, split_off_validation
 
@@ -217,6 +218,10 @@ class Trainer:
         with self._run_directory_lock() as notes:
             optimizer, scheduler = self._build_optimizer()
             resume, warnings = resume_point(self.cfg, self.run_dir, self.data_identity)
+            if cfg.checkpoint.resume == "none":
+                aside = self._together(lambda: set_aside_earlier_checkpoints(
+                    Path(cfg.checkpoint.dir)) if self.ctx.rank == 0 else None)
+                warnings += [aside] if aside else []
             if resume is not None:
                 state = load_checkpoint(resume, model=self.stack.policy, optimizer=optimizer,
                                         scheduler=scheduler, snapshot=self.stack.snapshot)
