@@ -21,6 +21,7 @@ The loaded config holds every input path absolute, so a run's config.yaml works 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -381,6 +382,8 @@ def read_recipe(recipe: str | os.PathLike) -> DictConfig:
     except OSError as error:  # also OmegaConf's answer to a scalar at the top level
         reason = error.strerror or error
         raise ConfigError(f"{path}: cannot be read as a recipe: {reason}") from None
+    except OmegaConfBaseException as error:  # e.g. a malformed ${...} interpolation
+        raise ConfigError(_omegaconf_message(error, path)) from None
     if not isinstance(recipe_cfg, DictConfig):  # OmegaConf.load's other answer: ListConfig
         raise ConfigError(f"{path}: the top level is a list, not a mapping of sections "
                           f"(trainer:, model:, data:, ...)")
@@ -396,6 +399,11 @@ def _omegaconf_message(error: OmegaConfBaseException, path: Path) -> str:
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def _positive(value: float) -> bool:
+    """> 0 and finite (inf passes a plain > 0, and NaN fails it only by accident of IEEE)."""
+    return 0 < value < math.inf
 
 
 def _one_of(value: Any, key: str, allowed) -> None:
@@ -414,8 +422,16 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
     _require(t.stop_on_collapse_steps >= 0, "trainer.stop_on_collapse_steps",
              "must be >= 0 (0 disables the check)")
 
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len"):
+    _require(0 <= t.seed < 2**32, "trainer.seed", f"{t.seed} is outside [0, 2**32)")
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_seq_len",
+                "make_vocab_size_divisible_by"):
         _require(m[key] >= 1, f"model.{key}", "must be >= 1")
+    for key in ("num_query_groups", "ffn_hidden_size", "kv_channels"):
+        _require(m[key] is None or m[key] >= 1, f"model.{key}", "must be >= 1 or null")
+    for key in ("rotary_base", "norm_epsilon"):
+        _require(_positive(m[key]), f"model.{key}", "must be > 0 and finite")
+    _require(0 <= m.init_method_std < math.inf, "model.init_method_std",
+             "must be >= 0 and finite")
     _one_of(m.dtype, "model.dtype", MODEL_DTYPES)
     arch = GPTConfig.of(m)
     groups = arch.query_groups
@@ -441,8 +457,10 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
              "parallelism.sequence_parallel", f"needs Transformer Engine's layer spec "
              f"(model.attention=te or auto), not model.attention={m.attention}: megatron's "
              "local norms refuse sequence parallelism")
-    _require(p.collective_timeout_s > 0, "parallelism.collective_timeout_s", "must be > 0")
-    _require(p.startup_timeout_s > 0, "parallelism.startup_timeout_s", "must be > 0")
+    _require(_positive(p.collective_timeout_s), "parallelism.collective_timeout_s",
+             "must be > 0 and finite")
+    _require(_positive(p.startup_timeout_s), "parallelism.startup_timeout_s",
+             "must be > 0 and finite")
     _require(world_size % (tp * pp) == 0, "parallelism",
              f"TP={tp} x PP={pp} does not divide the {world_size} processes")
     dp = world_size // (tp * pp)
@@ -463,11 +481,13 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
     _require(o.name == "adamw" or not p.use_distributed_optimizer,
              "parallelism.use_distributed_optimizer",
              f"megatron's distributed optimizer supports only optim.name=adamw, not {o.name}")
-    _require(o.lr > 0, "optim.lr", "must be > 0")
+    _require(_positive(o.lr), "optim.lr", "must be > 0 and finite")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}]")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optim.adam_beta1/adam_beta2",
              "must be in [0, 1)")
+    _require(_positive(o.adam_eps), "optim.adam_eps", "must be > 0 and finite")
+    _require(0 <= o.sgd_momentum < 1, "optim.sgd_momentum", "must be in [0, 1)")
     _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _one_of(o.decay_style, "optim.decay_style", ("constant", "linear", "cosine"))
@@ -479,7 +499,7 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
     _require(a.inner_epochs >= 1, "anchor.inner_epochs", "must be >= 1")
     _require(a.inner_steps is None or a.inner_steps >= 1, "anchor.inner_steps",
              "must be >= 1 or null")
-    _require(a.temperature > 0, "anchor.temperature", "must be > 0")
+    _require(_positive(a.temperature), "anchor.temperature", "must be > 0 and finite")
     _one_of(a.backend, "anchor.backend", ("auto", "fused", "torch"))
     _one_of(cfg.baselines.backend, "baselines.backend", ("auto", "fused", "torch"))
     _require(cfg.baselines.kl_lambda >= 0, "baselines.kl_lambda", "must be >= 0")

@@ -43,7 +43,7 @@ def test_expected_failure_classes_share_one_base_and_keep_their_own():
 
 
 @pytest.mark.parametrize("case", ["yaml_syntax", "top_level_list", "unknown_key",
-                                  "missing_data_file"])
+                                  "bad_interpolation", "missing_data_file"])
 def test_recipe_and_configuration_errors_are_one_line(case, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     overrides = [f"logging.dir={tmp_path / 'run'}"]
@@ -56,6 +56,9 @@ def test_recipe_and_configuration_errors_are_one_line(case, tmp_path, capsys):
     elif case == "unknown_key":
         recipe.write_text(RECIPE.read_text().replace("  epochs: 2\n", "  epochs: 2\n  epoch: 3\n"))
         expected = f"{recipe}: trainer.epoch: Key 'epoch' not in 'TrainerConfig'"
+    elif case == "bad_interpolation":
+        recipe.write_text(RECIPE.read_text().replace("name: tiny_cpu", "name: tiny_${method"))
+        expected = f"{recipe}: name: "  # then the grammar's words for it
     else:
         recipe = RECIPE
         overrides.append("data.train_path=/no/such/train.jsonl")

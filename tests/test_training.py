@@ -277,6 +277,20 @@ def test_killed_run_resumes_bitwise(tmp_path, runs):
     (["data.train_path=/no/such/file.jsonl"], "data.train_path"),
     (["model.base_checkpoint=/no/such/dir"], "model.base_checkpoint"),
     (["method=anchored"], "method=anchored: `nemo-anchored sft`"),
+    # Values that passed validation and failed later: a traceback from megatron or torch, or
+    # a non-finite loss blamed on the learning rate.
+    (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by: must be"),
+    (["model.num_query_groups=0"], "model.num_query_groups: must be >= 1 or null"),
+    (["model.ffn_hidden_size=0"], "model.ffn_hidden_size: must be >= 1 or null"),
+    (["model.rotary_base=0"], "model.rotary_base: must be > 0 and finite"),
+    (["model.norm_epsilon=-1"], "model.norm_epsilon: must be > 0 and finite"),
+    (["model.init_method_std=-1"], "model.init_method_std: must be >= 0"),
+    (["trainer.seed=-1"], "trainer.seed: -1 is outside [0, 2**32)"),
+    (["optim.adam_eps=0"], "optim.adam_eps: must be > 0 and finite"),
+    (["optim.name=sgd", "optim.sgd_momentum=-1"], "optim.sgd_momentum: must be in [0, 1)"),
+    (["optim.lr=inf"], "optim.lr: must be > 0 and finite"),
+    (["anchor.temperature=inf"], "anchor.temperature: must be > 0 and finite"),
+    (["parallelism.collective_timeout_s=inf"], "parallelism.collective_timeout_s: must be"),
 ])
 def test_configuration_errors_stop_before_training(overrides, message, tmp_path, capsys):
     from nemo_anchored.cli.main import main
