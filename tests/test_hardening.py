@@ -248,6 +248,21 @@ def test_resume_skips_unusable_checkpoints_loudly_and_never_starts_over_silently
     assert after == before
 
 
+def test_folders_that_cannot_be_written_stop_the_run_before_training(tmp_path):
+    """Found at the start, naming the key, not at the first save after the training (a file
+    where a folder must go stands in for a read-only or foreign file system)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    done = cli("sft", tmp_path / "run", "trainer.max_steps=2",
+               f"checkpoint.dir={blocker / 'checkpoints'}")
+    assert_stopped(done, f"checkpoint.dir: cannot write to {blocker / 'checkpoints'}: Not a "
+                   "directory")
+    assert steps(tmp_path / "run") == []
+    done = cli("sft", blocker / "run", "trainer.max_steps=2")
+    assert_stopped(done, f"cannot write {blocker / 'run'}")
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.slow
 def test_starting_over_sets_the_earlier_runs_checkpoints_aside(tmp_path, sft_run):
     """Run B starts over in run A's directory and stops (as at a preemption) before A's last

@@ -75,8 +75,11 @@ def _expected_failure(error: Exception) -> Optional[str]:
     traceback must stay visible."""
     if isinstance(error, UserError):
         return str(error)
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on {error.filename or 'the device'}"
+    if isinstance(error, OSError) and error.filename and error.errno in (
+            errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+        return f"cannot write {error.filename}: {error.strerror}"
     return None
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -218,6 +219,7 @@ class Trainer:
         with self._run_directory_lock() as notes:
             optimizer, scheduler = self._build_optimizer()
             resume, warnings = resume_point(self.cfg, self.run_dir, self.data_identity)
+            self._together(lambda: self._check_writable() if self.ctx.rank == 0 else None)
             if cfg.checkpoint.resume == "none":
                 aside = self._together(lambda: set_aside_earlier_checkpoints(
                     Path(cfg.checkpoint.dir)) if self.ctx.rank == 0 else None)
@@ -412,6 +414,20 @@ class Trainer:
         finally:
             if lock is not None:
                 lock.release()
+
+    def _check_writable(self) -> None:
+        """ConfigError naming the key when the run or checkpoint folder cannot be written: now,
+        not at the first save after the training (or at a preemption's)."""
+        for key, folder in (("logging.dir", self.run_dir),
+                            ("checkpoint.dir", Path(self.cfg.checkpoint.dir))):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-test.{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as error:
+                raise ConfigError(f"{key}: cannot write to {folder}: "
+                                  f"{error.strerror or error}") from None
 
     def _together(self, fn):
         """``fn()`` on every rank, where it touches files on rank 0 only: what it raises there
