@@ -532,12 +532,25 @@ def validate(cfg: DictConfig, *, world_size: int = 1, check_paths: bool = True) 
             value = m[key]
             _require(value is None or Path(value).is_dir(), f"model.{key}",
                      f"{value!r} is not a checkpoint directory{_RELATIVE}")
+            _require_complete(f"model.{key}", value)
         resume = cfg.checkpoint.resume
         if resume not in ("auto", "none"):
             _require(Path(resume).is_dir(), "checkpoint.resume",
                      f"{resume!r} is not a checkpoint directory (or use auto | none){_RELATIVE}")
+            _require_complete("checkpoint.resume", resume)
         if cfg.method == "anchored":
             _require_trained_reference(m)
+
+
+def _require_complete(key: str, checkpoint: Optional[str]) -> None:
+    """ConfigError naming ``key`` when ``checkpoint`` is no complete checkpoint (read_marker's
+    reason): before any process group starts, not at the load."""
+    if checkpoint is None:
+        return
+    try:
+        read_marker(checkpoint)
+    except CheckpointError as error:
+        raise ConfigError(f"{key}: {error}") from None
 
 
 def _require_trained_reference(m) -> None:

@@ -238,8 +238,9 @@ def test_a_training_run_stops_with_one_line_on_a_checkpoint_error(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     lines = _our_lines(result.stderr, "sft")
-    assert len(lines) == 1 and lines[0].startswith(f"nemo-anchored sft: checkpoint {empty}"), \
-        result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0] == (
+        f"nemo-anchored sft: model.base_checkpoint: {empty} is not a checkpoint (no "
+        "complete.json, no checkpoint files)"), result.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -263,6 +263,20 @@ def test_folders_that_cannot_be_written_stop_the_run_before_training(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_run_directory_for_a_checkpoint_is_named_with_the_one_meant(sft_run):
+    # Refused at validation, naming the key, with the checkpoint probably meant.
+    for key, folder, meant in [
+            ("model.base_checkpoint", sft_run, "a run directory? its final weights are "
+                                               f"{sft_run / 'final'}"),
+            ("checkpoint.resume", sft_run / "checkpoints", "the newest complete checkpoint "
+                                                         f"inside is {sft_run}/checkpoints/"
+                                                         "step_0000002")]:
+        with pytest.raises(ConfigError) as refused:
+            load_config(RECIPE, [f"{key}={folder}"])
+        assert str(refused.value) == f"{key}: {folder} is not a checkpoint (no {MARKER}, no " \
+                                     f"checkpoint files); {meant}"
+
+
 @pytest.mark.slow
 def test_starting_over_sets_the_earlier_runs_checkpoints_aside(tmp_path, sft_run):
     """Run B starts over in run A's directory and stops (as at a preemption) before A's last

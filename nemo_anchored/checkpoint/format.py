@@ -98,6 +98,9 @@ def read_marker(path: Path) -> Dict[str, Any]:
                 f"convert it with `nemo-anchored convert hf-to-mcore --hf {path} --out OUT` "
                 f"and use OUT"
             )
+        if not _looks_like_checkpoint(path):
+            raise CheckpointError(f"{path} is not a checkpoint (no {MARKER}, no checkpoint "
+                                  f"files){_checkpoints_inside(path)}")
         raise CheckpointError(
             f"checkpoint {path} is incomplete: no {MARKER} (the save did not finish)"
         )
@@ -122,6 +125,19 @@ class CheckpointScan:
     latest: Optional[Path]  # the complete checkpoint to resume from, or None
     # Directories that look like checkpoints but cannot be used, each with the reason.
     skipped: List[Tuple[Path, str]]
+
+
+def _checkpoints_inside(folder: Path) -> str:
+    """Where the checkpoint probably meant is, for a folder that is none: a run's final weights,
+    or the newest complete checkpoint of a folder of them (a run's, or its checkpoints/)."""
+    final = folder / "final"
+    if (final / MARKER).is_file():
+        return f"; a run directory? its final weights are {final}"
+    for root in (folder, folder / "checkpoints"):
+        latest = scan_checkpoints(root).latest if root.is_dir() else None
+        if latest is not None:
+            return f"; the newest complete checkpoint inside is {latest}"
+    return ""
 
 
 def _looks_like_checkpoint(path: Path) -> bool:
