@@ -248,6 +248,16 @@ def test_resume_skips_unusable_checkpoints_loudly_and_never_starts_over_silently
     assert after == before
 
 
+def test_each_step_runs_and_logs_its_own_lr_of_the_schedule(tmp_path):
+    # megatron's formula at steps 1..4 (warm-up 2, then linear decay to min_lr at the last):
+    # step 1 is not at lr 0, the last is at min_lr, each logs the lr it ran at.
+    done = cli("sft", tmp_path / "run", "trainer.max_steps=4", "optim.warmup_steps=2",
+               "optim.decay_style=linear", "optim.lr=0.001", "optim.min_lr=0.0001")
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [m["lr"] for m in metrics(tmp_path / "run") if "event" not in m]
+    assert logged == pytest.approx([0.0005, 0.001, 0.00055, 0.0001], rel=1e-12)
+
+
 def test_folders_that_cannot_be_written_stop_the_run_before_training(tmp_path):
     """Found at the start, naming the key, not at the first save after the training (a file
     where a folder must go stands in for a read-only or foreign file system)."""

@@ -299,9 +299,13 @@ class Trainer:
                                    micro_batch_size=t.micro_batch_size)
         totals = self._reduce_sums(outputs)
         self._stop_if_non_finite(pos, epoch, totals)
+        # The schedule's lr for this step (1-based) before the update: stepped after it, as
+        # megatron's own loop does, step 1 (of every restarted outer iteration) ran at init_lr,
+        # 0 under a warm-up, the last never at min_lr, and the lr logged was the next step's.
+        scheduler.step(increment=1)
         updated, grad_norm, _ = optimizer.step()
-        if updated:
-            scheduler.step(increment=1)
+        if not updated:  # fp16's loss scaler skipped the update: the step did not happen
+            scheduler.step(increment=-1)
         elapsed = time.perf_counter() - start
         record = self._record(pos, epoch, totals, grad_norm, optimizer, elapsed)
         self.log.log_step(record)
