@@ -1,5 +1,7 @@
-"""Preemption: SIGTERM or SIGUSR1 to any rank ends the run at the next step boundary, with a
-checkpoint and exit status 0, so that a requeued job resumes exactly.
+"""Preemption: SIGTERM, SIGUSR1, SIGINT (Ctrl-C) or SIGHUP (a closed terminal) to any rank ends
+the run at the next step boundary, with a checkpoint and exit status 0, so that a requeued job
+resumes exactly. A second SIGINT does not wait for the boundary: it raises KeyboardInterrupt at
+once (what is being saved then stays an incomplete save, which never loads).
 
 The handler only records the signal: Python runs it between two bytecodes of the main thread,
 possibly inside a collective's caller or a checkpoint save, where nothing else is safe. At each
@@ -17,7 +19,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 class Preempted(Exception):
@@ -25,8 +27,8 @@ class Preempted(Exception):
 
 
 class PreemptionSignals:
-    """Records SIGTERM and SIGUSR1 while entered (handlers restored on exit) and tells the ranks,
-    together, whether any of them got one."""
+    """Records SIGNALS while entered (handlers restored on exit) and tells the ranks, together,
+    whether any of them got one."""
 
     def __init__(self):
         self.received = 0  # the signal number; 0: none
@@ -43,6 +45,8 @@ class PreemptionSignals:
         self._previous.clear()
 
     def _record(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: now, not at the step boundary
         self.received = signum
 
     def agreed(self, device: torch.device) -> Optional[signal.Signals]:

@@ -20,11 +20,12 @@ right after), so that a run resumed from it neither repeats nor loses one. One r
 directory: rank 0 holds RUN_DIR/.lock (training/run_lock.py) from before the first write to the
 end, and a resume checks what it continues from (training/resume.py).
 
-From outside, a run ends in two more ways (docs/design/cluster.md): SIGTERM or SIGUSR1 to any
-rank saves a checkpoint at the next step boundary and exits 0 (training/preemption.py); a peer
-that dies or stops answering for parallelism.collective_timeout_s (before the world has started:
-parallelism.startup_timeout_s) turns into a one-line ``PeerLost`` on every rank that waits for
-it. Either way the same command resumes.
+From outside, a run ends in two more ways (docs/design/cluster.md): SIGTERM, SIGUSR1, SIGINT or
+SIGHUP to any rank saves a checkpoint at the next step boundary and exits 0
+(training/preemption.py); a peer that dies or stops answering for
+parallelism.collective_timeout_s (before the world has started: parallelism.startup_timeout_s)
+turns into a one-line ``PeerLost`` on every rank that waits for it. Either way the same command
+resumes.
 """
 from __future__ import annotations
 
@@ -318,9 +319,9 @@ class Trainer:
 
     def _stop_if_preempted(self, pos: Position, optimizer, scheduler) -> None:
         """At a step boundary, on every rank alike (they agree in one all-reduce): after a
-        SIGTERM or SIGUSR1 to any rank, saves a checkpoint here (unless the newest one is of
-        this step already) and raises ``Preempted``. Before the first step there is nothing to
-        save, so the signal is acted on after it."""
+        preemption signal (training/preemption.py) to any rank, saves a checkpoint here
+        (unless the newest one is of this step already) and raises ``Preempted``. Before the
+        first step there is nothing to save, so the signal is acted on after it."""
         if self.preemption is None or pos.global_step == 0:
             return
         received = self.preemption.agreed(self.ctx.device)
