@@ -46,6 +46,7 @@ Every rank must see the same filesystem (as dist_checkpointing requires). ``save
 
 import errno
 import logging
+import os
 import queue
 import random
 import re
@@ -258,12 +259,28 @@ class _WriterErrors(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+# Free space under which a failed save is put down to a full disk.
+_NEARLY_FULL = 16 << 20
+
+
+def _free_bytes(folder: Path) -> Optional[int]:
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
 def _describe(err: BaseException, path: Path, logged: Sequence[str] = ()) -> str:
     """The gist of a failure about checkpoint ``path``: a full disk (in ``err`` or in the
     writers' ``logged`` errors) says so, on the folder it was written to; a
     CheckpointException's text is every rank's traceback, so only each rank's cause is kept."""
     if _no_space(err) or any(_NO_SPACE_TEXT in message for message in logged):
         return f"no space left on {path.parent}"
+    free = _free_bytes(path.parent)
+    if free is not None and free < _NEARLY_FULL:
+        # torch's zip writer reports a full disk as "unexpected pos", its errno lost.
+        return f"no space left on {path.parent} ({free >> 10} KiB free after the failed save)"
     if isinstance(err, CheckpointException):
         causes = sorted({f"{type(exc).__name__}: {exc}" for exc, _ in err.failures.values()})
         return "; ".join(causes)
