@@ -71,15 +71,22 @@ def test_scan_reports_every_checkpoint_it_cannot_use(tmp_path):
     (unreadable / MARKER).write_text('{"format_version": 1, "glob')
     unmarked = write_checkpoint(tmp_path / "step_0000007", 7)
     (unmarked / MARKER).unlink()
+    # Valid JSON, damaged by hand: a step that no longer orders (it raised a TypeError in the
+    # scan, which broke the resume of the whole folder).
+    mistyped = write_checkpoint(tmp_path / "step_0000008", 8)
+    marker = json.loads((mistyped / MARKER).read_text())
+    (mistyped / MARKER).write_text(json.dumps({**marker, "global_step": "8"}))
     write_checkpoint(tmp_path / "step_0000009.tmp", 9)  # a save in progress: not reported
     (tmp_path / "tensorboard").mkdir()  # no checkpoint files: not a checkpoint
 
     scan = scan_checkpoints(tmp_path)
     assert scan.latest == good == latest_checkpoint(tmp_path)
-    assert [path for path, _ in scan.skipped] == [unreadable, unmarked]
+    assert [path for path, _ in scan.skipped] == [unreadable, unmarked, mistyped]
     reasons = dict(scan.skipped)
     assert f"checkpoint {unreadable}: unreadable {MARKER}" in reasons[unreadable]
     assert f"checkpoint {unmarked} is incomplete: no {MARKER}" in reasons[unmarked]
+    assert reasons[mistyped] == f"checkpoint {mistyped}: unreadable {MARKER}: 'global_step' " \
+                                "is '8', not an integer or null"
 
 
 def test_scan_with_only_unusable_checkpoints_has_no_latest(tmp_path):

@@ -33,6 +33,12 @@ _PENDING_MARKER = MARKER + ".pending"
 # The marker's table of every other file of the checkpoint: {name: {"bytes": .., "crc32": ..}}.
 # Checkpoints saved before it existed have none (nothing to verify) and still load.
 _FILES = "files"
+# The marker's fields that code compares or indexes, with their types (where present: a marker
+# damaged by hand into other valid JSON is refused here, not met as a TypeError later).
+_MARKER_TYPES = {"global_step": ((int, type(None)), "an integer or null"),
+                 "saved_at": ((int, float), "a number"), "contents": (list, "a list"),
+                 "layout": (dict, "an object"), "state": (dict, "an object"),
+                 _FILES: (dict, "an object")}
 # Files that make a directory look like a checkpoint: the marker, or dist_checkpointing's.
 _CHECKPOINT_FILES = (MARKER, _PENDING_MARKER, "metadata.json", ".metadata", "common.pt")
 _HF_CONFIG = "config.json"  # a Hugging Face model folder; converted checkpoints keep it in hf/
@@ -115,6 +121,11 @@ def read_marker(path: Path) -> Dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path}: format version {version}, this code reads {FORMAT_VERSION}"
         )
+    for key, (kinds, what) in _MARKER_TYPES.items():
+        value = marker.get(key)
+        if key in marker and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise CheckpointError(f"checkpoint {path}: unreadable {MARKER}: {key!r} is "
+                                  f"{value!r}, not {what}")
     return marker
 
 

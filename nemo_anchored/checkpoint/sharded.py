@@ -70,7 +70,8 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_anchored.atomic import tmp_path
-from nemo_anchored.checkpoint.format import (FORMAT_VERSION, CheckpointError, check_serialisable,
+from nemo_anchored.checkpoint.format import (FORMAT_VERSION, MARKER, CheckpointError,
+                                             check_serialisable,
                                              file_record, publish, read_marker, record_files,
                                              recorded_files, verify_files)
 from nemo_anchored.checkpoint.shapes import index_mismatch
@@ -490,6 +491,10 @@ def load_checkpoint(path, *, model, optimizer=None, scheduler=None, snapshot=Non
     """
     path = Path(path)
     marker = read_marker(path)
+    missing = [key for key in ("contents", "layout") if key not in marker]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER}: no "
+                              f"{' or '.join(map(repr, missing))}")
     _check_readable(path, marker)
     _check_fits(path, marker, model)
     for name, part in (("snapshot", snapshot), ("optimizer", optimizer),
