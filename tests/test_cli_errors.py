@@ -285,5 +285,5 @@ def test_convert_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     status, lines = run_in_process(capsys, "convert", "mcore-to-hf", "--checkpoint", raw,
                                    "--base", base, "--out", out)
     assert status == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"nemo-anchored convert: checkpoint {raw}"), lines
+    assert lines[0].startswith(f"nemo-anchored convert: {raw} is not a checkpoint"), lines
     assert not out.exists()

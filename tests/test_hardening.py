@@ -346,6 +346,11 @@ def test_resume_with_another_objective_data_or_optimizer_is_refused(tmp_path, sf
                    "optim.decay_style=constant in the checkpoint, linear now",
                    "model.dtype=float32 in the checkpoint, bfloat16 now")
     assert "anchor.alpha" not in done.stderr  # an sft checkpoint: the anchor is not its
+    # Another optimizer's state cannot be loaded at all: refused even when changes are allowed.
+    done = cli("sft", run_dir, "trainer.max_steps=3", "optim.name=sgd",
+               "checkpoint.allow_changed_settings=true")
+    assert_stopped(done, "optim.name=adamw in the checkpoint, sgd now",
+                   "Its optimizer state cannot be loaded with another optim.name")
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 

@@ -33,6 +33,12 @@ RESUME_SETTINGS = (
 # The settings only one method reads (compared only for a checkpoint of that method).
 _METHOD_OF = {"anchor": "anchored", "baselines.kl_lambda": "kl_sft",
               "baselines.stm_threshold": "stm"}
+# Those whose optimizer state cannot load into another's: refused even with
+# checkpoint.allow_changed_settings.
+_OPTIMIZER_STATE = ("optim.name", "model.dtype", "parallelism.use_distributed_optimizer")
+# What starting over does to the run directory (for the messages that offer it).
+_START_OVER = ("checkpoint.resume=none (this truncates {metrics} and moves the checkpoints in "
+               "checkpoint.dir aside)")
 
 
 def settings_of(cfg, data: str) -> Dict[str, object]:
@@ -98,9 +104,8 @@ def _latest_usable_checkpoint(cfg, run_dir: Path) -> Tuple[Optional[Path], List[
         raise CheckpointError(
             f"no usable checkpoint to resume from in {root}: {'; '.join(reasons)}. Nothing "
             f"was written or changed. To start over from step 0, run again with "
-            f"checkpoint.resume=none (this truncates {run_dir / 'metrics.jsonl'} and "
-            f"overwrites the checkpoints of the same steps); to resume from a checkpoint "
-            f"elsewhere, checkpoint.resume=PATH")
+            f"{_START_OVER.format(metrics=run_dir / 'metrics.jsonl')}; to resume from a "
+            f"checkpoint elsewhere, checkpoint.resume=PATH")
     return scan.latest, [f"warning: resume skips an unusable checkpoint: {reason}"
                          for reason in reasons]
 
@@ -120,6 +125,11 @@ def _compare_settings(cfg, run_dir: Path, path: Path, data: str) -> List[str]:
     if not changed:
         return []
     what = f"checkpoint {path} was saved with other settings: {'; '.join(changed)}"
+    start_over = _START_OVER.format(metrics=run_dir / "metrics.jsonl")
+    if any(key in saved and saved[key] != now[key] for key in _OPTIMIZER_STATE):
+        raise ConfigError(f"{what}. Its optimizer state cannot be loaded with another "
+                          f"{', '.join(_OPTIMIZER_STATE)}: restore them, or start over from "
+                          f"step 0 with {start_over}")
     if cfg.checkpoint.allow_changed_settings:
         return [f"warning: {what}; resuming anyway (checkpoint.allow_changed_settings=true): "
                 "the data order or the updates from here on differ from the saved run's"]
@@ -128,5 +138,4 @@ def _compare_settings(cfg, run_dir: Path, path: Path, data: str) -> List[str]:
         "objective; the data file, tokenizer, global batch size, seed, held-out fraction, "
         "packing and shuffling the examples and their order; the optimizer settings the "
         "updates). Restore them, resume anyway with checkpoint.allow_changed_settings=true, "
-        "or start over from step 0 "
-        f"with checkpoint.resume=none (this truncates {run_dir / 'metrics.jsonl'})")
+        f"or start over from step 0 with {start_over}")
