@@ -174,7 +174,27 @@ def test_sweep_and_frontier():
     assert [r["lr"] for r in rows] == [1e-3, 3e-3, 1e-2]
     assert rows[0]["domain_std"] == 0.0 and rows[0]["seeds"] == 1
     assert [r["lr"] for r in pareto_frontier(rows)] == [1e-3, 3e-3]  # (0.4, 0.4) dominated
-    assert matched_point(rows, 0.45)["lr"] == 3e-3
+    assert matched_point(rows, 0.45, seeds=1)["lr"] == 3e-3
+
+
+def test_points_with_failed_seeds_set_no_bar_and_match_nothing():
+    # sft's 3e-3 and dft's 3e-3 kept one seed of three (the others diverged): the mean of the
+    # survivor would set the bar (1.0) and let dft reach it on one lucky seed.
+    points = _points({
+        "sft": {1e-3: [(0.85, 0.2)] * 3, 3e-3: [(1.0, 0.05)]},
+        "kl_sft": {1e-3: [(0.86, 0.3)] * 3},
+        "dft": {1e-3: [(0.5, 0.5)] * 3, 3e-3: [(0.95, 0.4)]},
+    })
+    summary = summarize(points, {"domain": 0.0, "general": 0.8})
+    assert summary["best_sft_domain"] == pytest.approx(0.85)  # the 3-seed point's
+    m = summary["methods"]
+    assert (m["sft"]["lr"], m["kl_sft"]["lr"]) == (1e-3, 1e-3)
+    assert m["sft"]["note"] == "left out, some of their 3 seeds failed: lr 0.003 (1 of 3)"
+    assert m["dft"]["lr"] is None
+    assert m["dft"]["note"].startswith("no learning rate reaches the matched domain accuracy "
+                                       "0.765 (best seed-mean domain: 0.500); left out")
+    verdicts = {(v["method"], v["verdict"]): v for v in summary["verdicts"]}
+    assert verdicts["dft", "misses the matched domain"]["lr"] == 1e-3
 
 
 # -------------------------------------------------------------------------------- model work

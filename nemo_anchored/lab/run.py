@@ -562,9 +562,11 @@ class Lab:
             "evaluation": f"greedy decoding, exact match of the response, max_new_tokens="
                           f"{s.max_new_tokens}, held-out sets: {s.domain_eval} domain, "
                           f"{s.general_eval} general ({', '.join(GENERAL_TASKS)})",
-            "matched_rule": f"per method, among lrs whose seed-mean domain >= {MATCH_FRACTION} x "
-                            "the best seed-mean sft domain: the best seed-mean general (null "
-                            "when none qualifies); stds are sample stds over seeds",
+            "matched_rule": f"per series, among sweep points (lr, outer iteration) with every "
+                            f"seed whose seed-mean domain >= {MATCH_FRACTION} x the best such "
+                            "sft domain: the best seed-mean general (ties: higher domain, then "
+                            "less compute, then lower lr; null when none qualifies); stds are "
+                            "sample stds over seeds",
             "verdicts": SPREAD,
             "wall_time_s": wall,
             "jobs": self.jobs,  # trainings run at a time (the wall time's, not the results')

@@ -1,10 +1,12 @@
 """The lab's summary of its runs: seed means and sample stds per method and learning rate, and
 per method its general accuracy at matched domain accuracy.
 
-The matched-domain rule: among a method's learning rates whose seed-mean domain accuracy reaches
-at least MATCH_FRACTION (90%) of the best seed-mean SFT domain accuracy, the one with the best
-seed-mean general accuracy (``matched_point``). A method with no such learning rate gets null
-scores and a note, never a made-up number.
+The matched-domain rule: among a method's sweep points (learning rate, and outer iteration)
+whose seed-mean domain accuracy reaches at least MATCH_FRACTION (90%) of the best seed-mean SFT
+domain accuracy, the one with the best seed-mean general accuracy (``matched_point``). A method
+with no such point gets null scores and a note, never a made-up number. Only points with every
+seed of the lab count, for the bar as for the match: a point some of whose runs failed
+(diverged, collapsed) would be the mean of the seeds that survived, which flatters it.
 
 Each verdict comes with how close it is (``verdicts``): whether a method reaches the matched
 domain accuracy (its seed-mean domain against the bar), and for one that does, its general
@@ -63,43 +65,56 @@ _MATCHED_KEYS = ("domain", "general", "domain_std", "general_std", "lr", "outer"
                  "compute")
 
 
-def matched_point(rows: Sequence[dict], threshold: float) -> dict:
-    """The summary entry of one series from its sweep rows: among rows with seed-mean domain
-    >= threshold, the one with the best general (ties: higher domain, then less compute, then
-    lower lr). None scores and a note when no row qualifies; a note when the chosen row is an
-    intermediate outer iteration."""
-    ok = [r for r in rows if r["domain"] >= threshold - 1e-12]
+def matched_point(rows: Sequence[dict], threshold: float, seeds: int) -> dict:
+    """The summary entry of one series from its sweep rows: among rows of all ``seeds`` with
+    seed-mean domain >= threshold, the one with the best general (ties: higher domain, then
+    less compute, then lower lr). None scores and a note when no row qualifies; a note when the
+    chosen row is an intermediate outer iteration, and one naming the rows left out for their
+    failed seeds."""
+    failed = [r for r in rows if r["seeds"] < seeds]
+    notes = [f"left out, some of their {seeds} seeds failed: "
+             + ", ".join(f"{_point_name(r)} ({r['seeds']} of {seeds})" for r in failed)] \
+        if failed else []
+    ok = [r for r in rows if r["seeds"] == seeds and r["domain"] >= threshold - 1e-12]
     if not ok:
-        best_domain = max((r["domain"] for r in rows), default=None)
-        return {**dict.fromkeys(_MATCHED_KEYS), "note": "no learning rate reaches the matched "
-                f"domain accuracy {threshold:.3f} (best seed-mean domain: "
-                f"{'n/a' if best_domain is None else f'{best_domain:.3f}'})"}
+        best_domain = max((r["domain"] for r in rows if r["seeds"] == seeds), default=None)
+        notes.insert(0, f"no learning rate reaches the matched domain accuracy {threshold:.3f} "
+                        f"(best seed-mean domain: "
+                        f"{'n/a' if best_domain is None else f'{best_domain:.3f}'})")
+        return {**dict.fromkeys(_MATCHED_KEYS), "note": "; ".join(notes)}
     best = max(ok, key=lambda r: (r["general"], r["domain"], -(r.get("compute") or 0),
                                   -r["lr"]))
     found = {k: best.get(k) for k in _MATCHED_KEYS}
     if found["outer"] is not None and found["outer"] < found["outers"]:
-        found["note"] = (f"an intermediate checkpoint: outer iteration {found['outer']} of "
-                         f"{found['outers']}")
+        notes.insert(0, f"an intermediate checkpoint: outer iteration {found['outer']} of "
+                        f"{found['outers']}")
+    if notes:
+        found["note"] = "; ".join(notes)
     return found
+
+
+def _point_name(row: dict) -> str:
+    return f"lr {row['lr']:g}" + ("" if row["outer"] is None else f" outer {row['outer']}")
 
 
 def summarize(points: Sequence[dict], base: dict) -> dict:
     """results.json's "methods", "sweep", "matched_domain_threshold" and "verdicts" from the
     run points."""
     sweep = sweep_table(points)
-    sft_rows = sweep.get("sft", [])
+    seeds = max((r["seeds"] for rows in sweep.values() for r in rows), default=0)
+    sft_rows = [r for r in sweep.get("sft", []) if r["seeds"] == seeds]
     if not sft_rows:
-        raise ValueError("the matched-domain rule needs sft runs")
+        raise ValueError("the matched-domain rule needs sft runs with every seed")
     best_sft = max(r["domain"] for r in sft_rows)
     threshold = MATCH_FRACTION * best_sft
     methods = {"base": {"domain": base["domain"], "general": base["general"],
                         "domain_std": None, "general_std": None, "lr": None,
                         "note": "one pretrained base, evaluated once: no seed spread"}}
     for series, rows in sweep.items():
-        methods[series] = matched_point(rows, threshold)
+        methods[series] = matched_point(rows, threshold, seeds)
     return {"methods": methods, "sweep": sweep, "best_sft_domain": best_sft,
             "matched_domain_threshold": threshold,
-            "verdicts": verdicts(sweep, methods, threshold)}
+            "verdicts": verdicts(sweep, methods, threshold, seeds)}
 
 
 def _verdict(method: str, verdict: str, row: dict, key: str, against_name: str,
@@ -113,20 +128,23 @@ def _verdict(method: str, verdict: str, row: dict, key: str, against_name: str,
             "within_noise": None if seeds < 2 else abs(margin) < spread}
 
 
-def verdicts(sweep: Dict[str, List[dict]], methods: Dict[str, dict],
-             threshold: float) -> List[dict]:
+def verdicts(sweep: Dict[str, List[dict]], methods: Dict[str, dict], threshold: float,
+             seeds: int) -> List[dict]:
     """Per method besides sft: its domain accuracy against the matched-domain bar (at the
     matched lr, or at its best-domain lr when it misses), and when it reaches the bar its
     general accuracy against SFT's there; each with margin, spread and seeds (module doc).
     ``within_noise`` is None with a single seed (no spread)."""
-    sft_best = max(sweep["sft"], key=lambda r: r["domain"])
+    def complete(rows):  # the rows with every seed, as for the bar; all when none has
+        return [r for r in rows if r["seeds"] == seeds] or rows
+
+    sft_best = max(complete(sweep["sft"]), key=lambda r: r["domain"])
     sft_at = _row(sweep["sft"], methods["sft"])
     found = []
     for method, rows in sweep.items():
         if method == "sft":
             continue
         matched = _row(rows, methods[method])
-        row = matched or max(rows, key=lambda r: r["domain"])
+        row = matched or max(complete(rows), key=lambda r: r["domain"])
         seeds = min(row["seeds"], sft_best["seeds"])
         found.append(_verdict(method, "reaches the matched domain" if matched else
                               "misses the matched domain", row, "domain", "bar", threshold,
