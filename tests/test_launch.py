@@ -138,6 +138,9 @@ def test_plain_sbatch_script(tmp_path, monkeypatch):
     (["anchor.alpha=2"], "anchor.alpha"),
     (["--nodes", "3"], "trainer.global_batch_size"),
     (["--env", "NO VALUE"], "--env 'NO VALUE': expected KEY=VALUE"),
+    # A requeued job resumes each stage from its own checkpoints: none would start both over.
+    (["checkpoint.resume=none"], "checkpoint.resume=none: `nemo-anchored launch` sets"),
+    (["--partition", "a\nb"], "a line break cannot go into a Slurm batch script directive"),
 ])
 def test_mistakes_stop_before_anything_is_queued(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -145,6 +148,39 @@ def test_mistakes_stop_before_anything_is_queued(args, message, tmp_path, capsys
               str(RECIPE), "--gpus-per-node", "2", f"data.train_path={DATA}", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_directives_hold_values_with_spaces_and_out_needs_its_folder(tmp_path, monkeypatch,
+                                                                     capsys):
+    # sbatch splits an #SBATCH line on whitespace outside double quotes.
+    workdir = tmp_path / "w dir"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    script = render(workdir, "--partition", 'gpu "a"', *CLUSTER[6:])
+    assert f'#SBATCH --chdir="{workdir}"' in script.splitlines()
+    assert '#SBATCH --partition="gpu \\"a\\""' in script.splitlines()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["launch", "--executor", "sbatch", "--out", str(tmp_path / "no" / "job.sbatch"),
+              "--config", str(RECIPE), f"data.train_path={DATA}"])
+    assert exit_info.value.code == 2
+    assert f"--out {tmp_path / 'no' / 'job.sbatch'}: the folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_local_executor_does_not_start_the_anchor_stage_after_a_failed_sft(tmp_path):
+    # An earlier run's final weights are there, and the SFT stage fails at its start (its
+    # checkpoint folder holds only a damaged checkpoint): the anchor stage must not train
+    # toward the earlier final.
+    sft = tmp_path / "runs" / "tiny_cpu_sft"
+    (sft / "final").mkdir(parents=True)
+    damaged = sft / "checkpoints" / "step_0000002"
+    damaged.mkdir(parents=True)
+    (damaged / "complete.json").write_text('{"format_version": 1, "glob')
+    done = launch(tmp_path, "--executor", "local", "--config", str(RECIPE),
+                  f"data.train_path={DATA}", *SHORT, *QUIET)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stage sft ended FAILED" in done.stderr
+    assert not (tmp_path / "runs" / "tiny_cpu_anchored").exists()
 
 
 def test_missing_nemo_run_names_the_extra(monkeypatch, capsys):

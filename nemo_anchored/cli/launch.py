@@ -2,7 +2,7 @@
 training stages as one job, each under torchrun: the SFT reference (`sft ... method=sft`), then
 Anchored Learning toward its final checkpoint (`anchor ... model.reference_checkpoint=RUN/final`).
 
-    local   a NeMo-Run experiment on this machine; waits for both stages
+    local   NeMo-Run on this machine, the anchor stage after the SFT stage succeeded; waits
     slurm   a NeMo-Run experiment submitted from a login node (two jobs, the second `afterok`
             the first); `--dryrun` writes the sbatch scripts and submits nothing
     sbatch  a plain Slurm batch script running both stages (no NeMo-Run needed)
@@ -23,8 +23,10 @@ from nemo_anchored.errors import UserError
 
 TEMPLATE = Path(__file__).with_name("templates") / "two_stage.sbatch"
 EXTRA = "pip install 'nemo-anchored[launch]' (nemo-run==0.11.1 leptonai==0.27.3)"
-# launch chooses these per stage: stage 1 is plain SFT, stage 2 anchors to its final weights.
-STAGE_KEYS = ("method", "model.reference_checkpoint")
+# launch chooses these per stage: stage 1 is plain SFT, stage 2 anchors to its final weights,
+# and each resumes from its own checkpoints (checkpoint.resume=auto): a requeued job with
+# another value would start both stages over, or resume one from the other's checkpoint.
+STAGE_KEYS = ("method", "model.reference_checkpoint", "checkpoint.resume")
 
 
 def _at_least(low: int):
@@ -110,7 +112,7 @@ def stages(args) -> list:
 def sbatch_script(args, env: dict) -> str:
     """The plain Slurm script (templates/two_stage.sbatch) for these arguments."""
     workdir = os.getcwd()
-    site = [f"#SBATCH --{flag}={value}" for flag, value in
+    site = [f"#SBATCH --{flag}={_directive_value(value)}" for flag, value in
             (("partition", args.partition), ("account", args.account), ("time", args.time))
             if value]
     container = "" if not args.container_image else (
@@ -119,15 +121,24 @@ def sbatch_script(args, env: dict) -> str:
         f"--container-workdir={shlex.quote(workdir)} ")
     (_, sft), (_, anchor) = stages(args)
     values = {
-        "job_name": f"{Path(args.config).stem}.anchored",
+        "job_name": _directive_value(f"{Path(args.config).stem}.anchored"),
         "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
-        "site_options": "\n".join(site), "workdir": workdir,
+        "site_options": "\n".join(site), "workdir": _directive_value(workdir),
         "preempt_seconds": args.preempt_seconds, "max_requeues": args.max_requeues,
         "environment": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
         "rdzv_port": args.rdzv_port, "container_options": container,
         "sft_stage": shlex.join(sft), "anchor_stage": shlex.join(anchor),
     }
     return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), TEMPLATE.read_text())
+
+
+def _directive_value(value: str) -> str:
+    """``value`` for an ``#SBATCH --flag=VALUE`` line: sbatch splits these lines on whitespace
+    outside double quotes, and a line break would end the directives."""
+    if "\n" in value or "\r" in value:
+        raise UserError(f"{value!r}: a line break cannot go into a Slurm batch script directive")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"' if re.search(r'[\s"\\]', value) else value
 
 
 def _nemo_run():
@@ -166,7 +177,18 @@ def _executor(run, args, env: dict):
 
 
 def _run_experiment(run, args, env: dict, stage_list: list) -> int:
-    with run.Experiment(Path(args.config).stem, executor=_executor(run, args, env),
+    if args.executor == "local" and not args.dryrun:
+        # One experiment per stage, the second only after the first succeeded: NeMo-Run's local
+        # scheduler starts a dependent task even when the one before failed, and the anchor
+        # stage would then train toward an earlier run's final weights.
+        for stage in stage_list:
+            _experiment(run, args, env, [stage], f"{Path(args.config).stem}.{stage[0]}")
+        return 0
+    return _experiment(run, args, env, stage_list, Path(args.config).stem)
+
+
+def _experiment(run, args, env: dict, stage_list: list, title: str) -> int:
+    with run.Experiment(title, executor=_executor(run, args, env),
                         log_level="WARN") as experiment:
         previous = []
         for name, arguments in stage_list:
@@ -179,11 +201,11 @@ def _run_experiment(run, args, env: dict, stage_list: list) -> int:
         experiment.run(detach=args.executor == "slurm")
         if args.executor == "slurm":
             return 0
-        # NeMo-Run starts the next stage locally even when the first failed: report the first.
-        for job in experiment.jobs:
-            if job.state.name != "SUCCEEDED":
-                raise UserError(f"stage {job.id} ended {job.state.name}; its logs are under "
-                                f"{job.executor.job_dir}")
+    # Leaving the block waited for the stages (a lone task's run() returns once it started).
+    for job in experiment.jobs:
+        if job.state.name != "SUCCEEDED":
+            raise UserError(f"stage {job.id} ended {job.state.name}; its logs are under "
+                            f"{job.executor.job_dir}")
     return 0
 
 
@@ -192,7 +214,10 @@ def run(args) -> int:
     if args.executor == "sbatch":
         script = sbatch_script(args, env)
         if args.out:
-            Path(args.out).write_text(script)
+            out = Path(args.out)
+            if not out.parent.is_dir():
+                raise UserError(f"--out {args.out}: the folder {out.parent} does not exist")
+            out.write_text(script)
         else:
             sys.stdout.write(script)
         return 0
