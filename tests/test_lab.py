@@ -549,6 +549,11 @@ def test_merge_orders_interleaved_shards_as_the_whole_lab(tmp_path):
     assert [s["seeds"] for s in merged["config"]["shards"]] == [[1000, 1002], [1001]]
     assert json.loads((tmp_path / "merged" / "results.json").read_text()) == \
         json.loads(json.dumps(merged))
+    # The failed trainings are listed in results.md: a method whose every run failed has no
+    # row in the summary, and would otherwise be indistinguishable from one never run.
+    report = (tmp_path / "merged" / "results.md").read_text()
+    assert "| training | error |\n|---|---|\n| seed1000/dft | e |\n| seed1001/dft | e |\n" \
+           "| seed1002/dft | e |" in report
 
 
 @pytest.mark.parametrize("indices, seeds", [((), 2), ((0, 0), 2), ((2,), 2), ((-1,), 2)])

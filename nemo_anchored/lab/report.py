@@ -33,8 +33,9 @@ def write_report(out: Path, points: List[dict], details: List[dict], references:
         "config": config,
     }
     plot_pareto(out / "pareto.png", points, summary, references)
-    table = "\n\n".join([markdown_table(summary), verdict_lines(summary),
-                          anchored_trace_table(details), reference_table(references)])
+    table = "\n\n".join(part for part in (
+        markdown_table(summary), verdict_lines(summary), anchored_trace_table(details),
+        reference_table(references), failed_table(failed_runs)) if part)
     write_text(out / "results.md", table + "\n")
     # Last: a results.json says the lab (or merge) finished, its report beside it.
     write_text(out / "results.json", json.dumps(results, indent=1))
@@ -137,6 +138,16 @@ def anchored_trace_table(details: Sequence[dict]) -> str:
                          f"{statistics.fmean(r['general'] for r in ref):.3f} | "
                          f"{statistics.fmean(r['kl_to_base_general'] for r in ref):.3f} |")
     return "\n".join(lines)
+
+
+def failed_table(failed_runs: Sequence[dict]) -> str:
+    """The trainings that failed (diverged, collapsed), whose points are missing from every
+    table above: a method with all its runs here is not in the summary at all."""
+    if not failed_runs:
+        return ""
+    return "\n".join(["Failed trainings (no point; summary.py leaves out a point with any):", "",
+                      "| training | error |", "|---|---|",
+                      *(f"| {f['run']} | {f['error']} |" for f in failed_runs)])
 
 
 def reference_table(references: Sequence[dict]) -> str:
