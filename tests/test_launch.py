@@ -107,14 +107,25 @@ def render(tmp_path, *args) -> str:
 def test_plain_sbatch_script(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = f"logging.dir={tmp_path}/out/${{name}}"
-    script = render(tmp_path, "--container-image", "nvcr.io/x:1", *CLUSTER, "optim.lr=2e-4", out)
+    # The container mounts the launch directory only: the inputs must be in it.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["launch", "--executor", "sbatch", "--container-image", "nvcr.io/x:1", *CLUSTER,
+              out])
+    assert exit_info.value.code == 2
+    recipe, data = tmp_path / RECIPE.name, tmp_path / DATA.name
+    recipe.write_text(RECIPE.read_text())
+    data.write_text(DATA.read_text())
+    cluster = [str(recipe) if a == str(RECIPE) else a.replace(str(DATA), str(data))
+               for a in CLUSTER]
+    script = render(tmp_path, "--container-image", "nvcr.io/x:1", *cluster, "optim.lr=2e-4", out)
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     flags = [line for line in script.splitlines() if line.startswith("#SBATCH")]
     for flag in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4", "--partition=batch",
                  "--account=acct", "--time=01:00:00", f"--chdir={tmp_path}", "--requeue",
                  "--signal=B:USR1@120"):
         assert f"#SBATCH {flag}" in flags, flag
-    for export in ("NCCL_SOCKET_IFNAME=ib0", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120"):
+    for export in ("NCCL_SOCKET_IFNAME=ib0", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120",
+                   "PYTHONSAFEPATH=1"):  # the image's package, not a checkout's in the workdir
         assert f"\nexport {export}\n" in script, export
     srun = script[script.index("    srun "):script.index(" &\n")].replace("\\\n", " ")
     options, command = torchrun_options(srun)
@@ -126,8 +137,8 @@ def test_plain_sbatch_script(tmp_path, monkeypatch):
     stages = [shlex.split(line)[1:] for line in script.splitlines() if line.startswith("stage ")]
     sft_dir = tmp_path / "out" / "tiny_cpu_sft"
     assert stages == [
-        ["sft", "--config", str(RECIPE), "method=sft", *CLUSTER[-2:], "optim.lr=2e-4", out],
-        ["anchor", "--config", str(RECIPE), *CLUSTER[-2:], "optim.lr=2e-4", out,
+        ["sft", "--config", str(recipe), "method=sft", *cluster[-2:], "optim.lr=2e-4", out],
+        ["anchor", "--config", str(recipe), *cluster[-2:], "optim.lr=2e-4", out,
          f"model.reference_checkpoint={sft_dir}/final", f"model.base_checkpoint={sft_dir}/base"]]
     assert "requeue" in script and "-ge 5 ]" in script
 

@@ -75,6 +75,10 @@ def environment(args) -> dict:
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(args.preempt_seconds),
         "PYTHONUNBUFFERED": "1",
     }
+    if args.container_image:
+        # The stages run in the launch directory: from a checkout, `python -m nemo_anchored`
+        # would import its package (its extension built for the host, or none) over the image's.
+        env["PYTHONSAFEPATH"] = "1"
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
@@ -100,6 +104,8 @@ def stages(args) -> list:
         anchor.append(f"model.base_checkpoint={run_dir}/base")
     anchor_cfg = load_config(args.config, ["method=anchored", *anchor], world_size=world_size,
                              check_paths=False)
+    if args.container_image:
+        _check_mounted(args.config, sft_cfg)
     for key in ("logging.dir", "checkpoint.dir"):
         section, name = key.split(".")
         if sft_cfg[section][name] == anchor_cfg[section][name]:
@@ -107,6 +113,22 @@ def stages(args) -> list:
                             f"make it depend on the stage, e.g. logging.dir=runs/${{name}}")
     return [("sft", ["sft", "--config", args.config, *sft]),
             ("anchor", ["anchor", "--config", args.config, *anchor])]
+
+
+def _check_mounted(recipe: str, cfg) -> None:
+    """UserError naming the first input outside the launch directory, the one folder mounted
+    into the container: the ranks would not find it there."""
+    workdir = Path(os.getcwd()).resolve()
+    inputs = {"--config": recipe, "data.train_path": cfg.data.train_path,
+              "data.valid_path": cfg.data.valid_path, "model.base_checkpoint":
+              cfg.model.base_checkpoint, "data.tokenizer": None if cfg.data.tokenizer == "byte"
+              else cfg.data.tokenizer, "logging.dir": cfg.logging.dir,
+              "checkpoint.dir": cfg.checkpoint.dir}
+    for key, value in inputs.items():
+        if value is not None and not Path(value).resolve().is_relative_to(workdir):
+            raise UserError(f"{key}: {value} is outside the launch directory {workdir}, the only "
+                            "folder mounted into --container-image's container; move it there "
+                            "or launch from a folder that holds it")
 
 
 def sbatch_script(args, env: dict) -> str:
