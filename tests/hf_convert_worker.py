@@ -334,6 +334,38 @@ def bad_input_checks(work: Path, sources: dict, converted: dict) -> None:
     expect("errors", f"--tp not dividing the query groups: {message!r}",
            message.startswith("--tp: TP=4") and "query groups (2)" in message)
 
+    # A tied config with an lm_head of its own: transformers 4 ignores it, 5 loads it.
+    folder = variant("tied_but_different", edit_config=lambda c: c.update(
+        tie_word_embeddings=True))
+    message = error_of(convert(folder))
+    expect("errors", f"a tied config with a different lm_head is ambiguous: {message!r}",
+           "lm_head.weight differs from model.embed_tokens.weight" in message)
+    message = error_of(convert(sources["llama_tied"], make_vocab_size_divisible_by=0))
+    expect("errors", f"a vocabulary divisor below 1 is refused: {message!r}",
+           message == "--make-vocab-size-divisible-by 0: must be >= 1")
+    # A value beyond float16's range: a checkpoint of inf, had the cast not been checked.
+    folder = variant("overflow", edit_tensors=lambda t: t[missing].view(-1)[3].fill_(1e5))
+    message = error_of(convert(folder, dtype="float16"))
+    expect("errors", f"a cast that overflows is refused: {message!r}",
+           f"tensor {missing}" in message and "cast to float16 has non-finite" in message
+           and not (bad / "out").exists())
+    # Safetensors indexes that are no index, or misplace a tensor.
+    folder = variant("bad_index")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
+    message = error_of(convert(folder))
+    expect("errors", f"a weight_map that is no mapping: {message!r}",
+           "not a safetensors index" in message)
+    tensors = load_file(folder / "model.safetensors")
+    save_file({"lm_head.weight": tensors.pop("lm_head.weight")}, folder / "head.safetensors",
+              metadata={"format": "pt"})
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    weight_map = {name: "model.safetensors" for name in [*tensors, "lm_head.weight"]}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    message = error_of(convert(folder))
+    expect("errors", f"an index that misplaces a tensor: {message!r}",
+           message.startswith("tensor lm_head.weight: the safetensors index maps it to")
+           and "which does not hold it" in message)
+
     message = error_of(lambda: convert_hf_to_mcore(sources["qwen2"], converted["qwen2"]))
     expect("errors", f"an existing --out is never overwritten: {message!r}",
            "already exists" in message)

@@ -140,6 +140,11 @@ def test_every_command_reports_through_the_same_handler(tmp_path, capsys):
          "nemo-anchored eval: --tasks: gsm8k; expected some of"),
         (["eval", "--hf", tmp_path, "--tasks", "mmlu"],
          f"nemo-anchored eval: --hf {tmp_path}: no config.json"),
+        # 0 ran the task's default budget (512 new tokens) under a record saying 0.
+        (["eval", "--hf", tmp_path, "--tasks", "mmlu", "--max-new-tokens", "0"],
+         "nemo-anchored eval: --max-new-tokens must be >= 1"),
+        (["eval", "--hf", tmp_path, "--tasks", "mmlu", "--timeout", "0"],
+         "nemo-anchored eval: --timeout must be > 0 seconds"),
         (["data", "build", "countdown", "--n", "-1", "--out", tmp_path / "d.jsonl"],
          "nemo-anchored data build: --n and --test-n must be >= 0"),
     ]

@@ -8,6 +8,7 @@
 """
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -80,6 +81,10 @@ def run(args) -> int:
         raise UserError("--limit must be >= 1")
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    if not 0 < args.timeout < math.inf:
+        raise UserError("--timeout must be > 0 seconds and finite")
     for task, path in settings.data.items():
         if task not in tasks:
             raise UserError(f"--data {task}={path}: {task} is not in --tasks")

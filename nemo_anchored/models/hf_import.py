@@ -63,8 +63,12 @@ class SafetensorsCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
+            except (ValueError, KeyError, TypeError) as err:
                 raise ConversionError(f"{index}: not a safetensors index ({err})") from err
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(file, str) for file in weight_map.values()):
+                raise ConversionError(f"{index}: not a safetensors index (its weight_map is no "
+                                      f"object of tensor names to file names)")
             self._files = {name: self.folder / file for name, file in weight_map.items()}
         else:
             files = sorted(self.folder.glob("*.safetensors"))
@@ -96,11 +100,21 @@ class SafetensorsCheckpoint:
         return self._files[name]
 
     def shape(self, name: str) -> Tuple[int, ...]:
-        return tuple(self._open(self._files[name]).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype string, e.g. ``BF16``."""
-        return self._open(self._files[name]).get_slice(name).get_dtype()
+        return self._slice(name).get_dtype()
+
+    def _slice(self, name: str):
+        file = self._files[name]
+        try:
+            return self._open(file).get_slice(name)
+        except ConversionError:
+            raise
+        except Exception as err:  # safetensors' own SafetensorError: the index misplaces it
+            raise ConversionError(f"tensor {name}: the safetensors index maps it to {file}, "
+                                  f"which does not hold it ({err})") from err
 
     def get(self, name: str) -> torch.Tensor:
         file = self._files[name]
@@ -128,7 +142,13 @@ def check_hf_tensors(reader: SafetensorsCheckpoint, cfg: GPTConfig, config_sourc
             raise ConversionError(f"tensor {name} in {reader.file(name)} has dtype "
                                   f"{reader.dtype(name)}; expected one of "
                                   f"{', '.join(_SAFETENSORS_DTYPES)}")
-    ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()  # tied: transformers too
+    # Tied, a stored lm_head is a copy of the embedding (transformers 4 ignores it, 5 loads
+    # it): one that differs is ambiguous, and would be dropped.
+    ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    if ignorable & names and not torch.equal(reader.get("lm_head.weight"),
+                                             reader.get("model.embed_tokens.weight")):
+        raise ConversionError(f"{reader.folder}: tie_word_embeddings is true ({config_source}) "
+                              f"but lm_head.weight differs from model.embed_tokens.weight")
     unexpected = sorted(n for n in names - set(expected) - ignorable
                         if not _IGNORED_HF_TENSOR.match(n))
     if unexpected:
@@ -150,6 +170,9 @@ class _MegatronStateDict(Mapping):
         tensors = [self._reader.get(name) for name in m.hf]
         for name, tensor in zip(m.hf, tensors):
             check_finite(tensor, f"tensor {name} in {self._reader.file(name)}")
+            # What the checkpoint will hold: a value beyond fp16's range becomes inf there.
+            check_finite(tensor.to(getattr(torch, self._cfg.dtype)),
+                         f"tensor {name} in {self._reader.file(name)} cast to {self._cfg.dtype}")
         return fuse(m.kind, tensors, self._cfg)
 
     def __iter__(self) -> Iterator[str]:

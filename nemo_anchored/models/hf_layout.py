@@ -92,6 +92,9 @@ def gpt_config_from_hf(hf, *, dtype: str = "float32",
     """Our architecture for a transformers Llama or Qwen2 config; refuses what megatron's
     GPTModel cannot express exactly (other architectures, biases beyond Qwen2's QKV bias,
     sliding-window attention, RoPE scaling other than Llama 3's, non-SiLU activations)."""
+    if make_vocab_size_divisible_by < 1:  # 0 divides by zero, a negative one cuts the vocabulary
+        raise ConversionError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by}: "
+                              "must be >= 1")
     model_type = getattr(hf, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ConversionError(
