@@ -402,7 +402,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 
 def _positive(value: float) -> bool:
-    """> 0 and finite (inf passes a plain > 0, and NaN fails it only by accident of IEEE)."""
+    """> 0 and finite (inf passes a plain > 0)."""
     return 0 < value < math.inf
 
 

@@ -71,9 +71,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_anchored.atomic import tmp_path
 from nemo_anchored.checkpoint.format import (FORMAT_VERSION, MARKER, CheckpointError,
-                                             check_serialisable,
-                                             file_record, publish, read_marker, record_files,
-                                             recorded_files, verify_files)
+                                             check_serialisable, file_record, publish,
+                                             read_marker, record_files, recorded_files,
+                                             verify_files)
 from nemo_anchored.checkpoint.shapes import index_mismatch
 from nemo_anchored.parallel.megatron_compat import prepare_optimizer_for_load
 

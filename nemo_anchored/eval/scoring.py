@@ -67,7 +67,8 @@ def run_program(program: str, timeout: float = HUMANEVAL_TIMEOUT_S) -> str:
     statement creates a file of a random name, which only a program that got there has made."""
     with tempfile.TemporaryDirectory(prefix="nemo_anchored_eval_") as workdir:
         script, reached_end = Path(workdir) / "program.py", Path(workdir) / secrets.token_hex(16)
-        script.write_text(f"{_PRELUDE}{program}\nopen({reached_end.name!r}, 'x').close()\n",
+        # By its full path: the program may have changed its working directory.
+        script.write_text(f"{_PRELUDE}{program}\nopen({str(reached_end)!r}, 'x').close()\n",
                           encoding="utf-8")
         env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
         proc = subprocess.Popen([sys.executable, "-I", str(script)], cwd=workdir, env=env,
