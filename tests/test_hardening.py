@@ -248,14 +248,40 @@ def test_resume_skips_unusable_checkpoints_loudly_and_never_starts_over_silently
     assert after == before
 
 
+WEIGHTS_MOVED = r"""
+import sys, torch
+from nemo_anchored.config import GPTConfig, load_config
+from nemo_anchored.checkpoint.sharded import load_model_weights
+from nemo_anchored.models.gpt import build_gpt_model
+from nemo_anchored.parallel.distributed import model_parallel
+cfg = load_config(sys.argv[1], check_paths=False)
+with model_parallel(1, 1, seed=0):
+    before, after = (build_gpt_model(GPTConfig.of(cfg.model)) for _ in range(2))
+    load_model_weights(sys.argv[2], before)
+    load_model_weights(sys.argv[3], after)
+    moved = max((a - b).abs().max().item() for (_, a), (_, b) in zip(
+        after.state_dict().items(), before.state_dict().items())
+        if isinstance(a, torch.Tensor) and a.is_floating_point())
+print(moved)
+"""
+
+
 def test_each_step_runs_and_logs_its_own_lr_of_the_schedule(tmp_path):
     # megatron's formula at steps 1..4 (warm-up 2, then linear decay to min_lr at the last):
-    # step 1 is not at lr 0, the last is at min_lr, each logs the lr it ran at.
-    done = cli("sft", tmp_path / "run", "trainer.max_steps=4", "optim.warmup_steps=2",
-               "optim.decay_style=linear", "optim.lr=0.001", "optim.min_lr=0.0001")
+    # each step logs the lr it ran at, the last min_lr; and step 1 does move the weights (run
+    # after the update, the schedule gave it lr 0 and logged step 2's lr for it).
+    run = tmp_path / "run"
+    done = cli("sft", run, "trainer.max_steps=4", "optim.warmup_steps=2",
+               "optim.decay_style=linear", "optim.lr=0.001", "optim.min_lr=0.0001",
+               "optim.name=sgd", "checkpoint.save_every=1")
     assert done.returncode == 0, done.stderr[-3000:]
-    logged = [m["lr"] for m in metrics(tmp_path / "run") if "event" not in m]
+    logged = [m["lr"] for m in metrics(run) if "event" not in m]
     assert logged == pytest.approx([0.0005, 0.001, 0.00055, 0.0001], rel=1e-12)
+    moved = subprocess.run([sys.executable, "-c", WEIGHTS_MOVED, str(run / "config.yaml"),
+                            str(run / "base"), str(run / "checkpoints" / "step_0000001")],
+                           env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert float(moved.stdout.strip().splitlines()[-1]) > 0
 
 
 def test_folders_that_cannot_be_written_stop_the_run_before_training(tmp_path):
