@@ -564,10 +564,7 @@ def _require_trained_reference(m) -> None:
     _require(base is None or reference.resolve() != Path(base).resolve(), key,
              f"{str(reference)!r} is model.base_checkpoint: training toward the base trains "
              f"nothing (the loss is 0 from the start); {use}")
-    try:
-        step = read_marker(reference).get("global_step")
-    except CheckpointError:
-        return  # not a complete checkpoint: loading it reports why
+    step = read_marker(reference).get("global_step")  # complete: _require_complete checked it
     _require(step != 0, key, f"{str(reference)!r} is a step-0 checkpoint (a run's initial "
              f"weights, RUN_DIR/base), not a trained reference: training toward it trains "
              f"nothing; {use}")

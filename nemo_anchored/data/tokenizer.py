@@ -79,6 +79,11 @@ class Tokenizer(Protocol):
         [eos]``, the mask 1 on the response and eos."""
 
 
+def _exchange(prompt: str, response: str) -> Messages:
+    """A prompt/response example as the conversation it is: one user and one assistant turn."""
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
 def check_messages(messages: Any, *, training: bool) -> Messages:
     """``messages`` as a list of ``{"role", "content"}`` dicts, or ConversationError naming the
     first problem. ``training``: also require at least one assistant turn and no empty
@@ -188,8 +193,7 @@ class ByteTokenizer:
     def encode_example(self, prompt: str, response: str) -> Tuple[List[int], List[int]]:
         """The plain rendering of the user and assistant turns: ``[bos] + prompt + response +
         [eos]``."""
-        return self.encode_conversation([{"role": "user", "content": prompt},
-                                         {"role": "assistant", "content": response}])
+        return self.encode_conversation(_exchange(prompt, response))
 
     def _render(self, messages: Messages) -> Tuple[List[int], List[int]]:
         ids, mask = [self.bos_id], [0]
@@ -372,8 +376,7 @@ class HFTokenizer:
         template ``[bos?] + prompt + response + [eos]``, refusing the text of a special token in
         either as the template path does."""
         if self._template is not None:
-            return self.encode_conversation([{"role": "user", "content": prompt},
-                                             {"role": "assistant", "content": response}])
+            return self.encode_conversation(_exchange(prompt, response))
         prompt_ids = self.encode_prompt(prompt)
         response_ids = [*self.encode(self._plain_text(response, "the response")), self.eos_id]
         return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)

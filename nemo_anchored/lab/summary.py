@@ -71,13 +71,14 @@ def matched_point(rows: Sequence[dict], threshold: float, seeds: int) -> dict:
     less compute, then lower lr). None scores and a note when no row qualifies; a note when the
     chosen row is an intermediate outer iteration, and one naming the rows left out for their
     failed seeds."""
+    complete = _with_every_seed(rows, seeds)
     failed = [r for r in rows if r["seeds"] < seeds]
     notes = [f"left out, some of their {seeds} seeds failed: "
              + ", ".join(f"{_point_name(r)} ({r['seeds']} of {seeds})" for r in failed)] \
         if failed else []
-    ok = [r for r in rows if r["seeds"] == seeds and r["domain"] >= threshold - 1e-12]
+    ok = [r for r in complete if r["domain"] >= threshold - 1e-12]
     if not ok:
-        best_domain = max((r["domain"] for r in rows if r["seeds"] == seeds), default=None)
+        best_domain = max((r["domain"] for r in complete), default=None)
         notes.insert(0, f"no learning rate reaches the matched domain accuracy {threshold:.3f} "
                         f"(best seed-mean domain: "
                         f"{'n/a' if best_domain is None else f'{best_domain:.3f}'})")
@@ -93,6 +94,10 @@ def matched_point(rows: Sequence[dict], threshold: float, seeds: int) -> dict:
     return found
 
 
+def _with_every_seed(rows: Sequence[dict], seeds: int) -> List[dict]:
+    return [r for r in rows if r["seeds"] == seeds]
+
+
 def _point_name(row: dict) -> str:
     return f"lr {row['lr']:g}" + ("" if row["outer"] is None else f" outer {row['outer']}")
 
@@ -102,7 +107,7 @@ def summarize(points: Sequence[dict], base: dict) -> dict:
     run points."""
     sweep = sweep_table(points)
     seeds = max((r["seeds"] for rows in sweep.values() for r in rows), default=0)
-    sft_rows = [r for r in sweep.get("sft", []) if r["seeds"] == seeds]
+    sft_rows = _with_every_seed(sweep.get("sft", []), seeds)
     if not sft_rows:
         raise ValueError("the matched-domain rule needs sft runs with every seed")
     best_sft = max(r["domain"] for r in sft_rows)
@@ -135,7 +140,7 @@ def verdicts(sweep: Dict[str, List[dict]], methods: Dict[str, dict], threshold: 
     general accuracy against SFT's there; each with margin, spread and seeds (module doc).
     ``within_noise`` is None with a single seed (no spread)."""
     def complete(rows):  # the rows with every seed, as for the bar; all when none has
-        return [r for r in rows if r["seeds"] == seeds] or rows
+        return _with_every_seed(rows, seeds) or rows
 
     sft_best = max(complete(sweep["sft"]), key=lambda r: r["domain"])
     sft_at = _row(sweep["sft"], methods["sft"])

@@ -202,7 +202,8 @@ def convert_mcore_to_hf(checkpoint, base, out, *, max_shard_size="5GB",
             for name, part in zip(m.hf, split(m.kind, tensor, cfg)):
                 # A copy of its own: safetensors refuses tensors that share storage.
                 pending[name] = part.to(out_dtype, copy=True).contiguous()
-                check_finite(pending[name], f"{name} cast to {out_dtype} (--dtype)")
+                if part.dtype != out_dtype:  # checked above as it was; a cast may overflow
+                    check_finite(pending[name], f"{name} cast to {out_dtype} (--dtype)")
             # Write each shard as soon as its tensors are complete.
             while shard_index < len(shards) and all(n in pending for n in shards[shard_index]):
                 save_file({n: pending.pop(n) for n in shards[shard_index]},

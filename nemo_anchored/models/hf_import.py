@@ -168,11 +168,11 @@ class _MegatronStateDict(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         m = self._maps[key]
         tensors = [self._reader.get(name) for name in m.hf]
+        dtype = getattr(torch, self._cfg.dtype)
         for name, tensor in zip(m.hf, tensors):
-            check_finite(tensor, f"tensor {name} in {self._reader.file(name)}")
-            # What the checkpoint will hold: a value beyond fp16's range becomes inf there.
-            check_finite(tensor.to(getattr(torch, self._cfg.dtype)),
-                         f"tensor {name} in {self._reader.file(name)} cast to {self._cfg.dtype}")
+            # As the checkpoint will hold it: a value beyond fp16's range becomes inf there.
+            check_finite(tensor.to(dtype), f"tensor {name} in {self._reader.file(name)}"
+                         + ("" if tensor.dtype == dtype else f" cast to {self._cfg.dtype}"))
         return fuse(m.kind, tensors, self._cfg)
 
     def __iter__(self) -> Iterator[str]:

@@ -421,18 +421,18 @@ class Trainer:
                 lock.release()
 
     def _check_writable(self) -> None:
-        """ConfigError naming the key when the run or checkpoint folder cannot be written: now,
-        not at the first save after the training (or at a preemption's)."""
-        for key, folder in (("logging.dir", self.run_dir),
-                            ("checkpoint.dir", Path(self.cfg.checkpoint.dir))):
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                probe = folder / f".write-test.{os.getpid()}"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as error:
-                raise ConfigError(f"{key}: cannot write to {folder}: "
-                                  f"{error.strerror or error}") from None
+        """ConfigError naming checkpoint.dir when it cannot be written: now, not at the first
+        save after the training (or at a preemption's). The run folder has been written already:
+        its lock."""
+        folder = Path(self.cfg.checkpoint.dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(f"checkpoint.dir: cannot write to {folder}: "
+                              f"{error.strerror or error}") from None
 
     def _together(self, fn):
         """``fn()`` on every rank, where it touches files on rank 0 only: what it raises there
